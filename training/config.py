@@ -1,0 +1,143 @@
+"""Typed configuration: every knob is a dataclass field with its paper default and a one-line help.
+
+The same dataclasses generate the command-line flags (``--crop-size``), are saved inside every
+checkpoint, and are compared on ``--resume`` so that a run cannot silently continue with other settings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def hp(default: Any, help: str) -> Any:
+    """A hyper-parameter field: default plus the one-line help shown by ``--help``."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class DataConfig:
+    root: str = hp("", "dataset folder (classes.json, images/, masks/, splits/)")
+    crop_size: int = hp(321, "square training crop (UniMatch VOC 321; ScaleMatch VOC 513, Cityscapes 801)")
+    batch_size: int = hp(2, "labelled images per process per step; the unlabelled batch has the same size (papers: 2/GPU x 4 GPUs)")
+    scale_min: float = hp(0.5, "weak augmentation: smallest random rescale of the long side")
+    scale_max: float = hp(2.0, "weak augmentation: largest random rescale of the long side")
+    num_workers: int = hp(2, "data-loading worker processes per training process")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = hp("resnet101", "encoder: resnet18, resnet34, resnet50 or resnet101")
+    pretrained: str = hp("", "local file with ImageNet weights for the encoder (torchvision layout); random init if empty")
+    output_stride: int = hp(16, "encoder output stride, 16 (layer4 dilated) or 8 (layer3+4 dilated)")
+    aspp_dilations: tuple = hp((6, 12, 18), "ASPP atrous rates for output stride 16")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = hp("sgd", "sgd (papers) or adamw")
+    lr: float = hp(0.001, "backbone learning rate; papers use 0.001 for a total batch of 8 on VOC, scale linearly")
+    head_lr_mult: float = hp(10.0, "learning-rate multiplier for everything but the encoder (VOC 10, Cityscapes 1)")
+    momentum: float = hp(0.9, "SGD momentum")
+    weight_decay: float = hp(1e-4, "weight decay")
+    poly_power: float = hp(0.9, "poly schedule: lr * (1 - it/total)^power, stepped every iteration")
+    clip_grad_norm: float = hp(0.0, "clip the gradient norm to this value; 0 disables")
+    amp: bool = hp(True, "mixed precision on CUDA (ScaleMatch default); ignored on CPU")
+    ohem: bool = hp(False, "OHEM supervised loss (Cityscapes: keep pixels with p_gt < 0.7, at least 200k per batch)")
+    ohem_thresh: float = hp(0.7, "OHEM: pixels whose ground-truth probability is below this are kept")
+    ohem_min_kept: int = hp(200000, "OHEM: minimum number of pixels kept per batch")
+
+
+@dataclass
+class RunConfig:
+    out: str = hp("runs/exp", "output folder: checkpoints, metrics.jsonl, config")
+    epochs: int = hp(80, "epochs; one epoch is one pass over the unlabelled split (VOC 80, Cityscapes 240)")
+    max_iters: int = hp(0, "total iterations; overrides --epochs when > 0")
+    eval_every: int = hp(0, "validate every N iterations; 0 = once per epoch")
+    save_every: int = hp(0, "write last.pt every N iterations; 0 = once per epoch")
+    eval_mode: str = hp("whole", "validation: whole (full image) or sliding (window = crop, stride 2/3 crop)")
+    seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
+    device: str = hp("auto", "auto, cpu or cuda")
+    resume: bool = hp(False, "continue from OUT/last.pt exactly where it stopped")
+    log_every: int = hp(1, "update the progress bar and metrics log every N iterations")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "supervised"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    method_cfg: Any = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_value(kind: Any, default: Any):
+    """argparse ``type`` for one field; tuples come as comma-separated lists."""
+    if isinstance(default, tuple):
+        elem = type(default[0]) if default else float
+        return lambda s: tuple(elem(v) for v in s.split(",") if v.strip())
+    if kind is bool or isinstance(default, bool):
+        def to_bool(s: str) -> bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+        return to_bool
+    return type(default)
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group_title: str | None = None,
+                       skip: tuple[str, ...] = ()) -> None:
+    """One flag per field; booleans take an optional value so ``--resume`` and ``--amp false`` both work."""
+    target = parser.add_argument_group(group_title) if group_title else parser
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        help_text = f"{help_text} (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text, type=_parse_value(f.type, default))
+        if isinstance(default, bool):
+            kwargs.update(nargs="?", const=True)
+        target.add_argument(_flag(f.name), **kwargs)
+
+
+def dataclass_from_namespace(cls: type, ns: argparse.Namespace, base: Any = None):
+    """Build ``cls`` from parsed flags; fields not given keep ``base``'s value (or the default)."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    for f in dataclasses.fields(cls):
+        if hasattr(ns, f.name):
+            values[f.name] = getattr(ns, f.name)
+    return cls(**values)
+
+
+def dataclass_from_dict(cls: type, values: dict):
+    """Rebuild a (possibly nested) config from a checkpoint's dict; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints.get(name)
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            value = dataclass_from_dict(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)

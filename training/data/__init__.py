@@ -1,0 +1,1 @@
+"""The dataset folder format, its validator, importers, synthetic generator and augmentations."""

@@ -1,0 +1,277 @@
+"""The one training loop every method shares: data streams, optimiser and poly LR, AMP, DDP, periodic
+validation, best/last checkpoints and exact resume."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import __version__
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import TrainConfig, dataclass_from_dict
+from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
+from .data.folder import DatasetError, load_classes, read_split
+from .data.validate import check_dataset
+from .distributed import DistInfo, all_gather_objects, barrier, init_distributed
+from .evaluate import evaluate
+from .losses import cross_entropy, ohem_cross_entropy
+from .methods import Method, StepContext, get_method
+
+STREAM_LABELED, STREAM_UNLABELED, STREAM_PARTNER = 1, 2, 3
+
+
+def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but no CUDA device is visible")
+        return torch.device("cuda", dist.local_rank if dist else 0)
+    return torch.device(name)
+
+
+def build_method(cfg: TrainConfig, num_classes: int) -> Method:
+    method_cls = get_method(cfg.method)
+    o = cfg.optim
+    if o.ohem:
+        def sup_loss(logits, target):
+            return ohem_cross_entropy(logits, target, o.ohem_thresh, o.ohem_min_kept)
+    else:
+        sup_loss = cross_entropy
+    return method_cls(cfg.method_cfg, cfg.model, num_classes, sup_loss)
+
+
+def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    groups = method.param_groups(o.lr, o.head_lr_mult)
+    if o.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
+    raise ValueError(f"--optimizer must be sgd or adamw, got {o.optimizer!r}")
+
+
+def poly_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, power: float) -> float:
+    factor = (1 - iteration / total) ** power
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        self.cfg = cfg
+        self.device_kind = "cuda" if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.dist = init_distributed(self.device_kind)
+        self.device = resolve_device(cfg.run.device, self.dist)
+        self.progress = progress and self.dist.is_main
+        self.out = Path(cfg.run.out)
+        self.root = Path(cfg.data.root)
+
+        problems = check_dataset(self.root, deep=False)
+        if problems:
+            raise DatasetError("dataset problems (run `scaleseg data check` for a full pixel-level check):\n  " + "\n  ".join(problems))
+        self.classes = load_classes(self.root)
+        self.labeled_ids = read_split(self.root, "labeled")
+        self.unlabeled_ids = read_split(self.root, "unlabeled", required=False)
+        self.val_ids = read_split(self.root, "val")
+
+        seed_everything(cfg.run.seed)
+        self.method = build_method(cfg, len(self.classes)).to(self.device)
+        if self.method.uses_unlabeled and not self.unlabeled_ids:
+            raise DatasetError(f"{self.root / 'splits' / 'unlabeled.txt'}: method {cfg.method!r} needs unlabelled images; "
+                               "list some there or use --method supervised.")
+        if self.device_kind == "cuda" and self.dist.enabled:
+            self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        self.optimizer = build_optimizer(self.method, cfg)
+        self.amp = cfg.optim.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+        b, world = cfg.data.batch_size, self.dist.world
+        epoch_len = len(self.unlabeled_ids) if self.unlabeled_ids else len(self.labeled_ids)
+        self.iters_per_epoch = max(1, epoch_len // (b * world))
+        self.total_iters = cfg.run.max_iters or cfg.run.epochs * self.iters_per_epoch
+        self.eval_every = cfg.run.eval_every or self.iters_per_epoch
+        self.save_every = cfg.run.save_every or self.iters_per_epoch
+        self.iteration, self.best_miou, self.last_metrics = 0, -1.0, None
+        if cfg.run.resume:
+            self._resume()
+        self.ddp = DistributedDataParallel(self.method, broadcast_buffers=False) if self.dist.enabled else self.method
+
+    # --- data --------------------------------------------------------------------------------------
+    def _loader(self, dataset, stream: int, epoch: int, start: int) -> DataLoader:
+        b = self.cfg.data.batch_size
+        sampler = EpochSampler(len(dataset), self.iters_per_epoch * b, self.cfg.run.seed, stream, self.dist.rank, self.dist.world)
+        sampler.set_epoch(epoch, start * b)
+        # An explicit generator keeps loader start-up from drawing on the global RNG (exact resume).
+        return DataLoader(dataset, batch_size=b, sampler=sampler, num_workers=self.cfg.data.num_workers,
+                          collate_fn=collate, drop_last=True, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.cfg.run.seed),
+                          persistent_workers=False)
+
+    def _streams(self, epoch: int, start: int):
+        d, m = self.cfg.data, self.method
+        scale = (d.scale_min, d.scale_max)
+        lab = LabeledSet(self.root, self.labeled_ids, len(self.classes), d.crop_size, scale)
+        loaders = [self._loader(lab, STREAM_LABELED, epoch, start)]
+        if m.uses_unlabeled:
+            unl = UnlabeledSet(self.root, self.unlabeled_ids, d.crop_size, scale, m.num_strong_views)
+            loaders.append(self._loader(unl, STREAM_UNLABELED, epoch, start))
+            if m.needs_partner:
+                loaders.append(self._loader(unl, STREAM_PARTNER, epoch, start))
+        return zip(*loaders)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # --- checkpoints -------------------------------------------------------------------------------
+    def _payload(self) -> dict:
+        net = self.method.inference_model()
+        return {
+            "iteration": self.iteration, "best_miou": self.best_miou, "metrics": self.last_metrics,
+            "method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
+            "config": asdict(self.cfg), "method": self.cfg.method,
+            "classes": [asdict(c) for c in self.classes],
+            "inference": {"state_dict": net.state_dict(), "cif": net.cif is not None},
+            "labeled_count": len(self.labeled_ids), "version": __version__,
+        }
+
+    def _save(self, name: str, payload: dict | None = None) -> None:
+        payload = payload or self._payload()
+        if self.dist.is_main:
+            save_checkpoint(self.out / name, payload)
+
+    def _resume(self) -> None:
+        path = self.out / "last.pt"
+        ckpt = load_checkpoint(path)
+        saved = [(c["id"], c["name"]) for c in ckpt["classes"]]
+        ours = [(c.id, c.name) for c in self.classes]
+        if saved != ours:
+            raise CheckpointError(f"{path}: trained on classes {saved}, but {self.root / 'classes.json'} has {ours}. "
+                                  "Resume with the same dataset classes, or start a new run in another --out.")
+        if ckpt["method"] != self.cfg.method:
+            raise CheckpointError(f"{path}: a {ckpt['method']!r} run; pass --method {ckpt['method']} to resume it.")
+        self.method.load_state_dict(ckpt["method_state"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.iteration, self.best_miou, self.last_metrics = ckpt["iteration"], ckpt["best_miou"], ckpt["metrics"]
+        states = ckpt["rng"]
+        if len(states) != self.dist.world:
+            raise CheckpointError(f"{path}: written by {len(states)} processes, resumed with {self.dist.world}; "
+                                  "resume with the same number of processes for an exact continuation.")
+        set_rng_state(states[self.dist.rank])
+
+    # --- loop --------------------------------------------------------------------------------------
+    def validate(self) -> dict:
+        val = EvalSet(self.root, self.val_ids, len(self.classes))
+        d, r = self.cfg.data, self.cfg.run
+        return evaluate(self.method.inference_model(), val, [c.name for c in self.classes], self.device,
+                        r.eval_mode, d.crop_size, rank=self.dist.rank, world=self.dist.world)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {cfg.method}", unit="it",
+                   disable=not self.progress, dynamic_ncols=True)
+        self.method.train()
+        tic = time.time()
+        while self.iteration < self.total_iters:
+            epoch, start = divmod(self.iteration, self.iters_per_epoch)
+            for batches in self._streams(epoch, start):
+                if self.iteration >= self.total_iters:
+                    break
+                self._step(batches, epoch, bar, tic)
+                tic = time.time()
+        bar.close()
+        barrier()
+        return {"iterations": self.iteration, "best_miou": self.best_miou, "metrics": self.last_metrics}
+
+    def _step(self, batches, epoch: int, bar, tic: float) -> None:
+        cfg, it = self.cfg, self.iteration
+        labeled = self._to_device(batches[0])
+        unlabeled = self._to_device(batches[1]) if len(batches) > 1 else None
+        partner = self._to_device(batches[2]) if len(batches) > 2 else None
+        ctx = StepContext(it, epoch, self.total_iters, self.iters_per_epoch)
+        lr = poly_lr(self.optimizer, it, self.total_iters, cfg.optim.poly_power)
+        with torch.autocast(self.device.type, enabled=self.amp):
+            losses = self.ddp(labeled, unlabeled, partner, ctx)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"iteration {it}: loss is {loss.item()}; lower --lr or check the labels.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.optim.clip_grad_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(ctx)
+        self.iteration = it + 1
+
+        if self.iteration % cfg.run.log_every == 0 or self.iteration == self.total_iters:
+            record = {"iter": self.iteration, "epoch": epoch, "lr": lr, "sec_per_iter": time.time() - tic,
+                      **{k: float(v.detach()) for k, v in losses.items()}}
+            self._log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+        bar.update()
+
+        done = self.iteration == self.total_iters
+        if self.iteration % self.eval_every == 0 or done:
+            result = self.validate()
+            miou = result["scales"]["1.0"]["miou"]
+            self.last_metrics = result
+            self._log({"iter": self.iteration, "val_miou": miou, "val": result["scales"]["1.0"]})
+            if self.progress:
+                bar.write(f"iter {self.iteration}: val mIoU {miou:.2f} (best {max(miou, self.best_miou):.2f})")
+            if miou > self.best_miou:
+                self.best_miou = miou
+                self._save("best.pt")
+        if self.iteration % self.save_every == 0 or done:
+            self._save("last.pt")
+
+
+def config_from_checkpoint(ckpt: dict) -> TrainConfig:
+    raw = dict(ckpt["config"])
+    method_cls = get_method(raw.pop("method"))
+    method_cfg = dataclass_from_dict(method_cls.Config, raw.pop("method_cfg") or {})
+    cfg = dataclass_from_dict(TrainConfig, raw)
+    cfg.method, cfg.method_cfg = method_cls.name, method_cfg
+    return cfg

@@ -1,0 +1,93 @@
+"""The interface every training method implements, and the pieces several of them share.
+
+A method is an ``nn.Module`` that owns its network(s). The shared loop calls it once per iteration with
+a labelled batch, an unlabelled batch and (when the method asks for one) a second unlabelled batch used
+as CutMix partner; it returns named losses, ``loss`` being the one to minimise. Calling the module runs
+the step, so the loop can wrap it in DistributedDataParallel unchanged.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..losses import pseudo_labels
+from ..models import DeepLabV3Plus, build_model
+
+
+@dataclass
+class StepContext:
+    iteration: int          # 0-based index of this step
+    epoch: int              # iteration // iters_per_epoch
+    total_iters: int
+    iters_per_epoch: int
+
+
+class Method(nn.Module, metaclass=abc.ABCMeta):
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    uses_unlabeled: ClassVar[bool] = True
+    num_strong_views: ClassVar[int] = 0   # strong views the unlabelled loader must produce
+    needs_partner: ClassVar[bool] = False  # a second unlabelled batch (CutMix source)
+    uses_cif: ClassVar[bool] = False
+
+    def __init__(self, cfg, model_cfg: ModelConfig, num_classes: int,
+                 supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.sup_loss = supervised_loss
+        self.model = build_model(model_cfg, num_classes, cif=self.uses_cif)
+
+    def forward(self, labeled: dict, unlabeled: dict | None, partner: dict | None, ctx: StepContext) -> dict:
+        return self.training_step(labeled, unlabeled, partner, ctx)
+
+    @abc.abstractmethod
+    def training_step(self, labeled: dict, unlabeled: dict | None, partner: dict | None,
+                      ctx: StepContext) -> dict[str, torch.Tensor]:
+        """One step's named losses; ``loss`` is minimised."""
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Hook after the optimiser step (EMA teachers)."""
+
+    def inference_model(self) -> DeepLabV3Plus:
+        """The network that is evaluated and exported."""
+        return self.model
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        """Encoder at lr, everything else at lr x head_lr_mult, for every trained network."""
+        groups = []
+        for net in self.trained_networks():
+            groups.append({"params": net.encoder_parameters(), "lr": lr, "base_lr": lr})
+            groups.append({"params": net.head_parameters(), "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
+        return groups
+
+    def trained_networks(self) -> list[DeepLabV3Plus]:
+        return [self.model]
+
+
+@torch.no_grad()
+def partner_pseudo_labels(model: nn.Module, partner: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence and labels for the CutMix partner's weak view, with BN in eval mode (UniMatch)."""
+    was_training = model.training
+    model.eval()
+    conf, label = pseudo_labels(model(partner["weak"]))
+    model.train(was_training)
+    return conf, label
+
+
+def paste(box: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
+    """``inside`` where box == 1, ``outside`` elsewhere; box is [B, H, W], tensors [B, ...] spatial last."""
+    mask = box.bool()
+    if inside.dim() == 4:
+        mask = mask.unsqueeze(1)
+    return torch.where(mask, inside, outside)
+
+
+def mixed_targets(box: torch.Tensor, conf: torch.Tensor, label: torch.Tensor, ignore: torch.Tensor,
+                  p_conf: torch.Tensor, p_label: torch.Tensor, p_ignore: torch.Tensor):
+    """Pseudo-label, confidence and padding mask of a CutMixed view: the partner's inside the box."""
+    return paste(box, p_label, label), paste(box, p_conf, conf), paste(box, p_ignore, ignore)

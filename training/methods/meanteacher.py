@@ -1,0 +1,66 @@
+"""Mean Teacher, weak-to-strong form (research/companions.md b2): an EMA teacher labels the weak view,
+the student learns them on the strong view; the teacher is what is evaluated and exported."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..config import hp
+from ..losses import pseudo_label_loss, pseudo_labels
+from .base import Method, StepContext
+
+
+@dataclass
+class MeanTeacherConfig:
+    ema_decay: float = hp(0.99, "EMA decay alpha of the teacher (warmed up as min(1 - 1/(t+1), alpha))")
+    conf_thresh: float = hp(0.95, "teacher confidence threshold for pseudo-labels")
+    unsup_weight: float = hp(1.0, "maximum weight lambda of the consistency loss")
+    rampup: float = hp(0.1, "fraction of training over which lambda ramps up as exp(-5 (1 - t/T_r)^2)")
+
+
+class MeanTeacher(Method):
+    name = "meanteacher"
+    Config = MeanTeacherConfig
+    num_strong_views = 1
+
+    def __init__(self, cfg, model_cfg, num_classes, supervised_loss):
+        super().__init__(cfg, model_cfg, num_classes, supervised_loss)
+        self.teacher = copy.deepcopy(self.model)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+
+    def consistency_weight(self, ctx: StepContext) -> float:
+        ramp = self.cfg.rampup * ctx.total_iters
+        if ramp <= 0 or ctx.iteration >= ramp:
+            return self.cfg.unsup_weight
+        return self.cfg.unsup_weight * math.exp(-5 * (1 - ctx.iteration / ramp) ** 2)
+
+    def training_step(self, labeled, unlabeled, partner, ctx: StepContext):
+        cfg, n = self.cfg, labeled["image"].shape[0]
+        with torch.no_grad():
+            self.teacher.eval()
+            conf, label = pseudo_labels(self.teacher(unlabeled["weak"]))
+        logits = self.model(torch.cat([labeled["image"], unlabeled["strong1"]]))
+        loss_x = self.sup_loss(logits[:n], labeled["mask"])
+        loss_u = pseudo_label_loss(logits[n:], label, conf, unlabeled["ignore"], cfg.conf_thresh)
+        weight = self.consistency_weight(ctx)
+        loss = loss_x + weight * loss_u
+        return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                "unsup_weight": torch.tensor(weight)}
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        alpha = min(1 - 1 / (ctx.iteration + 2), self.cfg.ema_decay)
+        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+            t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
+        for t, s in zip(self.teacher.buffers(), self.model.buffers()):
+            if t.dtype.is_floating_point:
+                t.mul_(alpha).add_(s, alpha=1 - alpha)
+            else:
+                t.copy_(s)
+
+    def inference_model(self):
+        return self.teacher

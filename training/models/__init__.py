@@ -1,0 +1,16 @@
+"""Model factory: one place that turns a ModelConfig into a network."""
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .backbones import RESNETS
+from .deeplabv3plus import DeepLabV3Plus
+
+BACKBONES = tuple(RESNETS)
+
+
+def build_model(cfg: ModelConfig, num_classes: int, cif: bool = False) -> DeepLabV3Plus:
+    """DeepLabV3+ on the configured ResNet; ``cif`` adds ScaleMatch's fusion module."""
+    return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.aspp_dilations, cif=cif)
+
+
+__all__ = ["BACKBONES", "DeepLabV3Plus", "build_model"]
