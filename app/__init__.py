@@ -1,0 +1,1 @@
+"""Labeling app stage: Gradio UI for prediction and the active-labeling loop with Label Studio."""

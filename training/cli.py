@@ -91,11 +91,15 @@ def _saved_config(ns) -> TrainConfig | None:
 
 
 def cmd_train(argv: list[str]) -> int:
+    from .distributed import shutdown
     from .engine import Trainer
     from .evaluate import format_table
     cfg = parse_train_args(argv)
-    trainer = Trainer(cfg)
-    result = trainer.fit()
+    try:
+        trainer = Trainer(cfg)
+        result = trainer.fit()
+    finally:
+        shutdown()
     if trainer.dist.is_main and result["metrics"]:
         print(format_table(result["metrics"]))
         print(f"best val mIoU {result['best_miou']:.2f}; checkpoints in {cfg.run.out}/")

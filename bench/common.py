@@ -1,0 +1,50 @@
+"""Helpers shared by the benchmark scripts: machine description, timing, JSON + Markdown output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - tic
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """columns: (key, header); floats printed with 3 significant decimals."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return "-" if v is None else str(v)
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def write_results(name: str, payload: dict, table: str, note: str = "") -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    m = payload["machine"]
+    header = f"# {name}\n\nMachine: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads" + \
+             (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f". Written by `bench/{name}.py`.\n\n"
+    (RESULTS / f"{name}.md").write_text(header + (note + "\n\n" if note else "") + table + "\n")
+    print(table)

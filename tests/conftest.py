@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny synthetic dataset and a tiny, fast training configuration."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from training.data.synth import synthesize
+from training.methods import get_method
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """5 classes, 6 labelled / 12 unlabelled / 4 val images of 48 px; never modified by tests."""
+    root = tmp_path_factory.mktemp("data") / "synth"
+    return synthesize(root, num_classes=5, n_labeled=6, n_unlabeled=12, n_val=4, size=48, seed=0, progress=False)
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def tiny_config(root: Path, out: Path, method: str = "supervised", **method_overrides) -> TrainConfig:
+    method_cls = get_method(method)
+    return TrainConfig(
+        method=method,
+        data=DataConfig(root=str(root), crop_size=32, batch_size=2, num_workers=0),
+        model=ModelConfig(backbone="resnet18"),
+        optim=OptimConfig(lr=0.01),
+        run=RunConfig(out=str(out), max_iters=4, eval_every=2, save_every=1, seed=0, device="cpu"),
+        method_cfg=method_cls.Config(**method_overrides),
+    )

@@ -1,0 +1,172 @@
+"""The shared loop: exact resume after a kill, torchrun/DDP on gloo, checkpoints, evaluation and CLI errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as checkpoint_module
+from training.checkpoint import CheckpointError, load_checkpoint
+from training.cli import main
+from training.engine import Trainer, poly_lr
+from training.evaluate import confusion_matrix, metrics_from_confusion
+
+from .conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", "scalematch", "--backbone", "resnet18",
+            "--crop-size", "32", "--batch-size", "2", "--max-iters", "8", "--save-every", "1", "--eval-every", "4",
+            "--num-workers", "1", "--lr", "0.01", "--warmup-epochs", "1", "--conf-thresh", "0.5", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(tiny_data, straight), check=True, env=env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_data, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        last = killed / "last.pt"
+        if last.is_file() and load_checkpoint(last)["iteration"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_checkpoint(killed / "last.pt")["iteration"]
+    assert 3 <= stopped_at < 8, "the run should have been killed part-way"
+    subprocess.run(train_cmd(tiny_data, killed, "--resume"), check=True, env=env(), capture_output=True)
+
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key, value in a["method_state"].items():
+        assert torch.equal(value, b["method_state"][key]), key
+    assert not list(killed.glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "meanteacher", "cps", "scalematch"])
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path, method):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.cli", "train", str(tiny_data), "--method", method, "--backbone", "resnet18",
+           "--crop-size", "32", "--batch-size", "2", "--max-iters", "3", "--eval-every", "3", "--num-workers", "0",
+           "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 3 and len(ckpt["rng"]) == 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_miou" in r for r in records)
+    # 12 unlabelled images / (2 per process x 2 processes) = 3 iterations per epoch
+    assert [r["epoch"] for r in records if "loss" in r] == [0, 0, 0]
+
+
+def test_resume_refuses_other_classes(data_copy, tmp_path):
+    cfg = tiny_config(data_copy, tmp_path / "run")
+    cfg.run.max_iters = 1
+    Trainer(cfg, progress=False).fit()
+    classes = json.loads((data_copy / "classes.json").read_text())
+    classes[1]["name"] = "renamed"
+    (data_copy / "classes.json").write_text(json.dumps(classes))
+    cfg.run.resume = True
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        Trainer(cfg, progress=False)
+
+
+def test_checkpoint_write_failure_keeps_previous_file(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.run.max_iters = 1
+    Trainer(cfg, progress=False).fit()
+    last = tmp_path / "run" / "last.pt"
+    before = last.read_bytes()
+
+    def disk_full(obj, fh):
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        checkpoint_module.save_checkpoint(last, {"inference": {}})
+    assert last.read_bytes() == before
+    assert not list(last.parent.glob(".*.tmp"))
+
+
+def test_poly_lr_and_head_multiplier(tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(tiny_data, tmp_path / "run"), progress=False)
+    lrs = sorted({g["base_lr"] for g in trainer.optimizer.param_groups})
+    assert lrs == [pytest.approx(0.01), pytest.approx(0.1)]
+    assert poly_lr(trainer.optimizer, 0, 10, 0.9) == pytest.approx(0.01)
+    assert poly_lr(trainer.optimizer, 5, 10, 0.9) == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+def test_miou_from_confusion():
+    pred = torch.tensor([0, 0, 1, 1, 2, 255 - 254])
+    target = torch.tensor([0, 1, 1, 1, 255, 2])
+    cm = confusion_matrix(pred, target, 3)
+    m = metrics_from_confusion(cm, ["a", "b", "c"])
+    assert m["iou"]["a"] == pytest.approx(50.0)       # I=1, U=2
+    assert m["iou"]["b"] == pytest.approx(2 / 4 * 100)  # I=2, U=4 (3 gt + 1 pred from c)
+    assert m["iou"]["c"] == pytest.approx(0.0)
+    assert m["miou"] == pytest.approx((50 + 50 + 0) / 3)
+
+
+def test_eval_cli_scales_sliding_and_json(tiny_data, tmp_path, capsys):
+    cfg = tiny_config(tiny_data, tmp_path / "run", method="scalematch")
+    cfg.run.max_iters = 2
+    Trainer(cfg, progress=False).fit()
+    ckpt = tmp_path / "run" / "best.pt"
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(ckpt), str(tiny_data), "--json", str(report), "--device", "cpu"]) == 0
+    result = json.loads(report.read_text())
+    assert list(result["scales"]) == ["0.5", "1.0", "2.0"] and result["images"] == 4
+    assert "IoU @x0.5" in capsys.readouterr().out
+    assert main(["eval", str(ckpt), str(tiny_data), "--mode", "sliding", "--window", "24", "--scales", "1",
+                 "--device", "cpu"]) == 0
+    assert main(["eval", str(ckpt), str(tiny_data), "--cif-scales", "0.5,2", "--scales", "1", "--device", "cpu"]) == 0
+
+
+def test_eval_refuses_other_class_set_and_non_checkpoints(tiny_data, data_copy, tmp_path, capsys):
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.run.max_iters = 1
+    Trainer(cfg, progress=False).fit()
+    classes = json.loads((data_copy / "classes.json").read_text())[:3]
+    (data_copy / "classes.json").write_text(json.dumps(classes))
+    assert main(["eval", str(tmp_path / "run" / "last.pt"), str(data_copy)]) == 2
+    assert "trained on 5 classes" in capsys.readouterr().err
+    junk = tmp_path / "junk.pt"
+    junk.write_text("hello")
+    assert main(["eval", str(junk), str(tiny_data)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run" / "last.pt"), str(tiny_data), "--cif-scales", "0.5"]) == 2
+    assert "has no CIF module" in capsys.readouterr().err
+
+
+def test_train_cli_reports_corrupt_image_by_name(data_copy, tmp_path, capsys):
+    (data_copy / "images" / "synth_00003.png").write_bytes(b"\x89PNG broken")
+    code = main(["train", str(data_copy), "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+                 "--max-iters", "2", "--num-workers", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "synth_00003.png: cannot be read as an image" in err and "Traceback" not in err
+
+
+def test_train_cli_empty_labeled_split(data_copy, tmp_path, capsys):
+    (data_copy / "splits" / "labeled.txt").write_text("")
+    assert main(["train", str(data_copy), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
+    assert "labeled.txt: empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,182 @@
+"""Each method: one step gives finite named losses; gradients reach exactly the parameters they should."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.config import ModelConfig
+from training.losses import cross_entropy, ohem_cross_entropy, pseudo_label_loss
+from training.methods import METHODS, StepContext, get_method
+from training.methods import scalematch as scalematch_module
+from training.methods.base import mixed_targets, paste
+
+K, N, S = 4, 2, 32
+
+
+def batches(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def unl():
+        ignore = torch.zeros(N, S, S, dtype=torch.long)
+        ignore[:, -4:] = 255  # padded rows
+        box = torch.zeros(N, S, S, dtype=torch.uint8)
+        box[:, 4:12, 6:20] = 1
+        return {"weak": torch.randn(N, 3, S, S, generator=g), "strong1": torch.randn(N, 3, S, S, generator=g),
+                "strong2": torch.randn(N, 3, S, S, generator=g), "ignore": ignore, "box1": box, "box2": box.flip(-1)}
+
+    labeled = {"image": torch.randn(N, 3, S, S, generator=g), "mask": torch.randint(0, K, (N, S, S), generator=g)}
+    return labeled, unl(), unl()
+
+
+def make(name: str, **overrides):
+    torch.manual_seed(0)
+    cls = get_method(name)
+    return cls(cls.Config(**overrides), ModelConfig(backbone="resnet18"), K, cross_entropy).train()
+
+
+CTX = StepContext(iteration=0, epoch=0, total_iters=10, iters_per_epoch=5)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_one_step_returns_finite_named_losses(name):
+    method = make(name)
+    losses = method(*batches(), CTX)
+    assert "loss" in losses and losses["loss"].requires_grad
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    losses["loss"].backward()
+    trained = [p for net in method.trained_networks() for p in net.parameters()]
+    assert sum(p.grad is not None and p.grad.abs().sum() > 0 for p in trained) > 0.9 * len(trained)
+
+
+def test_scalematch_cif_learns_from_labels_only():
+    # Labels all ignored: only unlabelled losses remain, and none of them may reach CIF.
+    method = make("scalematch", conf_thresh=0.0, warmup_epochs=0)
+    labeled, unl, partner = batches()
+    labeled["mask"].fill_(255)
+    losses = method(labeled, unl, partner, CTX)
+    assert losses["loss_isvc"] > 0 and losses["loss_fsvc"] > 0 and losses["loss_s"] > 0
+    losses["loss"].backward()
+    cif_grads = [p.grad for p in method.model.cif.parameters()]
+    assert all(g is None or g.abs().max() == 0 for g in cif_grads)
+    assert method.model.encoder.layer1[0].conv1.weight.grad.abs().sum() > 0
+    # With labels, CIF does receive gradient (through the fused labelled prediction).
+    method.zero_grad()
+    method(*batches(), CTX)["loss"].backward()
+    assert sum(p.grad.abs().sum() for p in method.model.cif.parameters() if p.grad is not None) > 0
+
+
+@pytest.mark.parametrize("epoch,expect", [(0, "ori"), (2, "ori"), (3, "joint"), (7, "joint")])
+def test_scalematch_switches_to_fused_labels_at_warmup(monkeypatch, epoch, expect):
+    method = make("scalematch", warmup_epochs=3)
+    seen = {}
+    real_forward, real_labels = method.two_scale_forward, scalematch_module.pseudo_labels
+
+    def spy_forward(x, v, fs):
+        seen["out"] = real_forward(x, v, fs)
+        return seen["out"]
+
+    def spy_labels(logits):
+        seen["source"] = logits
+        return real_labels(logits)
+
+    monkeypatch.setattr(method, "two_scale_forward", spy_forward)
+    monkeypatch.setattr(scalematch_module, "pseudo_labels", spy_labels)
+    method(*batches(), StepContext(epoch * 5, epoch, 50, 5))
+    assert torch.equal(seen["source"], seen["out"][expect][N:])
+
+
+def test_scalematch_scale_pairs():
+    method = make("scalematch")
+    draws = {method.draw_scales() for _ in range(200)}
+    assert {v for v, _ in draws} == {0.25, 0.5, 1.5, 2.0}
+    assert all(fs == (0.75 if v > 1 else 1.25) for v, fs in draws)
+
+
+def test_unimatch_loss_weights_and_normalisation():
+    # Nothing passes tau > 1: every unlabelled term is exactly 0, so the total is L_x / 2.
+    method = make("unimatch", conf_thresh=1.01)
+    losses = method(*batches(), CTX)
+    assert losses["loss_s"] == 0 and losses["loss_fp"] == 0
+    assert torch.isclose(losses["loss"], losses["loss_x"] / 2)
+
+
+def test_pseudo_label_loss_divides_by_valid_not_confident_pixels():
+    logits = torch.zeros(1, 2, 2, 2)
+    label = torch.zeros(1, 2, 2, dtype=torch.long)
+    conf = torch.tensor([[[0.99, 0.5], [0.99, 0.99]]])
+    ignore = torch.tensor([[[0, 0], [0, 255]]])
+    # per-pixel CE = log 2; confident and valid: 2 pixels; valid: 3 pixels
+    assert torch.isclose(pseudo_label_loss(logits, label, conf, ignore, 0.95), torch.log(torch.tensor(2.0)) * 2 / 3)
+
+
+def test_ohem_keeps_hard_pixels():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0, :2] = 10  # easy pixels (class 0 confident and correct)
+    target = torch.zeros(1, 1, 4, dtype=torch.long)
+    assert ohem_cross_entropy(logits, target, thresh=0.7, min_kept=1) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)
+
+
+def test_cutmix_mixing_of_targets():
+    box = torch.zeros(1, 2, 2, dtype=torch.uint8)
+    box[0, 0, 0] = 1
+    label, p_label = torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, 2, dtype=torch.long)
+    conf, p_conf = torch.full((1, 2, 2), 0.1), torch.full((1, 2, 2), 0.9)
+    ign, p_ign = torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 255)
+    lab, cf, ig = mixed_targets(box, conf, label, ign, p_conf, p_label, p_ign)
+    assert lab.tolist() == [[[1, 0], [0, 0]]] and ig[0, 0, 0] == 255 and cf[0, 1, 1] == pytest.approx(0.1)
+    img = paste(box, torch.ones(1, 3, 2, 2), torch.zeros(1, 3, 2, 2))
+    assert img[0, :, 0, 0].tolist() == [1, 1, 1] and img[0, :, 1, 1].tolist() == [0, 0, 0]
+
+
+def test_mean_teacher_ema_and_no_teacher_gradients():
+    method = make("meanteacher", ema_decay=0.9)
+    losses = method(*batches(), CTX)
+    losses["loss"].backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+    with torch.no_grad():
+        for p in method.model.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in method.teacher.parameters()]
+    student = [p.clone() for p in method.model.parameters()]
+    ctx = StepContext(iteration=100, epoch=0, total_iters=200, iters_per_epoch=5)
+    method.after_step(ctx)
+    for t, t0, s in zip(method.teacher.parameters(), before, student):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * s, atol=1e-6)
+    assert method.inference_model() is method.teacher
+    # the warm-up of the decay: at the first step the teacher copies most of the student
+    method2 = make("meanteacher", ema_decay=0.99)
+    with torch.no_grad():
+        for p in method2.model.parameters():
+            p.add_(1.0)
+    method2.after_step(StepContext(0, 0, 10, 5))
+    t = next(method2.teacher.parameters())
+    s = next(method2.model.parameters())
+    assert torch.allclose(t, s - 0.5, atol=1e-6)  # alpha = min(1 - 1/2, 0.99) = 0.5
+
+
+def test_mean_teacher_consistency_rampup():
+    method = make("meanteacher", rampup=0.5, unsup_weight=2.0)
+    weights = [method.consistency_weight(StepContext(i, 0, 10, 5)) for i in range(10)]
+    assert weights[0] == pytest.approx(2.0 * torch.exp(torch.tensor(-5.0)).item())
+    assert weights == sorted(weights) and weights[5] == 2.0
+
+
+def test_cps_networks_are_distinct_and_both_trained():
+    method = make("cps")
+    w1 = method.model.classifier.weight
+    w2 = method.model2.classifier.weight
+    assert not torch.equal(w1, w2)
+    losses = method(*batches(), CTX)
+    losses["loss"].backward()
+    assert w1.grad.abs().sum() > 0 and w2.grad.abs().sum() > 0
+    groups = method.param_groups(0.01, 10)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.parameters())
+    assert method.inference_model() is method.model
+
+
+def test_cps_without_cutmix_supervises_all_images():
+    method = make("cps", cutmix=False)
+    assert not method.needs_partner
+    labeled, unl, _ = batches()
+    losses = method(labeled, unl, None, CTX)
+    assert torch.isfinite(losses["loss_cps"]) and losses["loss_cps"] > 0
