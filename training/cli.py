@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -9,17 +10,28 @@ from pathlib import Path
 from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
+# Later stages plug in by module name, so training never imports them (they import training).
+STAGES = {"export": "export.cli"}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .data.folder import DatasetError
-    return USER_ERRORS + (DatasetError, CheckpointError)
+    errors = USER_ERRORS + (DatasetError, CheckpointError)
+    try:
+        from export.onnx_export import ExportError
+        from serving.backends import BackendError
+        errors += (ExportError, BackendError)
+    except ImportError:  # export extras (onnx, onnxruntime) not installed
+        pass
+    return errors
 
 
 # --- data -------------------------------------------------------------------------------------------
 def cmd_data_synth(args) -> int:
     from .data.synth import synthesize
+    if min(args.n_labeled, args.n_val) < 1 or args.n_unlabeled < 0 or args.size < 16:
+        raise SystemExit("scaleseg data synth: need --n-labeled >= 1, --n-val >= 1, --n-unlabeled >= 0 and --size >= 16")
     out = synthesize(args.out, args.classes, args.n_labeled, args.n_unlabeled, args.n_val, args.size, args.seed, args.force)
     print(f"wrote {out}: {args.n_labeled} labelled, {args.n_unlabeled} unlabelled, {args.n_val} val images, {args.classes} classes")
     return 0
@@ -174,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_data_import)
 
     sub.add_parser("train", help="train a model (see `scaleseg train --help`)", add_help=False)
+    sub.add_parser("export", help="checkpoint -> ONNX / TensorRT / Triton package (see `scaleseg export --help`)", add_help=False)
 
     e = sub.add_parser("eval", help="mIoU, per-class IoU and scale robustness of a checkpoint")
     e.add_argument("checkpoint")
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])
+        if argv and argv[0] in STAGES:
+            return importlib.import_module(STAGES[argv[0]]).main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except _user_errors() as err:

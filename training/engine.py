@@ -18,7 +18,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig, dataclass_from_dict
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
-from .data.folder import DatasetError, load_classes, read_split
+from .data.folder import DatasetError, fingerprint, load_classes, read_split
 from .data.validate import check_dataset
 from .distributed import DistInfo, all_gather_objects, barrier, init_distributed
 from .evaluate import evaluate
@@ -104,6 +104,7 @@ class Trainer:
         self.labeled_ids = read_split(self.root, "labeled")
         self.unlabeled_ids = read_split(self.root, "unlabeled", required=False)
         self.val_ids = read_split(self.root, "val")
+        self.data_fingerprint = fingerprint(self.root)
 
         seed_everything(cfg.run.seed)
         self.method = build_method(cfg, len(self.classes)).to(self.device)
@@ -163,7 +164,7 @@ class Trainer:
             "config": asdict(self.cfg), "method": self.cfg.method,
             "classes": [asdict(c) for c in self.classes],
             "inference": {"state_dict": net.state_dict(), "cif": net.cif is not None},
-            "labeled_count": len(self.labeled_ids), "version": __version__,
+            "labeled_count": len(self.labeled_ids), "data_fingerprint": self.data_fingerprint, "version": __version__,
         }
 
     def _save(self, name: str, payload: dict | None = None) -> None:

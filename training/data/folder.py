@@ -8,9 +8,12 @@ DATA/
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,6 +171,7 @@ def atomic_write(path: str | Path, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the final file should read like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -195,3 +199,32 @@ def write_split(root: str | Path, split: str, ids: list[str]) -> None:
 def write_classes(root: str | Path, classes: list[ClassInfo]) -> None:
     items = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes]
     write_text(Path(root) / "classes.json", json.dumps(items, indent=2) + "\n")
+
+
+def fingerprint(root: str | Path) -> str:
+    """sha256 over classes.json and the three split lists: identifies what a model was trained on."""
+    h = hashlib.sha256()
+    root = Path(root)
+    h.update((root / "classes.json").read_bytes())
+    for split in SPLITS:
+        h.update(split.encode())
+        h.update("\n".join(sorted(read_split(root, split, required=False))).encode())
+    return h.hexdigest()
+
+
+@contextmanager
+def staged_folder(final: str | Path):
+    """Build a folder in a temp folder beside ``final``; on success it replaces ``final``, on any error
+    (or interrupt) it is removed, so ``final`` is never half-written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the renamed folder should be readable like any other
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -7,15 +7,13 @@ split files work: their first column is the image path) or a seeded random draw 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .folder import ClassInfo, DatasetError, _default_color, write_classes, write_mask, write_split
+from .folder import ClassInfo, DatasetError, _default_color, staged_folder, write_classes, write_mask, write_split
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -79,16 +77,8 @@ def _link(src: Path, dst: Path) -> None:
 def _build(out: Path, fill, force: bool) -> Path:
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: folder exists and is not empty. Choose another folder or pass --force.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -7,14 +7,12 @@ with the object, as real surfaces do, so the same class looks different at diffe
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .folder import ClassInfo, _default_color, write_classes, write_image, write_mask, write_split
+from .folder import ClassInfo, _default_color, staged_folder, write_classes, write_image, write_mask, write_split
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "diamond", "bar", "ellipse")
 TEXTURES = ("stripes", "checker", "dots", "plain", "waves", "grid", "rings", "noise")
@@ -116,13 +114,11 @@ def synthesize(out: str | Path, num_classes: int = 5, n_labeled: int = 16, n_unl
     if min(n_labeled, n_val) < 1 or n_unlabeled < 0 or size < 16:
         raise ValueError("need --n-labeled >= 1, --n-val >= 1, --n-unlabeled >= 0 and --size >= 16")
     classes = class_table(num_classes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as tmp:
         write_classes(tmp, classes)
         counts = {"labeled": n_labeled, "unlabeled": n_unlabeled, "val": n_val}
-        total, index = sum(counts.values()), 0
-        bar = tqdm(total=total, desc="synth", unit="img", disable=not progress)
+        bar = tqdm(total=sum(counts.values()), desc="synth", unit="img", disable=not progress)
+        index = 0
         for split, count in counts.items():
             ids = []
             for _ in range(count):
@@ -136,10 +132,4 @@ def synthesize(out: str | Path, num_classes: int = 5, n_labeled: int = 16, n_unl
                 bar.update()
             write_split(tmp, split, ids)
         bar.close()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,0 +1,64 @@
+"""`scaleseg export CKPT --out MODEL ...` and `scaleseg export verify MODEL --data DATA`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaleseg export", description="Checkpoint -> model package (ONNX, CIF graph, "
+                                "TensorRT engine, Triton repository), verified against PyTorch.")
+    p.add_argument("checkpoint", help="best.pt / last.pt from `scaleseg train`")
+    p.add_argument("--out", required=True, help="package folder to write")
+    p.add_argument("--with-probs", action="store_true", help="also output per-class probabilities")
+    p.add_argument("--cif-scales", type=_floats, help="also write model.cif.onnx fusing these scales with 1.0, e.g. 0.5,2.0")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--data", type=Path, help="dataset whose val images drive the parity check (default: the training data)")
+    p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT engine in FP16")
+    p.add_argument("--int8", action="store_true", help="TensorRT engine in INT8, calibrated on --calib")
+    p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8")
+    p.add_argument("--triton-repo", type=Path, help="also add the package's models to this Triton model repository")
+    p.add_argument("--name", help="model name in the Triton repository (default: the package folder's name)")
+    p.add_argument("--force", action="store_true", help="replace an existing package at --out")
+    return p
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaleseg export verify", description="Parity of a package's graphs with PyTorch.")
+    p.add_argument("model", type=Path)
+    p.add_argument("--data", type=Path, help="dataset whose val images are used")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from .package import export_package, verify_package
+    from .triton import write_repository
+
+    if argv[:1] == ["verify"]:
+        args = verify_parser().parse_args(argv[1:])
+        report = verify_package(args.model, args.data)
+        for graph, runs in report["graphs"].items():
+            for r in runs:
+                print(f"{graph} on {r['backend']}: label agreement {100 * r['label_agreement']:.4f} %, "
+                      f"max |d confidence| {r['max_abs_diff_confidence']:.2e} -> {'ok' if r['passed'] else 'FAILED'}")
+        return 0 if report["passed"] else 1
+    args = export_parser().parse_args(argv)
+    precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
+    if (args.fp16 or args.int8) and not args.tensorrt:
+        raise SystemExit("scaleseg export: --fp16/--int8 apply to the TensorRT engine; add --tensorrt")
+    meta = export_package(Path(args.checkpoint), Path(args.out), args.with_probs, args.cif_scales, args.opset,
+                          args.force, args.data, precision if args.tensorrt else None, args.calib)
+    for graph, runs in meta["parity"]["graphs"].items():
+        for r in runs:
+            print(f"{graph} on {r['backend']}: label agreement {100 * r['label_agreement']:.4f} %")
+    if args.triton_repo:
+        for folder in write_repository(Path(args.out), args.triton_repo, args.name or Path(args.out).name):
+            print(f"wrote {folder}")
+    print(f"wrote {args.out} ({', '.join(meta['graphs'])}); meta: {json.dumps({'method': meta['method'], 'opset': meta['opset']})}")
+    return 0

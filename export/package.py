@@ -1,0 +1,141 @@
+"""The model package (DESIGN.md): written whole into a temp folder, verified, then renamed into place.
+
+MODEL/
+  meta.json          format version, classes + colours, input/output spec, method, data fingerprint,
+                     metrics, opset, library versions, graphs and their scales, parity report
+  model.onnx         single-scale graph
+  model.cif.onnx     optional CIF multi-scale graph
+  model.<gpu>.trt<version>.plan (+ .json sidecar)   optional TensorRT engines
+  checkpoint.pt      inference weights + config, for retraining and the PyTorch reference
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from serving.backends import OnnxRuntimeBackend, TensorRTBackend, find_plan
+from training import __version__
+from training.checkpoint import CheckpointError, load_checkpoint, load_inference_model, save_checkpoint
+from training.data.folder import find_image, staged_folder, read_split
+from training.data.transforms import MEAN, STD
+
+from .onnx_export import DEFAULT_OPSET, ExportError, SegmentationGraph, export_graph, io_spec
+from .parity import MIN_AGREEMENT, compare, load_images, probe_batches
+
+FORMAT_VERSION = 1
+GRAPHS = {"single": "model.onnx", "cif": "model.cif.onnx"}
+
+
+def _check_destination(out: Path, force: bool) -> None:
+    if not out.exists() or not any(out.iterdir()):
+        return
+    meta = out / "meta.json"
+    what = "another model package" if meta.is_file() else "other files"
+    if not force:
+        raise FileExistsError(f"{out}: already holds {what}. Choose another --out, or pass --force to replace it.")
+
+
+def _image_paths(data: Path | None, split: str) -> list[Path]:
+    if data is None or not (data / "splits").is_dir():
+        return []
+    ids = read_split(data, split, required=False) or read_split(data, "val", required=False)
+    return [p for p in (find_image(data, i) for i in ids) if p is not None]
+
+
+def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tuple[int, int]] = ((96, 128), (160, 160)),
+                   batch_sizes: Sequence[int] = (1, 3), min_agreement: float = MIN_AGREEMENT) -> dict:
+    """PyTorch vs every available runtime, for each graph; writes the report into meta.json."""
+    meta_path = package / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    model, _, _ = load_inference_model(load_checkpoint(package / "checkpoint.pt"), package / "checkpoint.pt")
+    images = _image_paths(data, "val")
+    batches = probe_batches(images[:16], sizes, batch_sizes)
+    report = {"images": f"{len(images[:16])} from {data}" if images else "random uint8 images (no --data given)",
+              "graphs": {}}
+    for graph_file, info in meta["graphs"].items():
+        reference = SegmentationGraph(model, info["cif_scales"], meta["with_probs"])
+        backends = [OnnxRuntimeBackend(package / graph_file, providers=["CPUExecutionProvider"])]
+        plan = find_plan(package, graph_file)
+        if plan is not None:
+            backends.append(TensorRTBackend(plan))
+        report["graphs"][graph_file] = [compare(reference, b, batches, min_agreement) for b in backends]
+    report["passed"] = all(r["passed"] for runs in report["graphs"].values() for r in runs)
+    meta["parity"] = report
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return report
+
+
+def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_scales: Sequence[float] | None = None,
+                   opset: int = DEFAULT_OPSET, force: bool = False, data: Path | None = None,
+                   tensorrt: str | None = None, calib: Path | None = None, progress=print) -> dict:
+    """Write the package; returns meta. Fails, leaving nothing at ``out``, if parity is below 99.9 %."""
+    out = Path(out)
+    _check_destination(out, force)
+    ckpt = load_checkpoint(checkpoint)
+    model, classes, cfg = load_inference_model(ckpt, checkpoint)
+    if len(classes) != model.num_classes:
+        raise CheckpointError(f"{checkpoint}: records {len(classes)} classes but its network predicts {model.num_classes}.")
+    if cif_scales and model.cif is None:
+        raise ExportError(f"{checkpoint}: --cif-scales needs a checkpoint with a CIF module (trained with --method "
+                          f"scalematch); this one is a {cfg.method!r} run.")
+    if data is None and cfg.data.root and Path(cfg.data.root).is_dir():
+        data = Path(cfg.data.root)
+
+    with staged_folder(out) as tmp:
+        graphs = {}
+        progress(f"exporting {GRAPHS['single']}")
+        onnx_model = export_graph(SegmentationGraph(model, None, with_probs), tmp / GRAPHS["single"], opset)
+        graphs[GRAPHS["single"]] = {"cif_scales": [], "scales": [1.0]}
+        if cif_scales:
+            progress(f"exporting {GRAPHS['cif']} (CIF fusion of scales {', '.join(map(str, cif_scales))} with 1.0)")
+            export_graph(SegmentationGraph(model, cif_scales, with_probs), tmp / GRAPHS["cif"], opset)
+            graphs[GRAPHS["cif"]] = {"cif_scales": list(cif_scales), "scales": sorted({1.0, *cif_scales})}
+        slim = {k: ckpt[k] for k in ("format", "config", "method", "classes", "inference", "metrics", "best_miou",
+                                     "iteration", "labeled_count", "data_fingerprint", "version") if k in ckpt}
+        save_checkpoint(tmp / "checkpoint.pt", slim)
+        meta = {
+            "format_version": FORMAT_VERSION, "name": out.name,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "classes": classes, "with_probs": with_probs,
+            "input": {"name": "image", "datatype": "uint8", "layout": "NCHW", "channels": "RGB",
+                      "normalisation": "inside the graph: (x - 255*mean) / (255*std)", "mean": MEAN, "std": STD},
+            **io_spec(onnx_model), "graphs": graphs,
+            "method": cfg.method, "backbone": cfg.model.backbone, "crop_size": cfg.data.crop_size,
+            "train_config": cfg.to_dict(),
+            "data_fingerprint": ckpt.get("data_fingerprint"), "labeled_count": ckpt.get("labeled_count"),
+            "iteration": ckpt.get("iteration"), "metrics": ckpt.get("metrics"), "opset": opset,
+            "versions": {"scaleseg": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "tensorrt": [],
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if tensorrt:
+            from .tensorrt_build import build_engine
+            calib_images = _calibration_images(calib) if calib else None
+            for graph_file in graphs:
+                progress(f"building TensorRT engine ({tensorrt}) for {graph_file}")
+                plan = build_engine(tmp / graph_file, tmp, tensorrt, calib_images)
+                meta["tensorrt"].append(json.loads(Path(f"{plan}.json").read_text()) | {"file": plan.name})
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        progress("verifying parity (PyTorch vs runtimes)")
+        report = verify_package(tmp, data)
+        if not report["passed"]:
+            worst = min(r["label_agreement"] for runs in report["graphs"].values() for r in runs)
+            raise ExportError(f"parity check failed: label agreement {100 * worst:.3f} % < {100 * MIN_AGREEMENT:.1f} %; "
+                              "nothing was written. Report: " + json.dumps(report["graphs"])[:2000])
+    return json.loads((out / "meta.json").read_text())
+
+
+def _calibration_images(data: Path, count: int = 64, size: int = 512) -> np.ndarray:
+    """uint8 calibration batch from the dataset's unlabelled images (val if none)."""
+    paths = _image_paths(data, "unlabeled")[:count]
+    if not paths:
+        raise ExportError(f"{data}: no images to calibrate INT8 with (splits/unlabeled.txt is empty).")
+    return load_images(paths, (size, size))
