@@ -10,6 +10,8 @@ import torch
 
 from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from training.data.synth import synthesize
+from export.package import export_package
+from training.engine import Trainer
 from training.methods import get_method
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -40,3 +42,23 @@ def tiny_config(root: Path, out: Path, method: str = "supervised", **method_over
         run=RunConfig(out=str(out), max_iters=4, eval_every=2, save_every=1, seed=0, device="cpu"),
         method_cfg=method_cls.Config(**method_overrides),
     )
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tiny_data, tmp_path_factory):
+    """One-iteration checkpoints: a ScaleMatch one (with CIF) and a supervised one."""
+    out = {}
+    for method in ("scalematch", "supervised"):
+        cfg = tiny_config(tiny_data, tmp_path_factory.mktemp(method), method=method)
+        cfg.run.max_iters = 1
+        Trainer(cfg, progress=False).fit()
+        out[method] = Path(cfg.run.out) / "last.pt"
+    return out
+
+
+@pytest.fixture(scope="session")
+def package(checkpoints, tiny_data, tmp_path_factory):
+    """The ScaleMatch checkpoint exported with probs and the CIF graph; tests must not modify it."""
+    out = tmp_path_factory.mktemp("pkg") / "seg"
+    export_package(checkpoints["scalematch"], out, with_probs=True, cif_scales=(0.5, 2.0), data=tiny_data, progress=lambda m: None)
+    return out

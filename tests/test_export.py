@@ -16,27 +16,6 @@ from export.triton import write_repository
 from serving.backends import OnnxRuntimeBackend
 from training.checkpoint import CheckpointError, load_checkpoint, load_inference_model
 from training.cli import main
-from training.engine import Trainer
-
-from .conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tiny_data, tmp_path_factory):
-    out = {}
-    for method in ("scalematch", "supervised"):
-        cfg = tiny_config(tiny_data, tmp_path_factory.mktemp(method), method=method)
-        cfg.run.max_iters = 1
-        Trainer(cfg, progress=False).fit()
-        out[method] = tmp_path_factory.getbasetemp() / cfg.run.out / "last.pt"
-    return out
-
-
-@pytest.fixture(scope="module")
-def package(checkpoints, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("pkg") / "seg"
-    export_package(checkpoints["scalematch"], out, with_probs=True, cif_scales=(0.5, 2.0), data=tiny_data, progress=lambda m: None)
-    return out
 
 
 def test_package_contents_and_meta(package, tiny_data):
