@@ -41,3 +41,9 @@ def main(argv: list[str]) -> int:
 
 
 __all__ = ["app_from_env", "main"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

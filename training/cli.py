@@ -14,17 +14,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundErr
 STAGES = {"export": "export.cli", "serve": "serving.cli"}
 
 
+USER_ERROR_TYPES = (("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
+                    ("export.onnx_export", "ExportError"), ("serving.backends", "BackendError"))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data.folder import DatasetError
-    errors = USER_ERRORS + (DatasetError, CheckpointError)
-    try:
-        from export.onnx_export import ExportError
-        from serving.backends import BackendError
-        errors += (ExportError, BackendError)
-    except ImportError:  # export extras (onnx, onnxruntime) not installed
-        pass
-    return errors
+    """Errors that are the user's to fix (message only, exit 2). Evaluated only when something is
+    raised, and each import may fail: a serving image has no torch, so no training or export errors."""
+    errors = list(USER_ERRORS)
+    for module, name in USER_ERROR_TYPES:
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except ImportError:
+            pass
+    return tuple(errors)
 
 
 # --- data -------------------------------------------------------------------------------------------
