@@ -170,3 +170,15 @@ def test_train_cli_empty_labeled_split(data_copy, tmp_path, capsys):
     assert main(["train", str(data_copy), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 2
     assert "labeled.txt: empty" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_train_cli_help_lists_the_methods_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--method", "scalematch", "--help"])
+    out = capsys.readouterr().out
+    assert "--warmup-epochs" in out and "--isvc-weight" in out and "(default: 0.25,0.5,1.5,2.0)" in out
+
+
+def test_train_cli_refuses_batch_of_one(tiny_data, tmp_path, capsys):
+    assert main(["train", str(tiny_data), "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    assert "needs at least 2 images per process" in capsys.readouterr().err

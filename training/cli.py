@@ -14,7 +14,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundErr
 STAGES = {"export": "export.cli", "serve": "serving.cli"}
 
 
-USER_ERROR_TYPES = (("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
+USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
                     ("export.onnx_export", "ExportError"), ("serving.backends", "BackendError"))
 
 
@@ -77,7 +77,8 @@ def _train_parser(method_cls=None) -> argparse.ArgumentParser:
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
     from .methods import get_method
-    first, _ = _train_parser().parse_known_args(argv)
+    # First pass finds the method (help deferred), the second knows that method's options.
+    first, _ = _train_parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
     method_cls = get_method(first.method)
     ns = _train_parser(method_cls).parse_args(argv)
     cfg = TrainConfig(method=method_cls.name)
@@ -110,6 +111,8 @@ def cmd_train(argv: list[str]) -> int:
     from .engine import Trainer
     from .evaluate import format_table
     cfg = parse_train_args(argv)
+    if cfg.data.batch_size < 1 or cfg.data.crop_size < 16:
+        raise SystemExit("scaleseg train: --batch-size must be >= 1 and --crop-size >= 16")
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+class ConfigError(Exception):
+    """Settings that cannot work together; the message says which flag to change."""
+
+
 def hp(default: Any, help: str) -> Any:
     """A hyper-parameter field: default plus the one-line help shown by ``--help``."""
     return field(default=default, metadata={"help": help})

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import TrainConfig, dataclass_from_dict
+from .config import ConfigError, TrainConfig, dataclass_from_dict
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
 from .data.folder import DatasetError, fingerprint, load_classes, read_split
 from .data.validate import check_dataset
@@ -56,7 +56,7 @@ def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     if o.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-    raise ValueError(f"--optimizer must be sgd or adamw, got {o.optimizer!r}")
+    raise ConfigError(f"--optimizer must be sgd or adamw, got {o.optimizer!r}")
 
 
 def poly_lr(optimizer: torch.optim.Optimizer, iteration: int, total: int, power: float) -> float:
@@ -118,6 +118,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
         b, world = cfg.data.batch_size, self.dist.world
+        if b < 2 and not (self.device_kind == "cuda" and world > 1):
+            raise ConfigError(f"--batch-size {b}: BatchNorm (ASPP's image-pooling branch) needs at least 2 images per "
+                             "process; use --batch-size 2 or more (under torchrun on CUDA, SyncBatchNorm makes 1 per GPU work).")
         epoch_len = len(self.unlabeled_ids) if self.unlabeled_ids else len(self.labeled_ids)
         self.iters_per_epoch = max(1, epoch_len // (b * world))
         self.total_iters = cfg.run.max_iters or cfg.run.epochs * self.iters_per_epoch
