@@ -1,0 +1,83 @@
+"""`scaleseg label push|pull|status`: the labeling loop from the command line, for scripts."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from . import acquisition
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL", "http://127.0.0.1:8080"),
+                   help="Label Studio URL (env LABEL_STUDIO_URL)")
+    p.add_argument("--token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""),
+                   help="Label Studio access token (env LABEL_STUDIO_API_KEY)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaleseg label", description="Active labeling with Label Studio.")
+    sub = p.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks")
+    push.add_argument("model", type=Path, help="model package (scaleseg export)")
+    push.add_argument("data", type=Path, help="dataset folder")
+    push.add_argument("-k", "--top-k", type=int, default=8, help="images to send for labeling")
+    push.add_argument("--function", default="entropy", choices=acquisition.FUNCTIONS)
+    push.add_argument("--balance", type=float, default=1.0, help="class balancing of the selection; 0 = plain top-k")
+    push.add_argument("--project", default="scaleseg", help="Label Studio project title (created if missing)")
+    push.add_argument("--delivery", default="local", choices=["local", "upload"],
+                      help="local: Label Studio serves DATA/images through a local-files storage (same machine); "
+                           "upload: the images are uploaded")
+    _connection(push)
+    pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt")
+    pull.add_argument("data", type=Path)
+    pull.add_argument("--overwrite", action="store_true", help="replace existing human masks that differ")
+    _connection(pull)
+    status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending")
+    status.add_argument("data", type=Path)
+    _connection(status)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from .labeling import load_state, pull, push
+    from .labelstudio import LabelStudio
+    from .scoring import choose, score_unlabeled
+
+    args = parser().parse_args(argv)
+    client = LabelStudio(args.url, args.token)
+    try:
+        if args.command == "push":
+            client.whoami()  # fail fast on a wrong URL or token, before scoring anything
+            meta_name = args.model.resolve().name
+            bar = tqdm(desc="scoring", unit="img")
+            scored = score_unlabeled(args.model, args.data, args.function,
+                                     progress=lambda f, msg: bar.update(1))
+            bar.close()
+            picks = choose(scored, args.data, args.top_k, args.balance)
+            preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
+            report = push(client, args.data, preds, meta_name, args.project, args.delivery)
+            print(f"project {report.project_id}: pushed {len(report.pushed)} task(s) {report.pushed}; "
+                  f"{len(report.already)} already there")
+        elif args.command == "pull":
+            report = pull(client, args.data, args.overwrite)
+            print(f"written {len(report.written)}, unchanged {len(report.unchanged)}, skipped {len(report.skipped)}, "
+                  f"pending {len(report.pending)}, conflicts {len(report.conflicts)} {report.conflicts}")
+            for image_id, message in report.errors.items():
+                print(f"  error {image_id}: {message}")
+            if report.conflicts:
+                print("  conflicting human masks were kept; pass --overwrite to replace them")
+            return 1 if report.errors else 0
+        else:
+            state = load_state(args.data)
+            print(f"project {state.get('project_id')} at {state.get('url')}: {len(state['tasks'])} pushed, "
+                  f"{len(state['pulled'])} pulled")
+            if state.get("project_id") is not None:
+                tasks = list(client.tasks(state["project_id"]))
+                done = sum(1 for t in tasks if any(not a.get("was_cancelled") for a in t.get("annotations", [])))
+                print(f"Label Studio: {len(tasks)} tasks, {done} annotated, {len(tasks) - done} open")
+    finally:
+        client.close()
+    return 0

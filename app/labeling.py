@@ -1,0 +1,196 @@
+"""The active-labeling loop with Label Studio: push the chosen images with the model's masks as
+pre-annotations, pull finished annotations back into the dataset folder.
+
+State lives in DATA/labeling/state.json (written atomically): which image went to which task, so that
+pushing again never duplicates a task and a crash between push and pull loses nothing; the tasks also
+carry our image id, so the state can be rebuilt from Label Studio if the file is lost.
+
+Pull rules: cancelled (skipped) annotations are ignored; of several annotations the latest wins;
+brush regions are painted in the order Label Studio lists them, a later region winning where regions
+overlap; pixels no region covers become 255 (ignore). Annotations whose labels are not in classes.json,
+or whose size is not the image's, are reported and not written. An existing human mask is never
+overwritten unless ``overwrite`` is given.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.data.folder import (IGNORE, find_image, load_classes, mask_path, read_split, write_mask, write_split,
+                                  write_text)
+
+from . import rle
+from .labelstudio import FROM_NAME, TO_NAME, LabelStudio, LabelStudioError
+
+ID_KEY = "scaleseg_id"
+
+
+def state_path(data: Path) -> Path:
+    return Path(data) / "labeling" / "state.json"
+
+
+def load_state(data: Path) -> dict:
+    path = state_path(data)
+    if not path.is_file():
+        return {"tasks": {}, "pulled": {}}
+    return json.loads(path.read_text())
+
+
+def save_state(data: Path, state: dict) -> None:
+    write_text(state_path(data), json.dumps(state, indent=2))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def prediction_result(labels: np.ndarray, classes: list[dict], confidence: np.ndarray | None = None) -> list[dict]:
+    """One brush region per class present, at the image's own size (what the editor needs)."""
+    h, w = labels.shape
+    out = []
+    for c in classes:
+        region = labels == c["id"]
+        if not region.any():
+            continue
+        item = {"id": uuid.uuid4().hex[:10], "from_name": FROM_NAME, "to_name": TO_NAME, "type": "brushlabels",
+                "original_width": w, "original_height": h, "image_rotation": 0,
+                "value": {"format": "rle", "rle": rle.mask_to_rle(region), "brushlabels": [c["name"]]}}
+        if confidence is not None:
+            item["score"] = float(confidence[region].mean())
+        out.append(item)
+    return out
+
+
+def annotation_to_mask(result: list[dict], classes: list[dict], size: tuple[int, int]) -> np.ndarray:
+    """Class-id mask (255 where nothing is painted) from an annotation's brush regions; ValueError for
+    labels outside classes.json or regions of another size."""
+    width, height = size
+    ids = {c["name"]: c["id"] for c in classes}
+    mask = np.full((height, width), IGNORE, np.uint8)
+    for region in result:
+        if region.get("type") != "brushlabels":
+            continue
+        names = region["value"].get("brushlabels") or []
+        unknown = [n for n in names if n not in ids]
+        if unknown or len(names) != 1:
+            raise ValueError(f"labels {names} are not exactly one class of classes.json ({sorted(ids)})")
+        if (region.get("original_width"), region.get("original_height")) != (width, height):
+            raise ValueError(f"region drawn on a {region.get('original_width')}x{region.get('original_height')} image, "
+                             f"but the image is {width}x{height}")
+        mask[rle.rle_to_mask(region["value"]["rle"], height, width)] = ids[names[0]]
+    return mask
+
+
+@dataclass
+class PushReport:
+    pushed: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    project_id: int | None = None
+
+
+def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_version: str,
+         project_title: str, delivery: str = "local", progress=None) -> PushReport:
+    """Create one task per image id with its prediction; ids already pushed to this project are skipped.
+    ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``."""
+    data = Path(data)
+    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+    project = client.ensure_project(project_title, classes)
+    state = load_state(data)
+    if state.get("project_id") not in (None, project["id"]) or state.get("url") not in (None, client.url):
+        state = {"tasks": {}, "pulled": state.get("pulled", {})}  # another project: its task map does not apply
+    state.update({"url": client.url, "project_id": project["id"], "project_title": project_title})
+    for task in client.tasks(project["id"]):  # recover ids pushed before a crash that lost the state file
+        image_id = task["data"].get(ID_KEY)
+        if image_id and image_id not in state["tasks"]:
+            state["tasks"][image_id] = {"task_id": task["id"], "pushed_at": None, "recovered": True}
+    report = PushReport(project_id=project["id"])
+    if delivery == "local":
+        client.ensure_local_storage(project["id"], data / "images")
+    items = list(predictions.items())
+    for n, (image_id, pred) in enumerate(items):
+        if progress:
+            progress(n / max(1, len(items)), f"pushing {image_id}")
+        if image_id in state["tasks"]:
+            report.already.append(image_id)
+            continue
+        path = find_image(data, image_id)
+        if path is None:
+            raise FileNotFoundError(f"{data / 'images' / image_id}.*: image not found; is {image_id!r} in this dataset?")
+        url = client.upload_image(project["id"], path) if delivery == "upload" else \
+            "/data/local-files/?d=" + str(path.resolve()).lstrip("/")
+        task = {"data": {"image": url, ID_KEY: image_id},
+                "predictions": [{"model_version": model_version, "score": float(pred["score"]),
+                                 "result": prediction_result(pred["labels"], classes, pred.get("confidence"))}]}
+        task_id = client.import_tasks(project["id"], [task])[0]
+        state["tasks"][image_id] = {"task_id": task_id, "pushed_at": _now(), "model_version": model_version,
+                                    "score": float(pred["score"])}
+        save_state(data, state)  # after every task: a crash loses at most the task in flight
+        report.pushed.append(image_id)
+    save_state(data, state)
+    return report
+
+
+@dataclass
+class PullReport:
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)        # cancelled / skipped by the labeller
+    pending: list[str] = field(default_factory=list)        # no annotation yet
+    conflicts: list[str] = field(default_factory=list)      # a different human mask exists; not overwritten
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None) -> PullReport:
+    data = Path(data)
+    state = load_state(data)
+    if state.get("project_id") is None:
+        raise LabelStudioError(f"{state_path(data)}: nothing was pushed from this dataset yet; run push first.")
+    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+    report = PullReport()
+    labeled = read_split(data, "labeled")
+    unlabeled = read_split(data, "unlabeled", required=False)
+    tasks = [t for t in client.tasks(state["project_id"]) if t["data"].get(ID_KEY)]
+    for n, task in enumerate(tasks):
+        image_id = task["data"][ID_KEY]
+        if progress:
+            progress(n / max(1, len(tasks)), f"pulling {image_id}")
+        done = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        if not done:
+            (report.skipped if task.get("annotations") else report.pending).append(image_id)
+            continue
+        annotation = max(done, key=lambda a: (a.get("updated_at") or "", a["id"]))
+        path = find_image(data, image_id)
+        if path is None:
+            report.errors[image_id] = "image no longer in the dataset"
+            continue
+        with Image.open(path) as img:
+            size = img.size
+        try:
+            mask = annotation_to_mask(annotation["result"], classes, size)
+        except ValueError as err:
+            report.errors[image_id] = f"task {task['id']}, annotation {annotation['id']}: {err}"
+            continue
+        target = mask_path(data, image_id)
+        if target.is_file():
+            existing = np.array(Image.open(target))
+            if np.array_equal(existing, mask):
+                report.unchanged.append(image_id)
+                continue
+            if not overwrite:
+                report.conflicts.append(image_id)
+                continue
+        write_mask(target, mask)
+        state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"], "pulled_at": _now()}
+        report.written.append(image_id)
+    new = [i for i in report.written if i not in labeled]
+    if new:
+        write_split(data, "labeled", labeled + new)
+        write_split(data, "unlabeled", [i for i in unlabeled if i not in set(new)])
+    save_state(data, state)
+    return report

@@ -1,0 +1,76 @@
+"""A real Label Studio server for tests: its own virtual environment (created once, reused), a free
+loopback port, SQLite in a temp folder, legacy token on, nothing calling out."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+VENV = Path(os.environ.get("SCALESEG_LS_VENV", REPO / ".venv-labelstudio"))
+VERSION = "1.23.2"
+
+
+def ensure_venv() -> Path:
+    """The label-studio executable, installing it into its own venv on first use (a few minutes)."""
+    exe = VENV / "bin" / "label-studio"
+    marker = VENV / f".label-studio-{VERSION}"
+    if not marker.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
+        marker.touch()
+    return exe
+
+
+@dataclass
+class LabelStudioServer:
+    url: str
+    token: str
+    process: subprocess.Popen
+    python: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start(data_dir: Path) -> LabelStudioServer:
+    exe = ensure_venv()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = secrets.token_hex(20)
+    env = {**os.environ,
+           "LABEL_STUDIO_USERNAME": "labeller@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+           "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
+           "SSRF_PROTECTION_ENABLED": "false", "ML_BLOCK_LOCAL_IP": "false",
+           "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": "/",
+           "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir)}
+    log = open(data_dir / "label-studio.log", "w")
+    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                             "--data-dir", str(data_dir), "--log-level", "WARNING"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("Label Studio exited:\n" + (data_dir / "label-studio.log").read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return LabelStudioServer(url, token, proc, VENV / "bin" / "python")
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError("Label Studio did not become healthy in 180 s:\n" + (data_dir / "label-studio.log").read_text()[-3000:])

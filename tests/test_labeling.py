@@ -1,0 +1,202 @@
+"""The labeling loop: RLE codec (checked against Label Studio's own), acquisition, and push / annotate /
+pull against a real Label Studio server."""
+from __future__ import annotations
+
+import json
+import subprocess
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app import acquisition, rle
+from app.cli import main as label_main
+from app.labeling import annotation_to_mask, load_state, prediction_result, pull, push, state_path
+from app.labelstudio import LabelStudio, LabelStudioError, label_config
+from app.scoring import choose, score_unlabeled
+from training.data.folder import load_classes, mask_path, read_split
+from training.data.synth import render
+
+from . import labelstudio_server
+
+
+def classes_of(data):
+    return [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+
+
+# --- pure functions -----------------------------------------------------------------------------------
+def test_rle_round_trips():
+    rng = np.random.default_rng(0)
+    for values in (rng.integers(0, 4, 5000), np.zeros(300_000), rng.integers(0, 256, 999)):
+        values = values.astype(np.uint8)
+        assert np.array_equal(rle.decode(rle.encode(values)), values)
+    mask = rng.random((37, 53)) > 0.6
+    assert np.array_equal(rle.rle_to_mask(rle.mask_to_rle(mask), 37, 53), mask)
+    with pytest.raises(ValueError, match="expected 10x10x4"):
+        rle.rle_to_mask(rle.mask_to_rle(mask), 10, 10)
+
+
+def test_acquisition_scores():
+    k, h, w = 4, 3, 5
+    uniform = {"probs": np.full((k, h, w), 1 / k), "confidence": np.full((h, w), 1 / k), "labels": np.zeros((h, w), int)}
+    sure = np.zeros((k, h, w))
+    sure[0] = 1
+    certain = {"probs": sure, "confidence": np.ones((h, w)), "labels": np.zeros((h, w), int)}
+    assert acquisition.score("entropy", uniform) == pytest.approx(np.log(k))
+    assert acquisition.score("entropy", certain) == pytest.approx(0, abs=1e-9)
+    assert acquisition.score("margin", uniform) == pytest.approx(1) and acquisition.score("margin", certain) == pytest.approx(0)
+    assert acquisition.score("least_confidence", uniform) == pytest.approx(0.75)
+    flipped = {"labels": np.ones((h, w), int)}
+    flipped["labels"][0] = 0
+    assert acquisition.score("scale_disagreement", certain, flipped) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="with-probs"):
+        acquisition.score("entropy", {"confidence": np.ones((2, 2))})
+
+
+def test_selection_balances_classes():
+    scores = np.array([0.9, 0.85, 0.8, 0.7])
+    hist = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], float)
+    assert acquisition.select(scores, hist, 2, balance=0) == [0, 1]
+    assert acquisition.select(scores, hist, 2, balance=1) == [0, 3]
+
+
+def test_annotation_rules(tiny_data):
+    classes = classes_of(tiny_data)
+    labels = np.zeros((6, 8), np.uint8)
+    labels[:, 4:] = 2
+    result = prediction_result(labels, classes)
+    assert [r["value"]["brushlabels"] for r in result] == [["background"], ["square"]]
+    assert annotation_to_mask(result, classes, (8, 6)).tolist() == labels.tolist()
+    # later regions win where they overlap; unpainted pixels are ignored (255)
+    a = np.zeros((6, 8), bool)
+    a[:3] = True
+    b = np.zeros((6, 8), bool)
+    b[:, :2] = True
+    regions = [{"type": "brushlabels", "original_width": 8, "original_height": 6,
+                "value": {"rle": rle.mask_to_rle(m), "brushlabels": [name]}} for m, name in ((a, "disc"), (b, "ring"))]
+    mask = annotation_to_mask(regions, classes, (8, 6))
+    assert mask[0, 0] == 4 and mask[0, 5] == 1 and mask[5, 5] == 255
+    with pytest.raises(ValueError, match="not exactly one class"):
+        annotation_to_mask([{**regions[0], "value": {**regions[0]["value"], "brushlabels": ["zebra"]}}], classes, (8, 6))
+    with pytest.raises(ValueError, match="8x6 image, but the image is 9x6"):
+        annotation_to_mask(regions, classes, (9, 6))
+
+
+def test_label_config_lists_classes(tiny_data):
+    root = ET.fromstring(label_config(classes_of(tiny_data)))
+    labels = root.find("BrushLabels").findall("Label")
+    assert [l.get("value") for l in labels] == ["background", "disc", "square", "triangle", "ring"]
+    assert labels[1].get("background") == "#800000"
+
+
+def test_scoring_ranks_every_unlabeled_image(package, tiny_data):
+    for function in acquisition.FUNCTIONS:
+        scored = score_unlabeled(package, tiny_data, function)
+        assert len(scored) == 12 and [s.score for s in scored] == sorted((s.score for s in scored), reverse=True)
+    picks = choose(scored, tiny_data, 3)
+    assert len({p.image_id for p in picks}) == 3
+
+
+# --- against a real Label Studio ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def label_studio(tmp_path_factory):
+    server = labelstudio_server.start(tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()
+
+
+def test_rle_matches_label_studio_sdk(label_studio, tmp_path):
+    """Our codec and the SDK's (label_studio_sdk.converter.brush) read each other's output."""
+    mask = np.zeros((23, 31), np.uint8)
+    mask[3:15, 4:20] = 255
+    mask[18, ::3] = 255
+    ours = rle.mask_to_rle(mask > 0)
+    script = (
+        "import json, sys, numpy as np\n"
+        "from label_studio_sdk.converter.brush import decode_rle, mask2rle\n"
+        "d = json.load(open(sys.argv[1]))\n"
+        "alpha = decode_rle(d['ours']).reshape(23, 31, 4)[:, :, 3]\n"
+        "print(json.dumps({'decoded': alpha.tolist(), 'theirs': mask2rle(np.array(d['mask'], dtype=np.uint8))}))\n")
+    payload = tmp_path / "in.json"
+    payload.write_text(json.dumps({"ours": ours, "mask": mask.tolist()}))
+    out = json.loads(subprocess.run([str(label_studio.python), "-c", script, str(payload)], check=True,
+                                    capture_output=True, text=True).stdout)
+    assert np.array_equal(np.array(out["decoded"]) > 0, mask > 0)
+    assert np.array_equal(rle.rle_to_mask(out["theirs"], 23, 31), mask > 0)
+
+
+def test_connection_errors_are_clear(label_studio):
+    with pytest.raises(LabelStudioError, match="rejected the token"):
+        LabelStudio(label_studio.url, "0" * 40).whoami()
+    with pytest.raises(LabelStudioError, match="not reachable"):
+        LabelStudio("http://127.0.0.1:9", "x" * 40).whoami()
+
+
+def test_push_annotate_pull(label_studio, package, data_copy, capsys):
+    data = data_copy
+    client = LabelStudio(label_studio.url, label_studio.token)
+    scored = score_unlabeled(package, data, "entropy")
+    picks = choose(scored, data, 3)
+    preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
+    report = push(client, data, preds, "model-v1", "scaleseg test")
+    assert sorted(report.pushed) == sorted(preds)
+    tasks = list(client.tasks(report.project_id))
+    assert len(tasks) == 3
+    for task in tasks:
+        (prediction,) = task["predictions"]
+        assert prediction["model_version"] == "model-v1" and prediction["result"][0]["type"] == "brushlabels"
+        assert task["data"]["image"].startswith("/data/local-files/?d=")
+    # the image is served to the labeller through the local-files storage
+    image = client._send("GET", tasks[0]["data"]["image"])
+    assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+
+    # pushing again, even after losing the state file, never duplicates a task
+    assert push(client, data, preds, "model-v1", "scaleseg test").pushed == []
+    state_path(data).unlink()
+    assert push(client, data, preds, "model-v1", "scaleseg test").pushed == []
+    assert len(list(client.tasks(report.project_id))) == 3
+
+    # a labeller annotates: the true mask on two tasks, skips the third
+    classes = classes_of(data)
+    truth = {}
+    for task in tasks[:2]:
+        image_id = task["data"]["scaleseg_id"]
+        _, truth[image_id] = render(int(image_id.split("_")[1]), 0, 48, load_classes(data))
+        client.create_annotation(task["id"], prediction_result(truth[image_id], classes))
+    skipped_id = tasks[2]["data"]["scaleseg_id"]
+    client.create_annotation(tasks[2]["id"], [], cancelled=True)
+
+    before = read_split(data, "labeled")
+    result = pull(client, data)
+    assert sorted(result.written) == sorted(truth) and result.skipped == [skipped_id] and not result.errors
+    for image_id, mask in truth.items():
+        assert np.array_equal(np.array(Image.open(mask_path(data, image_id))), mask)
+    assert read_split(data, "labeled") == before + result.written
+    assert not set(truth) & set(read_split(data, "unlabeled"))
+    assert set(load_state(data)["pulled"]) == set(truth)
+
+    # a human mask is never silently replaced
+    first = next(iter(truth))
+    edited = truth[first].copy()
+    edited[:10] = 3
+    client.create_annotation(tasks[0]["id"], prediction_result(edited, classes))
+    again = pull(client, data)
+    assert again.conflicts == [first] and np.array_equal(np.array(Image.open(mask_path(data, first))), truth[first])
+    assert label_main(["pull", str(data), "--url", label_studio.url, "--token", label_studio.token, "--overwrite"]) == 0
+    assert np.array_equal(np.array(Image.open(mask_path(data, first))), edited)
+    assert "written 1" in capsys.readouterr().out
+
+
+def test_pull_reports_unknown_labels(label_studio, package, data_copy):
+    client = LabelStudio(label_studio.url, label_studio.token)
+    scored = score_unlabeled(package, data_copy, "least_confidence")[:1]
+    preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in scored}
+    report = push(client, data_copy, preds, "v1", "scaleseg unknown labels")
+    (task,) = list(client.tasks(report.project_id))
+    bad = prediction_result(scored[0].labels, classes_of(data_copy))
+    bad[0]["value"]["brushlabels"] = ["zebra"]
+    client.create_annotation(task["id"], bad)
+    result = pull(client, data_copy)
+    assert list(result.errors) == [scored[0].image_id] and "zebra" in result.errors[scored[0].image_id]
+    assert not mask_path(data_copy, scored[0].image_id).exists()
