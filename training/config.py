@@ -35,6 +35,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = hp("resnet101", "encoder: resnet18, resnet34, resnet50 or resnet101")
     pretrained: str = hp("", "local file with ImageNet weights for the encoder (torchvision layout); random init if empty")
+    init_from: str = hp("", "checkpoint whose network weights start this run (fine-tuning); same classes required")
     output_stride: int = hp(16, "encoder output stride, 16 (layer4 dilated) or 8 (layer3+4 dilated)")
     aspp_dilations: tuple = hp((6, 12, 18), "ASPP atrous rates for output stride 16")
 

@@ -129,6 +129,8 @@ class Trainer:
         self.iteration, self.best_miou, self.last_metrics = 0, -1.0, None
         if cfg.run.resume:
             self._resume()
+        elif cfg.model.init_from:
+            self._init_from(Path(cfg.model.init_from))
         self.ddp = DistributedDataParallel(self.method, broadcast_buffers=False) if self.dist.enabled else self.method
 
     # --- data --------------------------------------------------------------------------------------
@@ -194,6 +196,22 @@ class Trainer:
             raise CheckpointError(f"{path}: written by {len(states)} processes, resumed with {self.dist.world}; "
                                   "resume with the same number of processes for an exact continuation.")
         set_rng_state(states[self.dist.rank])
+
+    def _init_from(self, path: Path) -> None:
+        """Start from another run's network (CIF is kept from it when both have one, else fresh)."""
+        ckpt = load_checkpoint(path)
+        if [c["name"] for c in ckpt["classes"]] != [c.name for c in self.classes]:
+            raise CheckpointError(f"{path}: trained on classes {[c['name'] for c in ckpt['classes']]}, this dataset has "
+                                  f"{[c.name for c in self.classes]}; --init-from needs the same classes.")
+        state = ckpt["inference"]["state_dict"]
+        for net in {id(n): n for n in [*self.method.trained_networks(), self.method.inference_model()]}.values():
+            own = net.state_dict()
+            missing = [k for k in own if k not in state and not k.startswith("cif.")]
+            wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+            if missing or wrong:
+                raise CheckpointError(f"{path}: does not fit --backbone {self.cfg.model.backbone} "
+                                      f"({len(missing)} missing, {len(wrong)} differently shaped tensors).")
+            net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
     # --- loop --------------------------------------------------------------------------------------
     def validate(self) -> dict:

@@ -1,0 +1,33 @@
+"""`scaleseg app --model MODEL --data DATA`: launch the web app."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scaleseg app", description="The scaleseg web app (Gradio).")
+    p.add_argument("--model", type=Path, required=True, help="model package to start with (scaleseg export)")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder the app adds images and labels to")
+    p.add_argument("--work", type=Path, default=Path("scaleseg-work"), help="versions, runs and registry")
+    p.add_argument("--serving-url", default="", help="use a running `scaleseg serve` endpoint instead of in-process inference")
+    p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL", ""))
+    p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""))
+    p.add_argument("--auth", default="", help="user:password required to open the app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            raise SystemExit("scaleseg app: --auth must be user:password")
+        auth = tuple(args.auth.split(":", 1))
+    from .ui import launch
+    launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,
+           args.label_studio_token, auth)
+    return 0

@@ -1,0 +1,269 @@
+"""`scaleseg app`: the Gradio web app. Predict, add unlabelled images and rank them by uncertainty, push
+the least certain to Label Studio with the model's masks, pull the labels back, retrain, promote."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the constructor flag alone does not stop telemetry
+
+import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from serving.imaging import overlay as colour_overlay  # noqa: E402
+from training.data.folder import read_split  # noqa: E402
+from training.methods import METHODS  # noqa: E402
+
+from . import acquisition  # noqa: E402
+from .ingest import ingest  # noqa: E402
+from .labeling import load_state, pull, push  # noqa: E402
+from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
+from .predictor import Predictor  # noqa: E402
+from .scoring import Scored, choose, image_batch, score_unlabeled  # noqa: E402
+from .versions import Registry, Retrainer, register_initial  # noqa: E402
+
+HEAT_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
+
+
+def heatmap(confidence: np.ndarray) -> np.ndarray:
+    """Confidence in [0, 1] -> RGB (dark purple = unsure, yellow = sure)."""
+    x = np.clip(confidence, 0, 1) * (len(HEAT_STOPS) - 1)
+    i = np.minimum(x.astype(int), len(HEAT_STOPS) - 2)
+    t = (x - i)[..., None]
+    return (HEAT_STOPS[i] * (1 - t) + HEAT_STOPS[i + 1] * t).astype(np.uint8)
+
+
+@dataclass
+class AppState:
+    data: Path
+    predictor: Predictor
+    registry: Registry
+    retrainer: Retrainer
+    ls_url: str = ""
+    ls_token: str = ""
+    ranking: list[Scored] = field(default_factory=list)
+
+
+class App:
+    def __init__(self, model: Path, data: Path, work: Path, serving_url: str = "", ls_url: str = "", ls_token: str = "",
+                 serving_api_key: str = ""):
+        registry = Registry(work)
+        current = register_initial(registry, Path(model), Path(data))
+        predictor = Predictor(Path(current["dir"]), serving_url, api_key=serving_api_key)
+        self.s = AppState(Path(data), predictor, registry, Retrainer(registry, Path(data), predictor.load), ls_url, ls_token)
+
+    # --- Predict ---------------------------------------------------------------------------------------
+    def predict(self, image, opacity: float = 0.5, multiscale: bool = False):
+        if image is None:
+            raise gr.Error("Upload or pick an image first.")
+        rgb = np.asarray(image, dtype=np.uint8)[..., :3]
+        if min(rgb.shape[:2]) < 16:
+            raise gr.Error("The image is smaller than 16x16 pixels.")
+        tic = time.perf_counter()
+        out = self.s.predictor.predict(rgb, multiscale)
+        latency = 1000 * (time.perf_counter() - tic)
+        classes = self.s.predictor.classes
+        labels, conf = out["labels"], out["confidence"]
+        counts = np.bincount(labels.ravel(), minlength=len(classes))
+        table = [[c["name"], round(100 * counts[c["id"]] / labels.size, 2),
+                  round(float(conf[labels == c["id"]].mean()), 3) if counts[c["id"]] else None] for c in classes]
+        used = "CIF multi-scale" if multiscale and self.s.predictor.cif is not None else "single scale"
+        info = f"{latency:.0f} ms, {used}, mean confidence {conf.mean():.3f}, model {self.s.predictor.model_dir.name}"
+        return colour_overlay(rgb, labels, classes, opacity), heatmap(conf), table, info
+
+    # --- Unlabeled ---------------------------------------------------------------------------------------
+    def add_unlabeled(self, files, progress=gr.Progress()):
+        if not files:
+            raise gr.Error("Choose image files or a .zip first.")
+        paths = [f if isinstance(f, str) else f.name for f in files]
+        report = ingest(self.s.data, paths, progress=lambda f, m: progress(f, desc=m))
+        return report.summary() + f". The unlabelled pool now has {len(read_split(self.s.data, 'unlabeled', required=False))} images."
+
+    def rank(self, function: str, k: int, balance: float, progress=gr.Progress()):
+        cif_needed = function == "scale_disagreement"
+        if cif_needed and self.s.predictor.cif is None:
+            raise gr.Error("Scale disagreement needs a ScaleMatch model exported with --cif-scales.")
+        try:
+            scored = score_unlabeled(self.s.predictor.model_dir, self.s.data, function, backend=self.s.predictor.single,
+                                     cif_backend=self.s.predictor.cif, progress=lambda f, m: progress(f, desc=m))
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if not scored:
+            raise gr.Error("No unlabelled images: add some first.")
+        self.s.ranking = choose(scored, self.s.data, int(k), balance)
+        classes = self.s.predictor.classes
+        gallery = []
+        for s in self.s.ranking:
+            rgb = image_batch(self.s.data / "images" / f"{s.image_id}.png")[0].transpose(1, 2, 0) \
+                if (self.s.data / "images" / f"{s.image_id}.png").is_file() else None
+            if rgb is not None:
+                gallery.append((colour_overlay(rgb, s.labels, classes, 0.45), f"{s.image_id}  {function} {s.score:.3f}"))
+        table = [[s.image_id, round(s.score, 4)] for s in self.s.ranking]
+        return gallery, table, f"Selected {len(self.s.ranking)} of {len(scored)} unlabelled images by {function}."
+
+    # --- Label Studio --------------------------------------------------------------------------------------
+    def _client(self, url: str, token: str) -> LabelStudio:
+        self.s.ls_url, self.s.ls_token = url or self.s.ls_url, token or self.s.ls_token
+        try:
+            return LabelStudio(self.s.ls_url, self.s.ls_token)
+        except LabelStudioError as err:
+            raise gr.Error(str(err)) from None
+
+    def ls_connect(self, url: str, token: str) -> str:
+        client = self._client(url, token)
+        try:
+            who = client.whoami()
+        except LabelStudioError as err:
+            raise gr.Error(str(err)) from None
+        return f"Connected to {client.url} as {who.get('email') or who.get('username')}."
+
+    def ls_push(self, url: str, token: str, project: str, delivery: str, progress=gr.Progress()) -> str:
+        if not self.s.ranking:
+            raise gr.Error("Rank the unlabelled images first (Unlabeled tab).")
+        client = self._client(url, token)
+        preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in self.s.ranking}
+        try:
+            report = push(client, self.s.data, preds, self.s.predictor.model_dir.name, project or "scaleseg", delivery,
+                          progress=lambda f, m: progress(f, desc=m))
+        except LabelStudioError as err:
+            raise gr.Error(f"{err} The selection is kept; push again when Label Studio is back.") from None
+        return (f"Project {report.project_id}: pushed {len(report.pushed)} new task(s); {len(report.already)} were already "
+                f"there. Open {client.url}/projects/{report.project_id} to label them.")
+
+    def ls_pull(self, url: str, token: str, overwrite: bool, progress=gr.Progress()) -> str:
+        client = self._client(url, token)
+        try:
+            r = pull(client, self.s.data, overwrite, progress=lambda f, m: progress(f, desc=m))
+        except LabelStudioError as err:
+            raise gr.Error(str(err)) from None
+        text = (f"{len(r.written)} mask(s) written, {len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, "
+                f"{len(r.pending)} not labelled yet. The labelled set now has {len(read_split(self.s.data, 'labeled'))} images.")
+        if r.conflicts:
+            text += f" {len(r.conflicts)} differ from existing human masks and were kept ({', '.join(r.conflicts)}); tick overwrite to replace them."
+        if r.errors:
+            text += " Errors: " + "; ".join(f"{k}: {v}" for k, v in r.errors.items())
+        return text
+
+    def ls_status(self) -> str:
+        state = load_state(self.s.data)
+        return f"{len(state['tasks'])} image(s) pushed to project {state.get('project_id')}, {len(state['pulled'])} pulled."
+
+    # --- Retrain and models -----------------------------------------------------------------------------------
+    def retrain(self, method: str, iterations: int, start_from: str, promote: str) -> str:
+        try:
+            job = self.s.retrainer.start(method, int(iterations), start_from == "current model", promote)
+        except RuntimeError as err:
+            raise gr.Error(str(err)) from None
+        return f"Started {job.name}: {method}, {job.iterations} iterations."
+
+    def retrain_status(self):
+        job = self.s.retrainer.job
+        if job is None:
+            return "No retraining job yet.", pd.DataFrame({"iteration": [], "loss": []})
+        done, losses = job.progress()
+        bar = f"{job.name} {job.status}: {done}/{job.total} iterations ({100 * done / max(1, job.total):.0f} %)"
+        if job.message:
+            bar += f" — {job.message}"
+        return bar, pd.DataFrame({"iteration": [r["iter"] for r in losses], "loss": [r["loss"] for r in losses]})
+
+    def promote(self, name: str) -> str:
+        try:
+            self.s.retrainer.promote(name)
+        except (KeyError, StopIteration):
+            raise gr.Error(f"No version {name!r}.") from None
+        except Exception as err:
+            raise gr.Error(f"{name} could not be loaded ({err}); the serving model is unchanged.") from None
+        return f"{name} is now serving."
+
+    def models(self):
+        reg = self.s.registry.read()
+        rows = [[v["name"] + (" (serving)" if v["name"] == reg["serving"] else ""), v["method"], v.get("labeled"),
+                 round(v["miou"], 2), round(v["miou_x0.5"], 2), round(v["miou_x2.0"], 2), v["created"]] for v in reg["versions"]]
+        plot = pd.DataFrame({"labelled images": [v.get("labeled") or 0 for v in reg["versions"]],
+                             "mIoU": [v["miou"] for v in reg["versions"]], "version": [v["name"] for v in reg["versions"]]})
+        return rows, plot
+
+    # --- layout --------------------------------------------------------------------------------------
+    def blocks(self) -> gr.Blocks:
+        has_cif = self.s.predictor.cif is not None
+        with gr.Blocks(title="scaleseg") as demo:
+            gr.Markdown("# scaleseg\nSegment, find the images the model is least sure of, label them in Label Studio, retrain.")
+            with gr.Tab("Predict"):
+                with gr.Row():
+                    image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
+                    with gr.Column():
+                        opacity = gr.Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
+                        multiscale = gr.Checkbox(has_cif, label="CIF multi-scale (x0.5, x1, x2)", interactive=has_cif)
+                        go = gr.Button("Segment", variant="primary")
+                with gr.Row():
+                    over = gr.Image(label="Overlay", elem_id="overlay")
+                    heat = gr.Image(label="Confidence (dark = unsure)")
+                areas = gr.Dataframe(headers=["class", "area %", "mean confidence"], label="Per-class area")
+                info = gr.Markdown(elem_id="predict-info")
+                go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info], api_name="predict")
+            with gr.Tab("Unlabeled"):
+                files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Unlabelled images or .zip")
+                add = gr.Button("Add to dataset")
+                added = gr.Markdown(elem_id="ingest-report")
+                add.click(self.add_unlabeled, [files], [added], api_name="add_unlabeled")
+                with gr.Row():
+                    function = gr.Dropdown(list(acquisition.FUNCTIONS), value="entropy", label="Acquisition function")
+                    k = gr.Number(8, precision=0, label="Top k")
+                    balance = gr.Slider(0, 3, 1.0, step=0.1, label="Class balance")
+                    rank_btn = gr.Button("Score and rank", variant="primary")
+                ranked_info = gr.Markdown(elem_id="rank-report")
+                gallery = gr.Gallery(label="Least certain first", columns=4, elem_id="ranked")
+                ranked = gr.Dataframe(headers=["image", "score"], label="Selection")
+                rank_btn.click(self.rank, [function, k, balance], [gallery, ranked, ranked_info], api_name="rank")
+            with gr.Tab("Label Studio"):
+                with gr.Row():
+                    url = gr.Textbox(self.s.ls_url, label="Label Studio URL")
+                    token = gr.Textbox(self.s.ls_token, label="Access token", type="password")
+                    connect = gr.Button("Connect")
+                project = gr.Textbox("scaleseg", label="Project")
+                delivery = gr.Radio(["local", "upload"], value="local", label="Images reach Label Studio by")
+                with gr.Row():
+                    push_btn = gr.Button("Push selection with pre-annotations", variant="primary")
+                    overwrite = gr.Checkbox(False, label="Overwrite differing human masks")
+                    pull_btn = gr.Button("Pull finished labels")
+                ls_msg = gr.Markdown(elem_id="ls-report")
+                connect.click(self.ls_connect, [url, token], [ls_msg], api_name="ls_connect")
+                push_btn.click(self.ls_push, [url, token, project, delivery], [ls_msg], api_name="ls_push")
+                pull_btn.click(self.ls_pull, [url, token, overwrite], [ls_msg], api_name="ls_pull")
+            with gr.Tab("Retrain"):
+                with gr.Row():
+                    method = gr.Dropdown(list(METHODS), value="scalematch", label="Method")
+                    iters = gr.Number(200, precision=0, label="Iterations")
+                    start_from = gr.Radio(["current model", "scratch"], value="current model", label="Start from")
+                    promote = gr.Radio(["if-not-worse", "always", "never"], value="if-not-worse", label="Promote")
+                start = gr.Button("Start retraining", variant="primary")
+                job_msg = gr.Markdown(elem_id="retrain-status")
+                loss = gr.LinePlot(x="iteration", y="loss", title="Training loss")
+                start.click(self.retrain, [method, iters, start_from, promote], [job_msg], api_name="retrain")
+                gr.Timer(2.0).tick(self.retrain_status, None, [job_msg, loss], api_name="retrain_status")
+            with gr.Tab("Models"):
+                versions = gr.Dataframe(headers=["version", "method", "labelled", "mIoU", "mIoU x0.5", "mIoU x2", "created"],
+                                        label="Versions")
+                curve = gr.ScatterPlot(x="labelled images", y="mIoU", color="version", title="mIoU vs labelled images")
+                with gr.Row():
+                    which = gr.Textbox(label="Version to serve", placeholder="v2")
+                    promote_btn = gr.Button("Promote")
+                    refresh = gr.Button("Refresh")
+                promoted = gr.Markdown()
+                refresh.click(self.models, None, [versions, curve], api_name="models")
+                promote_btn.click(self.promote, [which], [promoted], api_name="promote")
+                demo.load(self.models, None, [versions, curve])
+        return demo
+
+
+def launch(model: Path, data: Path, work: Path, host: str = "127.0.0.1", port: int = 7860, serving_url: str = "",
+           ls_url: str = "", ls_token: str = "", auth: tuple[str, str] | None = None, block: bool = True):
+    app = App(model, data, work, serving_url, ls_url, ls_token)
+    demo = app.blocks()
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block, ssr_mode=False,
+                allowed_paths=[str(Path(data).resolve()), str(Path(work).resolve())], footer_links=["api"])
+    return app, demo
