@@ -193,14 +193,14 @@ class App:
             gr.Markdown("# scaleseg\nSegment, find the images the model is least sure of, label them in Label Studio, retrain.")
             with gr.Tab("Predict"):
                 with gr.Row():
-                    image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"])
+                    image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"], height=360)
                     with gr.Column():
                         opacity = gr.Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
                         multiscale = gr.Checkbox(has_cif, label="CIF multi-scale (x0.5, x1, x2)", interactive=has_cif)
                         go = gr.Button("Segment", variant="primary")
                 with gr.Row():
-                    over = gr.Image(label="Overlay", elem_id="overlay")
-                    heat = gr.Image(label="Confidence (dark = unsure)")
+                    over = gr.Image(label="Overlay", elem_id="overlay", height=360)
+                    heat = gr.Image(label="Confidence (dark = unsure)", height=360)
                 areas = gr.Dataframe(headers=["class", "area %", "mean confidence"], label="Per-class area")
                 info = gr.Markdown(elem_id="predict-info")
                 go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info], api_name="predict")
@@ -215,7 +215,7 @@ class App:
                     balance = gr.Slider(0, 3, 1.0, step=0.1, label="Class balance")
                     rank_btn = gr.Button("Score and rank", variant="primary")
                 ranked_info = gr.Markdown(elem_id="rank-report")
-                gallery = gr.Gallery(label="Least certain first", columns=4, elem_id="ranked")
+                gallery = gr.Gallery(label="Least certain first", columns=4, height=420, object_fit="contain", elem_id="ranked")
                 ranked = gr.Dataframe(headers=["image", "score"], label="Selection")
                 rank_btn.click(self.rank, [function, k, balance], [gallery, ranked, ranked_info], api_name="rank")
             with gr.Tab("Label Studio"):

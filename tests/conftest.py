@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from export.package import export_package
 from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from training.data.synth import synthesize
-from export.package import export_package
 from training.engine import Trainer
 from training.methods import get_method
+
+from . import labelstudio_server
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -62,3 +64,11 @@ def package(checkpoints, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("pkg") / "seg"
     export_package(checkpoints["scalematch"], out, with_probs=True, cif_scales=(0.5, 2.0), data=tiny_data, progress=lambda m: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio server (own venv, free loopback port, SQLite in a temp folder)."""
+    server = labelstudio_server.start(tmp_path_factory.mktemp("label-studio"))
+    yield server
+    server.stop()

@@ -18,7 +18,6 @@ from app.scoring import choose, score_unlabeled
 from training.data.folder import load_classes, mask_path, read_split
 from training.data.synth import render
 
-from . import labelstudio_server
 
 
 def classes_of(data):
@@ -99,13 +98,6 @@ def test_scoring_ranks_every_unlabeled_image(package, tiny_data):
 
 
 # --- against a real Label Studio ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    server = labelstudio_server.start(tmp_path_factory.mktemp("label-studio"))
-    yield server
-    server.stop()
-
-
 def test_rle_matches_label_studio_sdk(label_studio, tmp_path):
     """Our codec and the SDK's (label_studio_sdk.converter.brush) read each other's output."""
     mask = np.zeros((23, 31), np.uint8)
