@@ -2,7 +2,8 @@
 # scaleseg images, one target each (build with --target):
 #   serve-cpu   Open Inference Protocol endpoint on ONNX Runtime (CPU); no torch, no training code paths
 #   serve-gpu   the same on an NVIDIA GPU: TensorRT engines, or ONNX Runtime with CUDA/TensorRT providers
-#   train       the full CLI (train, eval, export); the pinned torch wheel is the CUDA build, so --gpus all works
+#   train       the full CLI (train, eval, export, app, label); the pinned torch wheel is the CUDA build,
+#               so --gpus all works
 # Serving images read a model package mounted at /models/model, e.g.
 #   docker build --target serve-cpu -t scaleseg:serve-cpu .
 #   docker run -p 8000:8000 -v $PWD/model:/models/model:ro scaleseg:serve-cpu

@@ -15,20 +15,24 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 install: $(BIN)/.installed
 
-# The training slice end to end on embedded defaults: synthesise a multi-scale dataset, train
-# ScaleMatch briefly on CPU, evaluate it at input scales x0.5 / x1 / x2 and print the metrics table.
+# The main job on embedded defaults: synthesise a multi-scale dataset, train ScaleMatch briefly on CPU,
+# print its metrics at x0.5 / x1 / x2, export it, start Label Studio (own venv, SQLite) and launch the
+# app; the URLs are printed. DEMO_FLAGS=--no-app stops after the metrics and the export.
 demo: install
-	$(BIN)/scaleseg data synth $(DEMO)/data --classes 5 --n-labeled 16 --n-unlabeled 160 --n-val 40 --size 128 --force
-	$(BIN)/scaleseg train $(DEMO)/data --method scalematch --backbone resnet18 --crop-size 96 --batch-size 4 \
-		--max-iters 240 --eval-every 80 --lr 0.01 --warmup-epochs 2 --out $(DEMO)/run
-	$(BIN)/scaleseg eval $(DEMO)/run/best.pt $(DEMO)/data --json $(DEMO)/eval.json
+	$(BIN)/scaleseg demo --out $(DEMO) $(DEMO_FLAGS)
 
+# The browser test drives Debian's chromium; it is installed here when possible (root + apt) and the
+# test skips with that reason otherwise. Label Studio installs itself into .venv-labelstudio on first use.
 test: install
+	@[ -x /usr/bin/chromium ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || true
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/label_efficiency.py
+	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/serve_load.py
 
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from app import local_labelstudio
 from export.package import export_package
 from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from training.data.synth import synthesize
 from training.engine import Trainer
 from training.methods import get_method
-
-from . import labelstudio_server
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -69,6 +68,6 @@ def package(checkpoints, tiny_data, tmp_path_factory):
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory):
     """A real Label Studio server (own venv, free loopback port, SQLite in a temp folder)."""
-    server = labelstudio_server.start(tmp_path_factory.mktemp("label-studio"))
+    server = local_labelstudio.start(tmp_path_factory.mktemp("label-studio"))
     yield server
     server.stop()

@@ -11,7 +11,7 @@ from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
 # Later stages plug in by module name, so training never imports them (they import training).
-STAGES = {"export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main"}
+STAGES = {"export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
 USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
@@ -195,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train a model (see `scaleseg train --help`)", add_help=False)
     sub.add_parser("export", help="checkpoint -> ONNX / TensorRT / Triton package (see `scaleseg export --help`)", add_help=False)
     sub.add_parser("serve", help="serve a model package over HTTP (see `scaleseg serve --help`)", add_help=False)
+    sub.add_parser("demo", help="the whole loop on embedded defaults: data, training, export, Label Studio, app", add_help=False)
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)
     sub.add_parser("label", help="active labeling with Label Studio: push, pull, status (see `scaleseg label --help`)", add_help=False)
 

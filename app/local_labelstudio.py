@@ -1,5 +1,6 @@
-"""A real Label Studio server for tests: its own virtual environment (created once, reused), a free
-loopback port, SQLite in a temp folder, legacy token on, nothing calling out."""
+"""Start a local Label Studio server for the demo and the tests: its own virtual environment (created
+once and reused, since its pinned dependencies clash with ours), a free loopback port, SQLite in the
+given folder, a legacy API token, local-files serving on, and nothing calling out to the internet."""
 from __future__ import annotations
 
 import os
@@ -14,7 +15,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-VENV = Path(os.environ.get("SCALESEG_LS_VENV", REPO / ".venv-labelstudio"))
+# In a checkout the venv sits beside the project's own (.venv-labelstudio, git-ignored); otherwise in the cache.
+DEFAULT_VENV = REPO / ".venv-labelstudio" if (REPO / "pyproject.toml").is_file() else Path.home() / ".cache" / "scaleseg" / "venv-labelstudio"
+VENV = Path(os.environ.get("SCALESEG_LS_VENV", DEFAULT_VENV))
 VERSION = "1.23.2"
 
 
@@ -23,6 +26,7 @@ def ensure_venv() -> Path:
     exe = VENV / "bin" / "label-studio"
     marker = VENV / f".label-studio-{VERSION}"
     if not marker.is_file():
+        print(f"installing label-studio {VERSION} into {VENV} (first time only, a few minutes)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
         subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
         marker.touch()
@@ -44,14 +48,19 @@ class LabelStudioServer:
             self.process.kill()
 
 
-def start(data_dir: Path) -> LabelStudioServer:
+def start(data_dir: Path, port: int = 0, token: str = "", username: str = "labeller@example.com",
+          password: str = "") -> LabelStudioServer:
+    """Start the server with ``data_dir`` as its home; waits until /health answers."""
     exe = ensure_venv()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    token = secrets.token_hex(20)
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    token = token or secrets.token_hex(20)
     env = {**os.environ,
-           "LABEL_STUDIO_USERNAME": "labeller@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+           "LABEL_STUDIO_USERNAME": username, "LABEL_STUDIO_PASSWORD": password or secrets.token_hex(8),
            "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
            "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "", "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false",
            "SSRF_PROTECTION_ENABLED": "false", "ML_BLOCK_LOCAL_IP": "false",
