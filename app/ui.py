@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from serving.imaging import overlay as colour_overlay  # noqa: E402
-from training.data.folder import read_split  # noqa: E402
+from training.data.folder import find_image, read_split  # noqa: E402
 from training.methods import METHODS  # noqa: E402
 
 from . import acquisition  # noqa: E402
@@ -97,9 +97,9 @@ class App:
         classes = self.s.predictor.classes
         gallery = []
         for s in self.s.ranking:
-            rgb = image_batch(self.s.data / "images" / f"{s.image_id}.png")[0].transpose(1, 2, 0) \
-                if (self.s.data / "images" / f"{s.image_id}.png").is_file() else None
-            if rgb is not None:
+            path = find_image(self.s.data, s.image_id)
+            if path is not None:
+                rgb = image_batch(path)[0].transpose(1, 2, 0)
                 gallery.append((colour_overlay(rgb, s.labels, classes, 0.45), f"{s.image_id}  {function} {s.score:.3f}"))
         table = [[s.image_id, round(s.score, 4)] for s in self.s.ranking]
         return gallery, table, f"Selected {len(self.s.ranking)} of {len(scored)} unlabelled images by {function}."

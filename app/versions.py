@@ -67,9 +67,9 @@ class Registry:
         return next((v for v in reg["versions"] if v["name"] == reg["serving"]), None)
 
 
-def evaluate_package(package: Path, data: Path, log) -> dict:
-    """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process."""
-    out = package / "eval.json"
+def evaluate_package(package: Path, data: Path, out: Path, log) -> dict:
+    """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process; the
+    report goes to ``out`` (never into the package, which may be read-only)."""
     _run([sys.executable, "-m", "training.cli", "eval", str(package / "checkpoint.pt"), str(data), "--json", str(out),
           "--device", "cpu"], log)
     scales = json.loads(out.read_text())["scales"]
@@ -92,7 +92,7 @@ def register_initial(registry: Registry, package: Path, data: Path) -> dict:
     meta = json.loads((package / "meta.json").read_text())
     registry.work.mkdir(parents=True, exist_ok=True)
     with open(registry.work / "initial-eval.log", "w") as log:
-        scores = evaluate_package(package, data, log)
+        scores = evaluate_package(package, data, registry.work / "initial-eval.json", log)
     return registry.add({"name": "v1", "dir": str(Path(package).resolve()), "method": meta["method"],
                          "labeled": meta.get("labeled_count"), "created": _now(), "source": "initial", **scores})
 
@@ -164,8 +164,8 @@ class Retrainer:
                     export += ["--cif-scales", "0.5,2.0"]
                 _run(export, log)
                 job.status = "evaluating"
-                scores = evaluate_package(package, self.data, log)
-                baseline = evaluate_package(Path(current["dir"]), self.data, log) if current else None
+                scores = evaluate_package(package, self.data, job.run_dir / "eval-new.json", log)
+                baseline = evaluate_package(Path(current["dir"]), self.data, job.run_dir / "eval-serving.json", log) if current else None
             entry = self.registry.add({"name": job.name, "dir": str(package.resolve()), "method": job.method,
                                        "labeled": len(read_split(self.data, "labeled")), "created": _now(),
                                        "source": "retrain", "run": str(job.run_dir), **scores})
