@@ -88,8 +88,9 @@ def _entropy_calibrator(trt, calib: np.ndarray, cache: Path):
 
 
 def build_engine(onnx_path: Path, out_dir: Path, precision: str = "fp32", calib: np.ndarray | None = None,
-                 profile: Profile = Profile(), workspace_gib: float = 4.0) -> Path:
+                 profile: Profile | None = None, workspace_gib: float = 4.0) -> Path:
     """Build and serialise an engine next to the graph; returns the plan path."""
+    profile = profile or Profile()
     try:
         import tensorrt as trt
         import torch
