@@ -185,7 +185,11 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
             if not overwrite:
                 report.conflicts.append(image_id)
                 continue
-        write_mask(target, mask)
+        try:
+            write_mask(target, mask)
+        except OSError as err:  # e.g. disk full: this mask is not written (atomic), the others stand
+            report.errors[image_id] = f"could not write {target} ({err.strerror or err}); free space and pull again"
+            continue
         state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"], "pulled_at": _now()}
         report.written.append(image_id)
     new = [i for i in report.written if i not in labeled]

@@ -192,3 +192,26 @@ def test_pull_reports_unknown_labels(label_studio, package, data_copy):
     result = pull(client, data_copy)
     assert list(result.errors) == [scored[0].image_id] and "zebra" in result.errors[scored[0].image_id]
     assert not mask_path(data_copy, scored[0].image_id).exists()
+
+
+def test_push_by_upload_and_disk_full_on_pull(label_studio, package, data_copy, monkeypatch):
+    from app import labeling
+
+    client = LabelStudio(label_studio.url, label_studio.token)
+    scored = score_unlabeled(package, data_copy, "margin")[:2]
+    preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in scored}
+    report = push(client, data_copy, preds, "v1", "scaleseg upload", delivery="upload")
+    tasks = list(client.tasks(report.project_id))
+    assert len(tasks) == 2 and all(t["data"]["image"].startswith("/data/upload/") for t in tasks)
+    assert client._send("GET", tasks[0]["data"]["image"]).content[:4] == b"\x89PNG"
+    for task in tasks:
+        client.create_annotation(task["id"], prediction_result(preds[task["data"]["scaleseg_id"]]["labels"], classes_of(data_copy)))
+
+    def disk_full(path, mask):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(labeling, "write_mask", disk_full)
+    result = pull(client, data_copy)
+    assert set(result.errors) == set(preds) and all("No space left" in e for e in result.errors.values())
+    assert result.written == [] and not any(mask_path(data_copy, i).exists() for i in preds)
+    assert not set(preds) & set(read_split(data_copy, "labeled"))
