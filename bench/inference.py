@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--backbones", default="resnet18,resnet50")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     torch.set_num_threads(args.threads)

@@ -29,9 +29,11 @@ class SegmentationGraph(nn.Module):
 
     def __init__(self, model: nn.Module, cif_scales: Sequence[float] | None = None, with_probs: bool = False):
         super().__init__()
-        self.model, self.cif_scales, self.with_probs = model.eval(), tuple(cif_scales or ()), with_probs
+        self.model, self.cif_scales, self.with_probs = model, tuple(cif_scales or ()), with_probs
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255)
+        # Inference only; the exporter restores the wrapper's mode recursively afterwards, so it must be eval.
+        self.eval()
 
     def forward(self, image: torch.Tensor):
         x = (image.float() - self.mean) / self.std

@@ -65,22 +65,30 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         buckets: dict[tuple[int, int], list[_Item]] = {}
         while True:
-            timeout = None
+            if not buckets:
+                await self._add(buckets, await self._queue.get())
+            # Everything that queued up meanwhile (e.g. during the last inference) joins before any flush.
+            while not self._queue.empty():
+                await self._add(buckets, self._queue.get_nowait())
+            now = time.monotonic()
+            for key in [k for k, b in buckets.items() if b[0].arrived + self.max_delay <= now]:
+                await self._run(buckets.pop(key))
             if buckets:
-                oldest = min(b[0].arrived for b in buckets.values())
-                timeout = max(0.0, oldest + self.max_delay - time.monotonic())
-            try:
-                item = await asyncio.wait_for(self._queue.get(), timeout)
-                key = item.images.shape[2:]
-                if key in buckets and _count(buckets[key]) + item.images.shape[0] > self.max_batch:
-                    await self._run(buckets.pop(key))
-                buckets.setdefault(key, []).append(item)
-                if _count(buckets[key]) >= self.max_batch:
-                    await self._run(buckets.pop(key))
-            except asyncio.TimeoutError:
-                now = time.monotonic()
-                for key in [k for k, b in buckets.items() if b[0].arrived + self.max_delay <= now]:
-                    await self._run(buckets.pop(key))
+                timeout = min(b[0].arrived for b in buckets.values()) + self.max_delay - time.monotonic()
+                if timeout > 0:
+                    try:
+                        await self._add(buckets, await asyncio.wait_for(self._queue.get(), timeout))
+                    except asyncio.TimeoutError:
+                        pass
+
+    async def _add(self, buckets: dict, item: _Item) -> None:
+        """Put an item in its shape's bucket, running the bucket when it is (or would get) over full."""
+        key = item.images.shape[2:]
+        if key in buckets and _count(buckets[key]) + item.images.shape[0] > self.max_batch:
+            await self._run(buckets.pop(key))
+        buckets.setdefault(key, []).append(item)
+        if _count(buckets[key]) >= self.max_batch:
+            await self._run(buckets.pop(key))
 
     async def _run(self, items: list[_Item]) -> None:
         batch = np.concatenate([i.images for i in items]) if len(items) > 1 else items[0].images

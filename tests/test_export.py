@@ -110,3 +110,14 @@ def test_tensorrt_engine_parity(checkpoints, tiny_data, tmp_path):
     assert len(meta["tensorrt"]) == 2
     for graph_file, runs in meta["parity"]["graphs"].items():
         assert any(r["backend"].startswith("tensorrt") and r["passed"] for r in runs), graph_file
+
+
+def test_graph_stays_in_eval_mode_after_export(checkpoints, tmp_path):
+    from export.onnx_export import export_graph
+
+    model, _, _ = load_inference_model(load_checkpoint(checkpoints["supervised"]))
+    graph = SegmentationGraph(model)
+    export_graph(graph, tmp_path / "m.onnx")
+    assert not graph.training and not model.training
+    labels, _ = graph(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))  # batch 1 would fail in training mode
+    assert labels.shape == (1, 32, 32)

@@ -263,3 +263,26 @@ def test_graceful_shutdown_finishes_accepted_requests(package):
     assert statuses == [200] * 4
     # uvicorn re-raises the signal after its graceful shutdown, so the exit status reports SIGTERM
     assert s.proc.wait(30) in (0, -signal.SIGTERM)
+
+
+def test_batcher_groups_waiting_requests(package):
+    """Requests that queue up while the worker is busy join one batch instead of running one by one."""
+    import asyncio
+
+    from serving.batching import DynamicBatcher
+
+    sizes = []
+
+    async def scenario():
+        batcher = DynamicBatcher(OnnxRuntimeBackend(package / "model.onnx"), max_batch=8, max_delay_ms=1, on_batch=sizes.append)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(images(1, 32, 32)))
+        await asyncio.sleep(0.01)  # past max_delay: the first request runs alone; the next eight queue meanwhile
+        rest = [batcher.submit(images(1, 32, 32, seed=k)) for k in range(8)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.drain()
+        return results
+
+    results = asyncio.run(scenario())
+    assert all(r["labels"].shape == (1, 32, 32) for r in results)
+    assert sizes == [1, 8], sizes
