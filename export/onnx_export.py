@@ -7,6 +7,7 @@ fuses the predictions with CIF's gates (ScaleMatch's multi-scale inference), all
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -56,7 +57,11 @@ def export_graph(graph: SegmentationGraph, path: Path, opset: int = DEFAULT_OPSE
     dynamic = {"image": {0: "N", 2: "H", 3: "W"}}
     dynamic.update({n: ({0: "N", 2: "H", 3: "W"} if n == "probs" else {0: "N", 1: "H", 2: "W"}) for n in names})
     sample = torch.randint(0, 256, (1, 3, sample_size, sample_size + 16), dtype=torch.uint8)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter warns about its own deprecation and about slices it cannot fold;
+        # neither affects the graph, which is checked and simplified below.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
         torch.onnx.export(graph, (sample,), str(path), input_names=["image"], output_names=names,
                           dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, dynamo=False)
     model = onnx.load(str(path))
