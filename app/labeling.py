@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.data.folder import (IGNORE, find_image, load_classes, mask_path, read_split, write_mask, write_split,
+from training.data.folder import (IGNORE, class_dicts, find_image, load_classes, mask_path, read_split, write_mask, write_split,
                                   write_text)
 
 from . import rle
@@ -99,7 +99,7 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
     """Create one task per image id with its prediction; ids already pushed to this project are skipped.
     ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``."""
     data = Path(data)
-    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+    classes = class_dicts(load_classes(data))
     project = client.ensure_project(project_title, classes)
     state = load_state(data)
     if state.get("project_id") not in (None, project["id"]) or state.get("url") not in (None, client.url):
@@ -151,7 +151,7 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
     state = load_state(data)
     if state.get("project_id") is None:
         raise LabelStudioError(f"{state_path(data)}: nothing was pushed from this dataset yet; run push first.")
-    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+    classes = class_dicts(load_classes(data))
     report = PullReport()
     labeled = read_split(data, "labeled")
     unlabeled = read_split(data, "unlabeled", required=False)

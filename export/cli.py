@@ -5,9 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+from training.config import parse_floats
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -16,7 +14,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="best.pt / last.pt from `scaleseg train`")
     p.add_argument("--out", required=True, help="package folder to write")
     p.add_argument("--with-probs", action="store_true", help="also output per-class probabilities")
-    p.add_argument("--cif-scales", type=_floats, help="also write model.cif.onnx fusing these scales with 1.0, e.g. 0.5,2.0")
+    p.add_argument("--cif-scales", type=parse_floats, help="also write model.cif.onnx fusing these scales with 1.0, e.g. 0.5,2.0")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--data", type=Path, help="dataset whose val images drive the parity check (default: the training data)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")

@@ -17,7 +17,7 @@ from app.ingest import ingest
 from app.labeling import prediction_result
 from app.labelstudio import LabelStudio
 from app.ui import App
-from training.data.folder import load_classes, mask_path, read_split
+from training.data.folder import class_dicts, load_classes, mask_path, read_split
 from training.data.synth import render
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -72,7 +72,7 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     project = next(p for p in client.projects() if p["title"] == "app loop")
     tasks = list(client.tasks(project["id"]))
     assert all(t["predictions"] for t in tasks)
-    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(s.data)]
+    classes = class_dicts(load_classes(s.data))
     truth = {}
     for task in tasks:
         image_id = task["data"]["scaleseg_id"]

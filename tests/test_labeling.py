@@ -15,13 +15,13 @@ from app.cli import main as label_main
 from app.labeling import annotation_to_mask, load_state, prediction_result, pull, push, state_path
 from app.labelstudio import LabelStudio, LabelStudioError, label_config
 from app.scoring import choose, score_unlabeled
-from training.data.folder import load_classes, mask_path, read_split
+from training.data.folder import class_dicts, load_classes, mask_path, read_split
 from training.data.synth import render
 
 
 
 def classes_of(data):
-    return [{"id": c.id, "name": c.name, "color": list(c.color)} for c in load_classes(data)]
+    return class_dicts(load_classes(data))
 
 
 # --- pure functions -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace)
+from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
+                     parse_floats)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
 # Later stages plug in by module name, so training never imports them (they import training).
@@ -126,10 +127,6 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # --- eval -------------------------------------------------------------------------------------------
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
 def cmd_eval(args) -> int:
     import torch
 
@@ -205,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--mode", default="whole", choices=["whole", "sliding"])
     e.add_argument("--window", type=int, default=0, help="sliding window side; default the training crop")
-    e.add_argument("--scales", type=_floats, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
-    e.add_argument("--cif-scales", type=_floats, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
+    e.add_argument("--scales", type=parse_floats, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
+    e.add_argument("--cif-scales", type=parse_floats, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result as JSON")
     e.set_defaults(func=cmd_eval)

@@ -85,6 +85,11 @@ class TrainConfig:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
 
 
+def parse_floats(text: str) -> tuple[float, ...]:
+    """'0.5,2.0' -> (0.5, 2.0): the form of every list-of-scales flag."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

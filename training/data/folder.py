@@ -196,8 +196,13 @@ def write_split(root: str | Path, split: str, ids: list[str]) -> None:
     write_text(split_path(root, split), "".join(f"{i}\n" for i in ids))
 
 
+def class_dicts(classes: list[ClassInfo]) -> list[dict]:
+    """classes.json's own form: [{"id", "name", "color": [r, g, b]}, ...]."""
+    return [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes]
+
+
 def write_classes(root: str | Path, classes: list[ClassInfo]) -> None:
-    items = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in classes]
+    items = class_dicts(classes)
     write_text(Path(root) / "classes.json", json.dumps(items, indent=2) + "\n")
 
 
