@@ -1,5 +1,6 @@
 """Dynamic batching: requests whose images have the same height and width are stacked along N, up to
-``max_batch`` images or until the oldest has waited ``max_delay_ms``; one batch runs at a time in a
+``max_batch`` images and ``max_work`` pixels of work (a batch costs the sum of its members, see
+``serving.limits``) or until the oldest has waited ``max_delay_ms``; one batch runs at a time in a
 worker thread while the next one gathers. The number of images waiting is bounded: past ``max_queue``
 a request is refused at once (the server answers 503 with Retry-After) instead of piling up."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import Backend
+from .stats import ModelStats
 
 
 class QueueFull(Exception):
@@ -26,6 +28,7 @@ class ShuttingDown(Exception):
 class _Item:
     images: np.ndarray
     future: asyncio.Future
+    work: int
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -33,11 +36,17 @@ def _count(items: list[_Item]) -> int:
     return sum(i.images.shape[0] for i in items)
 
 
+def _work(items: list[_Item]) -> int:
+    return sum(i.work for i in items)
+
+
 class DynamicBatcher:
     def __init__(self, backend: Backend, max_batch: int = 8, max_delay_ms: float = 5.0, max_queue: int = 64,
-                 on_batch=None):
+                 on_batch=None, max_work: float = float("inf"), pixel_cost: float = 1.0, stats: ModelStats | None = None):
         self.backend, self.max_batch, self.max_delay, self.max_queue = backend, max_batch, max_delay_ms / 1000, max_queue
+        self.max_work, self.pixel_cost = max_work, pixel_cost
         self.on_batch = on_batch or (lambda size: None)
+        self.stats = stats or ModelStats()
         self.waiting = 0
         self.closing = False
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
@@ -55,7 +64,8 @@ class DynamicBatcher:
         if self.waiting + n > self.max_queue:
             raise QueueFull()
         self.waiting += n
-        item = _Item(images, asyncio.get_running_loop().create_future())
+        work = int(images.shape[0] * images.shape[2] * images.shape[3] * self.pixel_cost)
+        item = _Item(images, asyncio.get_running_loop().create_future(), work)
         self._queue.put_nowait(item)
         try:
             return await item.future
@@ -84,17 +94,21 @@ class DynamicBatcher:
     async def _add(self, buckets: dict, item: _Item) -> None:
         """Put an item in its shape's bucket, running the bucket when it is (or would get) over full."""
         key = item.images.shape[2:]
-        if key in buckets and _count(buckets[key]) + item.images.shape[0] > self.max_batch:
+        if key in buckets and (_count(buckets[key]) + item.images.shape[0] > self.max_batch
+                               or _work(buckets[key]) + item.work > self.max_work):
             await self._run(buckets.pop(key))
         buckets.setdefault(key, []).append(item)
-        if _count(buckets[key]) >= self.max_batch:
+        if _count(buckets[key]) >= self.max_batch or _work(buckets[key]) >= self.max_work:
             await self._run(buckets.pop(key))
 
     async def _run(self, items: list[_Item]) -> None:
         batch = np.concatenate([i.images for i in items]) if len(items) > 1 else items[0].images
         self.on_batch(batch.shape[0])
+        start_ns = time.monotonic_ns()
         try:
             outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.backend.infer, batch)
+            self.stats.record_execution(batch.shape[0], [start_ns - int(i.arrived * 1e9) for i in items],
+                                        time.monotonic_ns() - start_ns)
         except Exception as err:  # the backend failed: every request of the batch gets the error
             for i in items:
                 if not i.future.done():

@@ -3,8 +3,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
+from .limits import BYTES_PER_WORK_PIXEL, RequestLimits
 from .server import ServeConfig, app_from_env, config_to_env, create_app
+
+KEY_ENV = "SCALESEG_API_KEY"
+log = logging.getLogger("scaleseg.serving")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -14,27 +22,60 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="largest batch the dynamic batcher forms")
+    p.add_argument("--max-batch", type=int, default=8, help="most images per request and per executed batch")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest a request waits for batch partners")
     p.add_argument("--max-queue", type=int, default=64, help="images allowed to wait; beyond it requests get 503")
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")
-    p.add_argument("--api-key", default="", help="require this key (X-API-Key or Authorization: Bearer)")
+    p.add_argument("--api-key", default="", help=f"require this key (X-API-Key or Authorization: Bearer); visible in "
+                                                 f"`ps`, so prefer ${KEY_ENV} or --api-key-file")
+    p.add_argument("--api-key-file", default="", help="read the key from this file (first line)")
     p.add_argument("--max-upload-mb", type=float, default=20.0)
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--max-work-pixels", type=int, default=RequestLimits.max_work_pixels,
+                   help="most pixels of work per request and per executed batch: height x width x images x the graph's "
+                        f"sum of squared scales (CIF 0.5,1,2 costs 5.25 per pixel); about {BYTES_PER_WORK_PIXEL} bytes "
+                        "of memory each on CPU")
+    p.add_argument("--max-json-values", type=int, default=RequestLimits.max_json_values,
+                   help="most output values answered as JSON text; larger outputs must be asked for as binary")
+    p.add_argument("--model-repository", default="",
+                   help="folder whose model packages POST /v2/repository/models/NAME/load may load (default: none; "
+                        "only MODEL_DIR reloads)")
+    p.add_argument("--max-models", type=int, default=4, help="most models loaded at once (a package with a CIF graph is two)")
     return p
+
+
+def api_key(args) -> str:
+    """The key from --api-key-file, $SCALESEG_API_KEY or --api-key, in that order."""
+    if args.api_key_file:
+        try:
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except OSError as err:
+            raise SystemExit(f"--api-key-file {args.api_key_file}: cannot read it ({err.strerror})") from None
+        if not lines or not lines[0].strip():
+            raise SystemExit(f"--api-key-file {args.api_key_file}: the file is empty; put the key on its first line")
+        return lines[0].strip()
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV]
+    if args.api_key:
+        log.warning("--api-key shows the key to anyone who can list processes; use $%s or --api-key-file", KEY_ENV)
+    return args.api_key
 
 
 def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parser().parse_args(argv)
-    cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
-                      args.api_key, args.max_upload_mb, args.max_pixels)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
+                      api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,
+                      args.max_json_values, args.workers)
     if args.workers > 1:
-        config_to_env(cfg)
-        uvicorn.run("serving.server:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    timeout_graceful_shutdown=30)
+        cfg.sync_dir = tempfile.mkdtemp(prefix="scaleseg-serve-workers-")
+        try:
+            config_to_env(cfg)
+            uvicorn.run("serving.server:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+                        timeout_graceful_shutdown=30)
+        finally:
+            shutil.rmtree(cfg.sync_dir, ignore_errors=True)
     else:
         uvicorn.run(create_app(cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30)
     return 0

@@ -1,38 +1,55 @@
-"""The models being served, each a package folder with its backend and batcher, and hot reload.
+"""The models being served and hot reload, one model package at a time.
 
-Loading builds the new backend and batcher and runs a warm-up inference that must return the outputs
-meta.json promises; only then is the new version swapped in. Requests already queued on the old
+A package folder serves under a base name: ``model.onnx`` as NAME and, when present, ``model.cif.onnx``
+as NAME_cif. Loading builds every graph of the package, each with its backend and batcher, and runs a
+warm-up inference that must return the outputs meta.json promises; only then are all of them swapped
+in together, so NAME and NAME_cif never serve different packages. Requests already queued on the old
 version finish there; if loading or warm-up fails, the old version keeps serving.
+
+Loading is confined: a package must be the one given at start-up or lie inside the repository root
+given at start-up, and at most ``max_models`` models are loaded at once.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .backends import Backend, BackendError, load_backend
 from .batching import DynamicBatcher
+from .limits import scale_cost
+from .protocol import ProtocolError
+from .stats import ModelStats
 
 log = logging.getLogger("scaleseg.serving")
+GRAPHS = {"": "model.onnx", "_cif": "model.cif.onnx"}  # served-name suffix -> graph file of the package
 
 
 @dataclass
 class ServedModel:
     name: str
+    package: str                      # base name of the package this graph belongs to
     version: int
     directory: Path
     graph: str
     meta: dict
     backend: Backend
     batcher: DynamicBatcher
+    stats: ModelStats = field(default_factory=ModelStats)
 
     @property
     def num_classes(self) -> int:
         return len(self.meta["classes"])
+
+    @property
+    def scales(self) -> list[float]:
+        """The scales this graph runs the network at (meta.json ``graphs``; a single scale when absent)."""
+        return (self.meta.get("graphs") or {}).get(self.graph, {}).get("scales") or [1.0]
 
 
 def read_meta(directory: Path) -> dict:
@@ -41,10 +58,10 @@ def read_meta(directory: Path) -> dict:
         raise BackendError(f"{path}: missing; {directory} is not a model package (write one with `scaleseg export`).")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BackendError(f"{path}: not valid JSON ({err}).") from None
-    if meta.get("format_version") != 1 or "classes" not in meta:
-        raise BackendError(f"{path}: unsupported model package format {meta.get('format_version')!r}.")
+    if not isinstance(meta, dict) or meta.get("format_version") != 1 or not isinstance(meta.get("classes"), list):
+        raise BackendError(f"{path}: unsupported model package format; re-export it with `scaleseg export`.")
     return meta
 
 
@@ -60,35 +77,119 @@ def warm_up(backend: Backend, meta: dict) -> None:
 
 class Repository:
     def __init__(self, backend_kind: str = "auto", max_batch: int = 8, max_delay_ms: float = 5.0,
-                 max_queue: int = 64, on_batch=None):
+                 max_queue: int = 64, on_batch=None, root: str | Path | None = None, max_models: int = 4,
+                 max_work_pixels: float = float("inf")):
         self.backend_kind, self.max_batch, self.max_delay_ms, self.max_queue = backend_kind, max_batch, max_delay_ms, max_queue
-        self.on_batch = on_batch
+        self.on_batch, self.max_models, self.max_work_pixels = on_batch, max_models, max_work_pixels
+        self.root = Path(root).resolve() if root else None
+        self.pinned: dict[str, Path] = {}          # packages given at start-up: base name -> folder
         self.models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
-    def _build(self, name: str, directory: Path, graph: str, version: int) -> ServedModel:
-        meta = read_meta(directory)
-        backend = load_backend(directory, self.backend_kind, graph)
-        warm_up(backend, meta)
-        batcher = DynamicBatcher(backend, self.max_batch, self.max_delay_ms, self.max_queue, self.on_batch)
-        return ServedModel(name, version, directory, graph, meta, backend, batcher)
+    # --- where a package may come from -------------------------------------------------------------
+    def package_of(self, name: str) -> str:
+        """The base name whose package serves ``name`` (NAME_cif belongs to NAME)."""
+        if name in self.models:
+            return self.models[name].package
+        for suffix in GRAPHS:
+            if suffix and name.endswith(suffix) and name[: -len(suffix)] in self.packages():
+                return name[: -len(suffix)]
+        return name
 
-    async def load(self, name: str, directory: str | Path | None = None, graph: str = "model.onnx") -> ServedModel:
-        """Load (or reload) ``name`` from ``directory`` (default: where it was loaded from)."""
+    def packages(self) -> dict[str, Path]:
+        return {m.package: m.directory for m in self.models.values()}
+
+    def resolve(self, package: str, directory) -> Path:
+        """The folder to load ``package`` from; 400 for a malformed path, 403 outside what is allowed."""
+        if directory is None:
+            current = self.packages().get(package) or self.pinned.get(package)
+            if current is not None:
+                return current
+            if self.root is None:
+                raise ProtocolError(f"model {package!r} is not loaded and this server has no --model-repository; "
+                                    "start it with one to load packages by name", 404)
+            directory = package
+        if not isinstance(directory, str) or not directory or "\0" in directory:
+            raise ProtocolError("parameters.model_dir must be a non-empty string: a package folder")
+        path = Path(directory)
+        if self.root is not None and not path.is_absolute():
+            path = self.root / path
+        path = path.resolve()
+        if path in self.pinned.values() or (self.root is not None and path.is_relative_to(self.root)):
+            return path
+        where = f"inside the model repository {self.root}" if self.root else "the package given at start-up"
+        raise ProtocolError(f"model_dir {directory!r} is outside what this server may load: {where}", 403)
+
+    # --- loading -------------------------------------------------------------------------------------
+    def _build(self, name: str, package: str, directory: Path, graph: str, version: int) -> ServedModel:
+        meta = read_meta(directory)
+        try:
+            backend = load_backend(directory, self.backend_kind, graph)
+            warm_up(backend, meta)
+        except BackendError:
+            raise
+        except Exception as err:  # a damaged graph file raises whatever its runtime raises
+            log.warning("could not load %s from %s: %r", graph, directory, err)
+            raise BackendError(f"{directory / graph}: cannot be loaded ({type(err).__name__}); the file is damaged or "
+                               "not a graph of this package; re-export it with `scaleseg export`") from None
+        stats = ModelStats()
+        cost = scale_cost((meta.get("graphs") or {}).get(graph, {}).get("scales") or [1.0])
+        batcher = DynamicBatcher(backend, self.max_batch, self.max_delay_ms, self.max_queue, self.on_batch,
+                                 self.max_work_pixels, cost, stats)
+        return ServedModel(name, package, version, directory, graph, meta, backend, batcher, stats)
+
+    def _build_package(self, package: str, directory: Path, version: int) -> list[ServedModel]:
+        return [self._build(package + suffix, package, directory, graph, version)
+                for suffix, graph in GRAPHS.items() if suffix == "" or (directory / graph).is_file()]
+
+    async def load(self, name: str, directory=None, version: int | None = None) -> list[ServedModel]:
+        """Load (or reload) the package serving ``name`` from ``directory`` (default: where it was loaded
+        from); every graph of the package switches at once. Returns the models now serving it."""
         async with self._lock:
-            old = self.models.get(name)
-            if directory is None:
-                if old is None:
-                    raise BackendError(f"model {name!r} is not loaded; give the package folder to load it from.")
-                directory = old.directory
-            version = old.version + 1 if old else 1
-            model = await asyncio.get_running_loop().run_in_executor(None, self._build, name, Path(directory), graph, version)
-            model.batcher.start()
-            self.models[name] = model
-            log.info("serving %s version %d from %s on %s", name, version, directory, model.backend.description)
-        if old is not None:
-            asyncio.get_running_loop().create_task(old.batcher.drain())
-        return model
+            package = self.package_of(name)
+            path = self.resolve(package, directory)
+            old = [m for m in self.models.values() if m.package == package]
+            graphs = [suffix for suffix, graph in GRAPHS.items() if suffix == "" or (path / graph).is_file()]
+            if len(self.models) - len(old) + len(graphs) > self.max_models:
+                raise ProtocolError(f"loading {package!r} would serve {len(self.models) - len(old) + len(graphs)} models; "
+                                    f"this server holds at most {self.max_models}; unload one first", 409)
+            if version is None:
+                version = max((m.version for m in old), default=0) + 1
+            built = await asyncio.get_running_loop().run_in_executor(None, self._build_package, package, path, version)
+            for model in old:
+                del self.models[model.name]
+            for model in built:
+                model.batcher.start()
+                self.models[model.name] = model
+            log.info("serving %s version %d from %s on %s", ", ".join(m.name for m in built), version, path,
+                     built[0].backend.description)
+        for model in old:
+            asyncio.get_running_loop().create_task(model.batcher.drain())
+        return built
+
+    async def load_pinned(self, package: str, directory: str | Path) -> list[ServedModel]:
+        """The start-up package: always allowed to load and reload."""
+        self.pinned[package] = Path(directory).resolve()
+        return await self.load(package, None)
+
+    async def unload(self, name: str) -> list[str]:
+        """Stop serving ``name``; unloading a package's base name unloads its sibling graphs too."""
+        async with self._lock:
+            if name not in self.models:
+                raise ProtocolError(f"model {name!r} is not loaded; loaded: {sorted(self.models)}", 404)
+            gone = [m for m in self.models.values() if name in (m.name, m.package)]
+            for model in gone:
+                del self.models[model.name]
+        await asyncio.gather(*(m.batcher.drain() for m in gone))
+        return [m.name for m in gone]
+
+    def available(self) -> dict[str, Path]:
+        """Package folders in the repository root (base name -> folder), loaded or not."""
+        found = {}
+        if self.root is not None and self.root.is_dir():
+            for meta in sorted(self.root.glob(f"*{os.sep}meta.json")):
+                found[meta.parent.name] = meta.parent
+        return found
 
     def get(self, name: str) -> ServedModel | None:
         return self.models.get(name)

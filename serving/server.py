@@ -1,7 +1,12 @@
-"""The HTTP endpoint: Open Inference Protocol v2 (so ``tritonclient.http`` works unchanged), `/v1/segment`
-for plain image files, Prometheus `/metrics`, and hot reload through the repository extension."""
+"""The HTTP endpoint: Open Inference Protocol v2 (so ``tritonclient.http`` works unchanged) with the Triton
+extensions tools call (model configuration, statistics, repository index / load / unload, compressed
+request bodies), `/v1/segment` for plain image files, Prometheus `/metrics`.
+
+Every error, whoever raises it, is answered as {"error": message}: the client's mistakes with 4xx and a
+message that says what to change, never a 5xx or a traceback."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import importlib.metadata
@@ -9,27 +14,30 @@ import json
 import logging
 import os
 import time
+import zlib
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartParser
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import imaging
 from .backends import BackendError
-from .batching import QueueFull, ShuttingDown
-from .protocol import HEADER, ProtocolError, encode_infer_response, parse_infer_request
+from .inference import execute, infer, lookup
+from .limits import MIN_SIDE, RequestLimits, check_images
+from .protocol import HEADER, ProtocolError, encode_infer_response, parameters, parse_infer_request
 from .repository import Repository, ServedModel
+from .workers import WorkerSync
 
 log = logging.getLogger("scaleseg.serving")
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready", "/metrics")
 PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
-MIN_SIDE = 16
+CONTROL_BODY_LIMIT = 64 * 1024
 try:
     VERSION = importlib.metadata.version("scaleseg")
 except importlib.metadata.PackageNotFoundError:
@@ -46,11 +54,21 @@ class ServeConfig:
     max_queue: int = 64
     api_key: str = ""
     max_upload_mb: float = 20.0
-    max_pixels: int = 4096 * 4096
+    max_work_pixels: int = RequestLimits.max_work_pixels
+    model_repository: str = ""       # root that load requests may take packages from ("" : only model_dir)
+    max_models: int = 4
+    max_json_values: int = RequestLimits.max_json_values
+    workers: int = 1
+    sync_dir: str = ""               # shared by the worker processes when workers > 1
 
     @property
     def model_name(self) -> str:
         return self.name or Path(self.model_dir).resolve().name
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_work_pixels, self.max_batch, MIN_SIDE, int(self.max_upload_mb * 1024 * 1024),
+                             self.max_json_values)
 
 
 class Metrics:
@@ -69,50 +87,123 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def given_key(request: Request) -> str:
+    """The key from X-API-Key, or from ``Authorization: Bearer KEY`` (scheme case-insensitive, RFC 7235)."""
+    if "x-api-key" in request.headers:
+        return request.headers["x-api-key"]
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
+    """gzip / deflate (zlib or raw) bodies, as tritonclient's request compression sends them, inflated
+    no further than ``limit`` bytes so a small bomb cannot fill memory."""
+    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
+    for bits in (wbits, -zlib.MAX_WBITS) if encoding == "deflate" else (wbits,):
+        inflater = zlib.decompressobj(bits)
+        try:
+            out = inflater.decompress(data, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise ProtocolError(f"request body inflates past the {limit}-byte limit", 413)
+        if not inflater.eof:
+            raise ProtocolError(f"{encoding} request body is truncated")
+        return out
+    raise ProtocolError(f"request body is not valid {encoding} data")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing (413) anything larger than ``limit`` bytes before reading it all."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ProtocolError(f"request body of {declared} bytes exceeds the {limit}-byte limit", 413)
-    if request.headers.get("content-encoding", "identity") != "identity":
-        raise ProtocolError("compressed request bodies are not accepted; send identity encoding", 415)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise ProtocolError(f"content encoding {encoding!r} is not accepted; send identity, gzip or deflate", 415)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ProtocolError(f"request body exceeds the {limit}-byte limit", 413)
         chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    return body if encoding == "identity" else _decompress(body, encoding, limit)
+
+
+async def read_json_object(request: Request) -> dict:
+    """A small control body (repository load / unload / index): {} when empty, else a JSON object."""
+    body = await read_body(request, CONTROL_BODY_LIMIT)
+    if not body.strip():
+        return {}
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise ProtocolError("the body must be a JSON object like {\"parameters\": {...}}")
+    return obj
 
 
 def create_app(cfg: ServeConfig) -> FastAPI:
     metrics = Metrics(cfg.max_batch)
-    repo = Repository(cfg.backend, cfg.max_batch, cfg.max_delay_ms, cfg.max_queue, on_batch=metrics.batch.observe)
+    limits = cfg.limits
+    repo = Repository(cfg.backend, cfg.max_batch, cfg.max_delay_ms, cfg.max_queue, on_batch=metrics.batch.observe,
+                      root=cfg.model_repository or None, max_models=cfg.max_models, max_work_pixels=cfg.max_work_pixels)
     metrics.queue.set_function(lambda: repo.waiting)
-    limit = int(cfg.max_upload_mb * 1024 * 1024)
+    sync = WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None
+    sync_lock = asyncio.Lock()  # one reconcile or load at a time in this worker
     state = {"ready": False}
+
+    async def reconcile() -> None:
+        """Bring this worker's packages to the state the workers share (under ``sync_lock``)."""
+        shared = sync.read()
+        if shared["generation"] <= sync.applied:
+            return
+        for package, entry in shared["packages"].items():
+            current = repo.get(package)
+            try:
+                if entry is None and current is not None:
+                    await repo.unload(package)
+                elif entry is not None and (current is None or current.version != entry["version"]):
+                    await repo.load(package, entry["directory"], version=entry["version"])
+            except (BackendError, ProtocolError) as err:
+                log.error("worker %d could not follow %s to generation %d: %s", os.getpid(), package,
+                          shared["generation"], err)
+        sync.ack(shared["generation"])
+
+    async def follow_other_workers() -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            async with sync_lock:
+                await reconcile()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await repo.load(cfg.model_name, cfg.model_dir)
-        if (Path(cfg.model_dir) / "model.cif.onnx").is_file():
-            await repo.load(f"{cfg.model_name}_cif", cfg.model_dir, graph="model.cif.onnx")
+        await repo.load_pinned(cfg.model_name, cfg.model_dir)
+        follower = None
+        if sync is not None:
+            async with sync_lock:
+                await reconcile()
+            follower = asyncio.get_running_loop().create_task(follow_other_workers())
         state["ready"] = True
         yield
         state["ready"] = False
+        if follower is not None:
+            follower.cancel()
         await repo.close()
 
-    app = FastAPI(title="scaleseg serving", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="scaleseg serving", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.repo, app.state.metrics, app.state.config = repo, metrics, cfg
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
         tic = time.perf_counter()
         if cfg.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            if not hmac.compare_digest(given_key(request).encode(), cfg.api_key.encode()):
                 metrics.errors.labels("unauthorized").inc()
-                return error(401, "missing or wrong API key (send X-API-Key or Authorization: Bearer)")
+                return error(401, "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
+                             {"WWW-Authenticate": 'Bearer realm="scaleseg"'})
         try:
             response = await call_next(request)
         except Exception:  # never leak a stack trace to the client
@@ -133,28 +224,18 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException):
-        return error(err.status_code, str(err.detail))
+        return error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
-    def model_or_404(name: str, version: str | None = None) -> ServedModel:
-        model = repo.get(name)
-        if model is None:
-            raise ProtocolError(f"unknown model {name!r}; this server has {sorted(repo.models)}", 404)
-        if version not in (None, "", str(model.version)):
-            raise ProtocolError(f"model {name!r} has version {model.version}, not {version!r}", 404)
-        return model
-
-    async def run(model: ServedModel, images: np.ndarray) -> dict[str, np.ndarray]:
-        try:
-            return await model.batcher.submit(images)
-        except QueueFull:
-            raise ProtocolError("server busy: the inference queue is full; retry shortly", 503) from None
-        except ShuttingDown:
-            raise ProtocolError("server is shutting down or reloading this model; retry shortly", 503) from None
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_parameter(request: Request, err: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors())
+        return error(400, f"invalid request parameter(s): {problems}")
 
     # --- Open Inference Protocol v2 ------------------------------------------------------------------
     @app.get("/v2")
     async def server_metadata():
-        return {"name": "scaleseg", "version": VERSION, "extensions": ["binary_tensor_data", "model_repository"]}
+        return {"name": "scaleseg", "version": VERSION,
+                "extensions": ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]}
 
     @app.get("/v2/health/live")
     async def live():
@@ -162,12 +243,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready():
-        return {"ready": True} if state["ready"] else error(503, "not ready")
+        return {"ready": True} if state["ready"] else error(503, "not ready", {"Retry-After": "1"})
+
+    def spec(t: dict) -> dict:
+        return {"name": t["name"], "datatype": t["datatype"].upper().replace("FLOAT", "FP"),
+                "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
 
     def metadata(model: ServedModel) -> dict:
-        def spec(t):
-            return {"name": t["name"], "datatype": t["datatype"].upper().replace("FLOAT", "FP"),
-                    "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
         return {"name": model.name, "versions": [str(model.version)], "platform": PLATFORMS[model.backend.name],
                 "inputs": [spec(t) for t in model.meta["inputs"]], "outputs": [spec(t) for t in model.meta["outputs"]],
                 "parameters": {"classes": model.meta["classes"], "backend": model.backend.description}}
@@ -175,68 +257,131 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
-        return metadata(model_or_404(name, version))
+        return metadata(lookup(repo, name, version))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
-        model = model_or_404(name, version)
-        return {"name": model.name, "ready": not model.batcher.closing}
+        model = lookup(repo, name, version)
+        if model.batcher.closing or not state["ready"]:
+            raise ProtocolError(f"model {name!r} is draining and takes no new requests", 503)
+        return {"name": model.name, "ready": True}
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None):
+        """Triton's model configuration extension, in the JSON form of its model config protobuf."""
+        model = lookup(repo, name, version)
+
+        def tensor(t: dict) -> dict:
+            s = spec(t)
+            return {"name": s["name"], "data_type": f"TYPE_{s['datatype']}", "dims": s["shape"][1:]}
+        return {"name": model.name, "platform": PLATFORMS[model.backend.name], "max_batch_size": cfg.max_batch,
+                "input": [tensor(t) for t in model.meta["inputs"]], "output": [tensor(t) for t in model.meta["outputs"]],
+                "dynamic_batching": {"max_queue_delay_microseconds": int(cfg.max_delay_ms * 1000)},
+                "version_policy": {"latest": {"num_versions": 1}},
+                "parameters": {"scales": {"string_value": ",".join(f"{s:g}" for s in model.scales)},
+                               "max_work_pixels": {"string_value": str(cfg.max_work_pixels)}}}
+
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(name: str | None = None, version: str | None = None):
+        models = [lookup(repo, name, version)] if name else list(repo.models.values())
+        return {"model_stats": [m.stats.triton(m.name, str(m.version)) for m in models]}
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str | None = None):
-        model = model_or_404(name, version)
-        req = parse_infer_request(await read_body(request, limit), request.headers.get(HEADER))
-        if set(req.inputs) != {"image"}:
-            raise ProtocolError(f"expected exactly one input named 'image', got {sorted(req.inputs)}")
-        images = req.inputs["image"]
-        if images.dtype != np.uint8:
-            raise ProtocolError(f"input 'image' must be UINT8, got {images.dtype}")
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ProtocolError(f"input 'image' must have shape [N, 3, H, W], got {list(images.shape)}")
-        n, _, h, w = images.shape
-        if not 1 <= n <= cfg.max_batch:
-            raise ProtocolError(f"batch of {n} images; this server takes 1..{cfg.max_batch} per request")
-        if min(h, w) < MIN_SIDE:
-            raise ProtocolError(f"images must be at least {MIN_SIDE}x{MIN_SIDE} pixels, got {w}x{h}")
-        if h * w > cfg.max_pixels:
-            raise ProtocolError(f"images of {w}x{h} exceed the {cfg.max_pixels}-pixel limit", 413)
-        results = await run(model, images)
+    async def infer_route(name: str, request: Request, version: str | None = None):
+        lookup(repo, name, version)  # an unknown model is refused before its body is read
+        req = parse_infer_request(await read_body(request, limits.max_upload_bytes), request.headers.get(HEADER))
+        model, results = await infer(repo, name, version, req, limits)
         body, headers = encode_infer_response(model.name, str(model.version), req, results)
         return Response(body, headers=headers)
 
+    # --- repository extension ------------------------------------------------------------------------
     @app.get("/v2/repository/index")
     @app.post("/v2/repository/index")
-    async def repository_index():
-        return [{"name": m.name, "version": str(m.version), "state": "READY"} for m in repo.models.values()]
+    async def repository_index(request: Request):
+        only_ready = (await read_json_object(request)).get("ready") is True
+        index = [{"name": m.name, "version": str(m.version), "state": "READY"} for m in repo.models.values()]
+        if not only_ready:
+            index += [{"name": name, "state": "UNAVAILABLE", "reason": "unloaded"}
+                      for name in repo.available() if repo.get(name) is None]
+        return index
+
+    async def change_shared_state(change, package: str) -> int | None:
+        """Run ``change`` (load or unload here) and, with several workers, make every worker follow it;
+        returns how many workers serve the result."""
+        if sync is None:
+            await change()
+            return None
+        async with sync_lock:
+            loop = asyncio.get_running_loop()
+            lock = sync.locked()
+            await loop.run_in_executor(None, lock.__enter__)
+            try:
+                await reconcile()
+                await change()
+                current = repo.get(package)
+                entry = {"directory": str(current.directory), "version": current.version} if current else None
+                generation = sync.publish(sync.read(), package, entry)
+                sync.ack(generation)
+            finally:
+                lock.__exit__(None, None, None)
+        return await loop.run_in_executor(None, sync.wait_for_all, generation)
 
     @app.post("/v2/repository/models/{name}/load")
     async def load_model(name: str, request: Request):
-        body = await read_body(request, 64 * 1024)
+        params = parameters(await read_json_object(request), "load request")
+        unsupported = sorted(k for k in params if k != "model_dir")
+        if unsupported:
+            raise ProtocolError(f"load parameters {unsupported} are not supported; give parameters.model_dir: a package "
+                                "folder inside the model repository")
+        package = repo.package_of(name)
+        current = repo.get(package)
+        loaded: list[ServedModel] = []
+
+        async def change():
+            loaded.extend(await repo.load(name, params.get("model_dir")))
         try:
-            params = (json.loads(body) if body else {}).get("parameters") or {}
-        except (json.JSONDecodeError, AttributeError):
-            raise ProtocolError("load request body must be JSON like {\"parameters\": {\"model_dir\": PATH}}") from None
-        current = repo.get(name)
-        graph = current.graph if current else "model.onnx"
-        try:
-            model = await repo.load(name, params.get("model_dir"), graph=graph)
-        except (BackendError, OSError, ValueError) as err:
+            workers = await change_shared_state(change, package)
+        except BackendError as err:
             kept = f"; version {current.version} keeps serving" if current else ""
-            return error(400, f"could not load {name!r}: {err}{kept}")
-        return {"name": model.name, "version": str(model.version), "backend": model.backend.description}
+            raise ProtocolError(f"could not load {name!r}: {err}{kept}") from None
+        answer = {"name": package, "version": str(loaded[0].version), "backend": loaded[0].backend.description,
+                  "models": [m.name for m in loaded]}
+        if workers is not None:
+            answer["workers_switched"] = workers
+        return answer
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload_model(name: str, request: Request):
+        parameters(await read_json_object(request), "unload request")
+        lookup(repo, name)
+        gone: list[str] = []
+
+        async def change():
+            gone.extend(await repo.unload(name))
+        workers = await change_shared_state(change, name)
+        return {"unloaded": gone} | ({"workers_switched": workers} if workers is not None else {})
 
     # --- convenience -----------------------------------------------------------------------------
     @app.post("/v1/segment")
     async def segment(request: Request, model: str = "", overlay: bool = False, alpha: float = 0.5):
-        served = model_or_404(model or cfg.model_name)
-        data = await read_body(request, limit)
+        name = model or cfg.model_name
+        served = lookup(repo, name)
+        if not 0 <= alpha <= 1:
+            raise ProtocolError(f"alpha must lie in 0..1, got {alpha}")
+        data = await read_body(request, limits.max_upload_bytes)
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind == "multipart/form-data":
             async def once():
                 yield data
-            form = await MultiPartParser(request.headers, once()).parse()
+            try:
+                form = await MultiPartParser(request.headers, once()).parse()
+            except MultiPartException as err:
+                raise ProtocolError(f"malformed multipart upload: {err.message}") from None
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 raise ProtocolError("multipart upload needs a file field named 'file'")
@@ -244,11 +389,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             data = await upload.read()
         if kind not in imaging.IMAGE_TYPES:
             raise ProtocolError(f"content type {kind or 'missing'!r} is not an image; send one of {', '.join(imaging.IMAGE_TYPES)}", 415)
-        rgb = imaging.decode_image(data, cfg.max_pixels)
-        if min(rgb.shape[:2]) < MIN_SIDE:
-            raise ProtocolError(f"images must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
+        rgb = imaging.decode_image(data, lambda h, w: check_images(1, h, w, served.scales, limits))
         tic = time.perf_counter()
-        out = await run(served, rgb.transpose(2, 0, 1)[None].copy())
+        served, out = await execute(repo, name, rgb.transpose(2, 0, 1)[None].copy(), limits)
         labels, confidence = out["labels"][0], out["confidence"][0]
         classes = served.meta["classes"]
         result = {"model": served.name, "version": str(served.version), "width": rgb.shape[1], "height": rgb.shape[0],

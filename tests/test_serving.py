@@ -56,6 +56,12 @@ class Server:
     def client(self) -> triton.InferenceServerClient:
         return triton.InferenceServerClient(f"127.0.0.1:{self.port}", concurrency=1, network_timeout=60)
 
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -64,7 +70,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(package):
-    s = Server(package, "--max-batch", "8", "--max-delay-ms", "20", "--max-pixels", "300000", "--max-upload-mb", "2")
+    s = Server(package, "--max-batch", "8", "--max-delay-ms", "20", "--max-work-pixels", "300000", "--max-upload-mb", "2")
     yield s
     s.stop()
 
@@ -224,7 +230,7 @@ def test_hot_reload_keeps_serving(package, checkpoints, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "meta.json").write_text("{}")
-    s = Server(package)
+    s = Server(package, "--model-repository", str(tmp_path))
     try:
         client, x, errors, done = s.client(), images(1, 32, 32), [], threading.Event()
 

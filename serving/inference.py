@@ -1,0 +1,91 @@
+"""The inference core every transport shares (HTTP in ``server``, gRPC beside it): a parsed request's
+declared inputs are checked against the request limits before any tensor is decoded, the images run on
+the model that is current when they execute (a reload never fails a request), and the named outputs
+come back. Errors are ``ProtocolError`` with the HTTP status to answer (gRPC maps it to a code)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .batching import QueueFull, ShuttingDown
+from .limits import RequestLimits, check_images, check_json_output
+from .protocol import InferRequest, ProtocolError, TensorSpec
+from .repository import Repository, ServedModel
+
+IMAGE = "image"
+
+
+def lookup(repo: Repository, name: str, version: str | None = None) -> ServedModel:
+    model = repo.get(name)
+    if model is None:
+        raise ProtocolError(f"unknown model {name!r}; this server has {sorted(repo.models)}", 404)
+    if version not in (None, "", str(model.version)):
+        raise ProtocolError(f"model {name!r} has version {model.version}, not {version!r}", 404)
+    return model
+
+
+def check_inputs(model: ServedModel, specs: list[TensorSpec], limits: RequestLimits) -> tuple[int, int, int]:
+    """(N, H, W) of the one ``image`` input, from its declared shape; 400 / 413 before decoding."""
+    names = [s.name for s in specs]
+    if names != [IMAGE]:
+        raise ProtocolError(f"expected exactly one input named 'image', got {sorted(names)}")
+    spec = specs[0]
+    if spec.datatype != "UINT8":
+        raise ProtocolError(f"input 'image' must be UINT8, got {spec.datatype}")
+    if len(spec.shape) != 4 or spec.shape[1] != 3:
+        raise ProtocolError(f"input 'image' must have shape [N, 3, H, W], got {spec.shape}")
+    n, _, h, w = spec.shape
+    check_images(n, h, w, model.scales, limits)
+    return n, h, w
+
+
+def output_names(model: ServedModel, requested: list[str] | None) -> list[str]:
+    available = [o["name"] for o in model.meta["outputs"]]
+    if requested is None:
+        return available
+    unknown = [n for n in requested if n not in available]
+    if unknown or len(set(requested)) != len(requested):
+        raise ProtocolError(f"outputs {requested} are not distinct outputs of {model.name!r}; it has {available}")
+    return requested
+
+
+def json_values(model: ServedModel, names: list[str], n: int, h: int, w: int) -> int:
+    """How many numbers the outputs ``names`` hold (``probs`` has one plane per class)."""
+    return sum(n * h * w * (model.num_classes if name == "probs" else 1) for name in names)
+
+
+async def execute(repo: Repository, name: str, images: np.ndarray, limits: RequestLimits) -> tuple[ServedModel, dict]:
+    """Run ``images`` on the model serving ``name`` now. A reload that finishes while the request waits
+    (its body still uploading, or queued on the version being drained) sends it to the new version."""
+    tic = time.monotonic_ns()
+    n, _, h, w = images.shape
+    while True:
+        model = lookup(repo, name)
+        check_images(n, h, w, model.scales, limits)  # a reload may have brought another graph
+        try:
+            outputs = await model.batcher.submit(images)
+        except QueueFull:
+            model.stats.record_request(False, time.monotonic_ns() - tic)
+            raise ProtocolError("server busy: the inference queue is full; retry shortly", 503) from None
+        except ShuttingDown:
+            if repo.get(name) not in (None, model):
+                continue
+            raise ProtocolError("server is shutting down or unloading this model; retry shortly", 503) from None
+        except Exception:
+            model.stats.record_request(False, time.monotonic_ns() - tic)
+            raise
+        model.stats.record_request(True, time.monotonic_ns() - tic)
+        return model, outputs
+
+
+async def infer(repo: Repository, name: str, version: str | None, request: InferRequest,
+                limits: RequestLimits) -> tuple[ServedModel, dict[str, np.ndarray]]:
+    """A parsed request -> (the model that ran it, {output name: array} in the order asked for)."""
+    model = lookup(repo, name, version)
+    n, h, w = check_inputs(model, request.specs, limits)
+    names = output_names(model, request.outputs)
+    check_json_output(json_values(model, [o for o in names if not request.wants_binary(o)], n, h, w), limits)
+    images = request.decode()[IMAGE]
+    model, results = await execute(repo, name, images, limits)
+    return model, {o: results[o] for o in names}
