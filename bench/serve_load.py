@@ -3,10 +3,13 @@
 A ResNet-18 DeepLabV3+ package is exported, `scaleseg serve` starts on a loopback port, and C clients
 (threads, each with its own tritonclient.http connection, binary tensors) send single images for a fixed
 number of requests each. Reported: throughput (images/s) and p50 / p99 latency; the in-process baseline
-runs the package's model.onnx directly with the same thread count, batch 1 and batch max-batch."""
+runs the package's model.onnx directly with the same thread count, batch 1 and batch max-batch. Last, a
+mix where one client sends maximum-size images (the largest square the server's default pixels-of-work
+budget admits) while the others send the usual ones, with the server process's peak RSS (VmHWM)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import socket
@@ -45,15 +48,24 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def load(url: str, image: np.ndarray, clients: int, per_client: int) -> dict:
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set size so far (Linux VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load(url: str, image: np.ndarray, clients: int, per_client: int, large: np.ndarray | None = None) -> dict:
+    """``clients`` threads; with ``large``, the first of them sends that image instead."""
     import tritonclient.http as triton
 
     latencies, errors, lock = [], [], threading.Lock()
 
-    def worker():
-        client = triton.InferenceServerClient(url, network_timeout=120)
-        inp = triton.InferInput("image", list(image.shape), "UINT8")
-        inp.set_data_from_numpy(image)
+    def worker(mine: np.ndarray):
+        client = triton.InferenceServerClient(url, network_timeout=300)
+        inp = triton.InferInput("image", list(mine.shape), "UINT8")
+        inp.set_data_from_numpy(mine)
         outs = [triton.InferRequestedOutput("labels"), triton.InferRequestedOutput("confidence")]
         for _ in range(per_client):
             tic = time.perf_counter()
@@ -66,7 +78,8 @@ def load(url: str, image: np.ndarray, clients: int, per_client: int) -> dict:
             with lock:
                 latencies.append(time.perf_counter() - tic)
 
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    threads = [threading.Thread(target=worker, args=(large if k == 0 and large is not None else image,))
+               for k in range(clients)]
     tic = time.perf_counter()
     for t in threads:
         t.start()
@@ -85,8 +98,11 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-delay-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--mix-clients", type=int, default=4)
+    p.add_argument("--mix-per-client", type=int, default=3)
     args = p.parse_args()
     from serving.backends import OnnxRuntimeBackend
+    from serving.limits import RequestLimits
 
     work = Path(tempfile.mkdtemp(prefix="scaleseg-serve-"))
     package = build_package(work)
@@ -128,8 +144,15 @@ def main() -> None:
         for clients in (1, args.clients):
             per_client = args.per_client if clients > 1 else max(args.per_client, 50)
             result = load(f"127.0.0.1:{port}", image, clients, per_client)
-            rows.append({"setup": f"scaleseg serve, {clients} concurrent client(s)", **result})
+            rows.append({"setup": f"scaleseg serve, {clients} concurrent client(s)", **result,
+                         "peak_rss_mb": peak_rss_mb(server.pid)})
             print(rows[-1], flush=True)
+        side = math.isqrt(RequestLimits.max_work_pixels)
+        large = np.random.default_rng(1).integers(0, 256, (1, 3, side, side), dtype=np.uint8)
+        result = load(f"127.0.0.1:{port}", image, args.mix_clients, args.mix_per_client, large)
+        rows.append({"setup": f"scaleseg serve, mix: 1 client at {side}x{side} (max size) + {args.mix_clients - 1} at "
+                              f"{args.size}x{args.size}", **result, "peak_rss_mb": peak_rss_mb(server.pid)})
+        print(rows[-1], flush=True)
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         server.send_signal(signal.SIGTERM)
@@ -137,16 +160,18 @@ def main() -> None:
     batches = [line for line in metrics.splitlines() if line.startswith("scaleseg_batch_size_")]
     count = float(next(line.split()[-1] for line in batches if line.startswith("scaleseg_batch_size_count")))
     images_total = float(next(line.split()[-1] for line in batches if line.startswith("scaleseg_batch_size_sum")))
-    served = rows[-1]
+    served = rows[-2]
     best_in_process = max(r["images_per_sec"] for r in rows if r["setup"].startswith("in-process"))
     summary = {"server_over_in_process_batch1": served["images_per_sec"] / rows[0]["images_per_sec"],
                "server_over_best_in_process": served["images_per_sec"] / best_in_process,
-               "p99_over_p50": served["p99_ms"] / served["p50_ms"], "mean_batch": images_total / count}
+               "p99_over_p50": served["p99_ms"] / served["p50_ms"], "mean_batch": images_total / count,
+               "peak_rss_mb": rows[-1]["peak_rss_mb"]}
     table = markdown_table(rows, [("setup", "setup"), ("images_per_sec", "images / s"), ("p50_ms", "p50 ms"),
-                                  ("p99_ms", "p99 ms"), ("errors", "errors")])
+                                  ("p99_ms", "p99 ms"), ("errors", "errors"), ("peak_rss_mb", "server peak RSS MB")])
     table += ("\n\n" + f"At {args.clients} clients the server delivers {100 * summary['server_over_in_process_batch1']:.0f} % of "
               f"in-process batch-1 throughput ({100 * summary['server_over_best_in_process']:.0f} % of the best in-process "
-              f"setting); p99 / p50 = {summary['p99_over_p50']:.2f}; mean executed batch {summary['mean_batch']:.2f} images.")
+              f"setting); p99 / p50 = {summary['p99_over_p50']:.2f}; mean executed batch {summary['mean_batch']:.2f} images. "
+              f"Server peak RSS with maximum-size requests in the mix: {summary['peak_rss_mb']:.0f} MB.")
     write_results("serve_load", {"machine": machine(), "args": vars(args), "rows": rows, "summary": summary}, table,
                   f"ResNet-18 DeepLabV3+ package, {args.size}x{args.size} uint8 images, one image per request, "
                   f"--max-batch {args.max_batch} --max-delay-ms {args.max_delay_ms}; clients and server share this machine's cores.")

@@ -63,6 +63,9 @@ class InferRequest:
         for spec in self.specs:
             dtype = np.dtype(DATATYPES[spec.datatype])
             if spec.binary_size is not None:
+                if spec.binary_size != math.prod(spec.shape) * dtype.itemsize:
+                    raise ProtocolError(f"input {spec.name!r}: {spec.binary_size} bytes do not hold shape {spec.shape} "
+                                        f"of {spec.datatype}")
                 if offset + spec.binary_size > len(self.raw):
                     raise ProtocolError(f"input {spec.name!r}: needs {spec.binary_size} binary bytes, "
                                         f"only {len(self.raw) - offset} sent")

@@ -194,7 +194,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         await repo.close()
 
     app = FastAPI(title="scaleseg serving", lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.repo, app.state.metrics, app.state.config = repo, metrics, cfg
+    app.state.repo, app.state.metrics, app.state.config, app.state.limits = repo, metrics, cfg, limits
 
     @app.middleware("http")
     async def guard_and_measure(request: Request, call_next):
