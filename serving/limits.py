@@ -7,10 +7,11 @@ for the CIF graph of scales (0.5, 1, 2). A batch costs the sum of its images. Th
 stacks more than ``max_work_pixels`` into one execution, so each loaded model holds at most one batch
 of that size in flight.
 
-Memory: ONNX Runtime on CPU needs about ``BYTES_PER_WORK_PIXEL`` of activations per pixel of work for
-the ResNet-18 DeepLabV3+ package (a 4000 x 4000 single-scale image raised RSS by 3.6 GB, issue 11). With
-the defaults (4 Mpx of work, 4 loaded models, a 64-image queue of <= 20 MB uploads) one server process
-stays under about 6 GiB: 4 x 0.9 GB of activations + 1.3 GB of queued uploads + the models.
+Memory: ONNX Runtime on CPU needs about ``BYTES_PER_WORK_PIXEL`` per pixel of work for the ResNet-18
+DeepLabV3+ package (bench/serve_load.py: a 2048 x 2048 request lifts the server's peak RSS from 0.9 to
+2.0 GB; issue 11 saw 3.6 GB for 4000 x 4000). With the defaults (4 Mpx of work, 4 loaded models, a
+64-image queue of <= 20 MB uploads) one server process stays under about 7 GiB: 4 x 1.1 GB of
+activations + 1.3 GB of queued uploads + the models.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from .protocol import ProtocolError
 
-BYTES_PER_WORK_PIXEL = 225
+BYTES_PER_WORK_PIXEL = 270
 MIN_SIDE = 16
 
 

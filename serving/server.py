@@ -31,7 +31,7 @@ from .backends import BackendError
 from .inference import execute, infer, lookup
 from .limits import MIN_SIDE, RequestLimits, check_images
 from .protocol import HEADER, ProtocolError, encode_infer_response, parameters, parse_infer_request
-from .repository import Repository, ServedModel
+from .repository import GRAPHS, Repository, ServedModel
 from .workers import WorkerSync
 
 log = logging.getLogger("scaleseg.serving")
@@ -325,7 +325,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 await change()
                 current = repo.get(package)
                 entry = {"directory": str(current.directory), "version": current.version} if current else None
-                generation = sync.publish(sync.read(), package, entry)
+                siblings = tuple(package + suffix for suffix in GRAPHS if suffix) if current else ()
+                generation = sync.publish(sync.read(), package, entry, siblings)
                 sync.ack(generation)
             finally:
                 lock.__exit__(None, None, None)

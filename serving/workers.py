@@ -38,9 +38,11 @@ class WorkerSync:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def publish(self, state: dict, package: str, entry: dict | None) -> int:
-        """Record ``package``'s new entry (None: unloaded) as the next generation; call under ``locked``."""
-        state = {"generation": state["generation"] + 1, "packages": {**state["packages"], package: entry}}
+    def publish(self, state: dict, package: str, entry: dict | None, replaces: tuple[str, ...] = ()) -> int:
+        """Record ``package``'s new entry (None: unloaded) as the next generation, dropping the entries of
+        ``replaces`` (its sibling graphs, which a package load brings back); call under ``locked``."""
+        kept = {k: v for k, v in state["packages"].items() if k not in replaces}
+        state = {"generation": state["generation"] + 1, "packages": {**kept, package: entry}}
         tmp = self.dir / f"state.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(state))
         tmp.replace(self.dir / "state.json")

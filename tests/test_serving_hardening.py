@@ -303,6 +303,16 @@ def test_reload_reaches_every_worker(repo_root):
                 seen.add((meta["versions"][0], len(meta["outputs"])))
                 assert fresh.get(f"{s.url}/v2/models/seg_cif").status_code == 404
         assert seen == {("2", 2)}, seen
+        # a sibling unloaded on its own comes back with its package on every worker
+        r = httpx.post(f"{s.url}/v2/repository/models/seg/load", json={"parameters": {"model_dir": "seg"}}, timeout=120)
+        assert r.status_code == 200 and r.json()["workers_switched"] == 2, r.text
+        r = httpx.post(f"{s.url}/v2/repository/models/seg_cif/unload", timeout=120)
+        assert r.status_code == 200 and r.json()["workers_switched"] == 2, r.text
+        r = httpx.post(f"{s.url}/v2/repository/models/seg/load", timeout=120)
+        assert r.status_code == 200 and r.json()["models"] == ["seg", "seg_cif"], r.text
+        for _ in range(10):
+            with httpx.Client() as fresh:
+                assert fresh.get(f"{s.url}/v2/models/seg_cif").json()["versions"] == ["4"]
 
 
 def test_request_uploading_during_reload_is_served_by_the_new_version(repo_root):
