@@ -83,7 +83,7 @@ def test_deeplab_shapes_and_strides(backbone, os_):
 def test_feature_perturbation_and_scaling():
     model = build_model(ModelConfig(backbone="resnet18"), 3).train()
     x = torch.randn(2, 3, 64, 64)
-    clean, feat, fp = model.forward_fp(x, feature_scale=0.75)
+    clean, feat, fp, _ = model.forward_fp(x, feature_scale=0.75)
     assert clean.shape == fp.shape == (2, 3, 64, 64)
     assert feat.shape[-1] == 12  # 16 * 0.75
     assert not torch.allclose(clean, fp)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
+from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
                      parse_floats)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
@@ -71,7 +71,8 @@ def _train_parser(method_cls=None) -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset folder (classes.json, images/, masks/, splits/)")
     p.add_argument("--method", default="supervised", choices=list(METHODS), help="training method")
     for name, cls in SECTIONS.items():
-        add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else ())
+        add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else (),
+                           defaults=method_cls.optim_defaults if method_cls is not None and cls is OptimConfig else None)
     if method_cls is not None:
         add_dataclass_args(p, method_cls.Config, f"{method_cls.name} options")
     return p
@@ -86,7 +87,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig(method=method_cls.name)
     saved = _saved_config(ns) if getattr(ns, "resume", False) else None
     for name, cls in SECTIONS.items():
-        setattr(cfg, name, dataclass_from_namespace(cls, ns, getattr(saved, name) if saved else None))
+        base = getattr(saved, name) if saved else (cls(**method_cls.optim_defaults) if cls is OptimConfig else None)
+        setattr(cfg, name, dataclass_from_namespace(cls, ns, base))
     cfg.method_cfg = dataclass_from_namespace(method_cls.Config, ns, saved.method_cfg if saved else None)
     if ns.data:
         cfg.data.root = ns.data
