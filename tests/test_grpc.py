@@ -127,3 +127,13 @@ def test_grpc_api_key(package):
             assert client.infer("seg", [inp], headers=headers).as_numpy("labels").shape == (1, 32, 32)
     finally:
         s.stop()
+
+
+def test_methods_not_offered_answer_unimplemented(server):
+    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
+    for call, request in [(stub.ModelStatistics, pb.ModelStatisticsRequest(name="seg")),
+                          (stub.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest()),
+                          (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="seg"))]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
