@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
     if not (run / "best.pt").is_file():
         cmd_train([str(data), "--method", "scalematch", "--backbone", "resnet18", "--crop-size", "96", "--batch-size", "4",
                    "--max-iters", str(args.iters), "--eval-every", str(max(1, args.iters // 3)), "--lr", "0.01",
-                   "--warmup-epochs", "2", "--out", str(run)])
+                   "--warmup-epochs", "2", "--out", str(run), "--force"])  # an interrupted demo run starts over
     cmd_eval(argparse.Namespace(checkpoint=str(run / "best.pt"), data=str(data), split="val", mode="whole", window=0,
                                 scales=(0.5, 1.0, 2.0), cif_scales=None, device="auto", json=str(out / "eval.json")))
     if not (model / "meta.json").is_file():
