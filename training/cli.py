@@ -11,8 +11,8 @@ from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, 
                      parse_floats)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
+MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
-MAX_SCALE = 4.0  # x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 STAGES = {"export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
