@@ -82,6 +82,8 @@ def _check_pixels(root: Path, jobs: list[tuple[Path, Path | None]], num_classes:
                     check_mask(mask_file, facts["size"], facts["values"], num_classes, size)
         except DatasetError as err:
             return str(err)
+        except OSError as err:  # e.g. unreadable permissions, or a file removed while checking
+            return f"{err.filename or img_file}: {err.strerror or err}. Make the file readable or remove its id."
         return None
 
     workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
