@@ -5,6 +5,7 @@ DATA/
   images/<id>.<png|jpg|jpeg>
   masks/<id>.png        8-bit single channel, value = class id, 255 = ignore
   splits/labeled.txt, unlabeled.txt, val.txt   one id per line
+  .scaleseg-check.json  what the last pixel check decoded, by file size and mtime (pixels.py); safe to delete
 """
 from __future__ import annotations
 
