@@ -12,7 +12,8 @@ RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
 # freely. The dataset's path is not compared: its fingerprint is. The encoder initialisation is replaced
 # by the checkpoint's weights.
 FREE_ON_RESUME = {"run.resume", "run.allow_changed", "run.force", "run.device", "run.log_every", "run.save_every",
-                  "run.eval_every", "data.num_workers", "data.root", "model.pretrained", "model.init_from"}
+                  "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
+                  "model.pretrained", "model.init_from"}
 DATA = "data"  # --allow-changed name for a changed dataset fingerprint (classes.json or splits)
 
 
