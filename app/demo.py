@@ -36,18 +36,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def train(data: Path, out: Path, args) -> Path:
-    """The two-stage recipe; each stage is skipped when its checkpoint exists (a rerun reuses it)."""
+    """The two-stage recipe; a stage whose checkpoint exists is reused, an interrupted one starts over."""
     from training.cli import cmd_train
     warm, run = out / "run-supervised", out / "run"
     if not (warm / "last.pt").is_file():
         print(f"stage 1/2: supervised, {args.supervised_iters} iterations", flush=True)
         cmd_train([str(data), "--method", "supervised", *COMMON, "--max-iters", str(args.supervised_iters),
-                   "--eval-every", str(max(1, args.supervised_iters // 3)), "--lr", "0.01", "--out", str(warm)])
+                   "--eval-every", str(max(1, args.supervised_iters // 3)), "--lr", "0.01", "--out", str(warm), "--force"])
     if not (run / "last.pt").is_file():
         print(f"stage 2/2: ScaleMatch from the supervised weights, {args.iters} iterations", flush=True)
         cmd_train([str(data), "--method", "scalematch", *COMMON, "--max-iters", str(args.iters),
                    "--eval-every", str(args.iters), "--lr", "0.005", "--warmup-epochs", "1",
-                   "--init-from", str(warm / "last.pt"), "--out", str(run)])
+                   "--init-from", str(warm / "last.pt"), "--out", str(run), "--force"])
     return run / "last.pt"
 
 

@@ -88,8 +88,8 @@ def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict
     out.mkdir(parents=True, exist_ok=True)
     epochs_total = args.iters / ((args.pool - n_labeled) // args.batch)
     cmd = [sys.executable, "-m", "training.cli", "train", *train_argv(args, method, data, out, seed, epochs_total)]
-    if (out / "last.pt").is_file():
-        cmd.append("--resume")
+    # A run killed before its first checkpoint starts over (--force clears its partial log).
+    cmd.append("--resume" if (out / "last.pt").is_file() else "--force")
     print(f"== {benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled" + (" (resumed)" if "--resume" in cmd else ""),
           flush=True)
     rss = run(cmd, out / "train.log")

@@ -66,6 +66,8 @@ class RunConfig:
     seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
     device: str = hp("auto", "auto, cpu or cuda")
     resume: bool = hp(False, "continue from OUT/last.pt exactly where it stopped")
+    allow_changed: str = hp("", "with --resume: settings that may differ from the run's, comma-separated (lr,batch_size; 'data' for changed splits)")
+    force: bool = hp(False, "start a new run in an --out that holds another run, replacing its checkpoints and metrics")
     log_every: int = hp(1, "update the progress bar and metrics log every N iterations")
     val_scales: tuple = hp((1.0,), "input scales of periodic validation, e.g. 0.5,1,2; best.pt is chosen at x1.0")
     tensorboard: bool = hp(False, "also write losses, LR, mask ratio and val mIoU per scale to OUT/tensorboard (extra: tensorboard)")

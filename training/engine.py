@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .distributed import DistInfo, all_gather_objects, average_buffers, barrier,
 from .evaluate import evaluate
 from .losses import cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, get_method
+from .run_settings import check_out_dir, check_resume, start_out_dir
 from .tensorboard import TensorBoard
 
 STREAM_LABELED, STREAM_UNLABELED, STREAM_PARTNER = 1, 2, 3
@@ -47,7 +48,9 @@ def build_method(cfg: TrainConfig, num_classes: int) -> Method:
             return ohem_cross_entropy(logits, target, o.ohem_thresh, o.ohem_min_kept)
     else:
         sup_loss = cross_entropy
-    return method_cls(cfg.method_cfg, cfg.model, num_classes, sup_loss)
+    # On --resume the checkpoint replaces the encoder's initial weights, so their file is not needed.
+    model_cfg = replace(cfg.model, pretrained="") if cfg.run.resume else cfg.model
+    return method_cls(cfg.method_cfg, model_cfg, num_classes, sup_loss)
 
 
 def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -97,10 +100,11 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.out = Path(cfg.run.out)
         self.root = Path(cfg.data.root)
+        check_out_dir(self.out, cfg.run)
 
-        problems = check_dataset(self.root, deep=False)
+        problems = check_dataset(self.root, progress=self.progress)
         if problems:
-            raise DatasetError("dataset problems (run `scaleseg data check` for a full pixel-level check):\n  " + "\n  ".join(problems))
+            raise DatasetError(f"{self.root}: {len(problems)} dataset problem(s), nothing was trained:\n  " + "\n  ".join(problems))
         self.classes = load_classes(self.root)
         self.labeled_ids = read_split(self.root, "labeled")
         self.unlabeled_ids = read_split(self.root, "unlabeled", required=False)
@@ -198,7 +202,11 @@ class Trainer:
                                   "Resume with the same dataset classes, or start a new run in another --out.")
         if ckpt["method"] != self.cfg.method:
             raise CheckpointError(f"{path}: a {ckpt['method']!r} run; pass --method {ckpt['method']} to resume it.")
-        self.method.load_state_dict(ckpt["method_state"])
+        check_resume(path, ckpt, self.cfg, self.data_fingerprint)
+        try:
+            self.method.load_state_dict(ckpt["method_state"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit this run's model ({str(err).splitlines()[0]}).") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration, self.best_miou, self.last_metrics = ckpt["iteration"], ckpt["best_miou"], ckpt["metrics"]
@@ -243,7 +251,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            start_out_dir(self.out, cfg.run)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {cfg.method}", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
