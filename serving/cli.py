@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="folder whose model packages POST /v2/repository/models/NAME/load may load (default: none; "
                         "only MODEL_DIR reloads)")
     p.add_argument("--max-models", type=int, default=4, help="most models loaded at once (a package with a CIF graph is two)")
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="also serve the KServe v2 gRPC protocol (tritonclient.grpc) on this port, on --host; 0: off")
     return p
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
                       api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,
-                      args.max_json_values, args.workers)
+                      args.max_json_values, args.workers, grpc_port=args.grpc_port, grpc_host=args.host)
     if args.workers > 1:
         cfg.sync_dir = tempfile.mkdtemp(prefix="scaleseg-serve-workers-")
         try:

@@ -46,8 +46,7 @@ def work_pixels(n: int, height: int, width: int, scales: Iterable[float] = (1.0,
 def check_images(n: int, height: int, width: int, scales: Iterable[float], limits: RequestLimits) -> int:
     """The request's pixels of work; ProtocolError 400 for too few / too small, 413 for too much."""
     if not 1 <= n <= limits.max_batch:
-        raise ProtocolError(f"batch of {n} images; this server takes 1..{limits.max_batch} per request",
-                            413 if n > limits.max_batch else 400)
+        raise ProtocolError(f"batch of {n} images; this server takes 1..{limits.max_batch} per request")
     if min(height, width) < limits.min_side:
         raise ProtocolError(f"images must be at least {limits.min_side}x{limits.min_side} pixels, got {width}x{height}")
     scales = tuple(scales)
@@ -56,8 +55,8 @@ def check_images(n: int, height: int, width: int, scales: Iterable[float], limit
         per_pixel = scale_cost(scales)
         largest = math.isqrt(int(limits.max_work_pixels / per_pixel / n))
         raise ProtocolError(
-            f"{n} image(s) of {width}x{height} at {per_pixel:g} pixels of work per pixel cost {cost} pixels of work; "
-            f"the limit is {limits.max_work_pixels} (about {largest}x{largest} per image at this batch size); "
+            f"{n} image(s) of {width}x{height} at {per_pixel:g} pixels of work per pixel cost {cost} pixels of work, "
+            f"over this server's {limits.max_work_pixels} pixel limit (about {largest}x{largest} per image at this batch size); "
             "send smaller images or fewer per request", 413)
     return cost
 

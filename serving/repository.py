@@ -24,6 +24,7 @@ from .backends import Backend, BackendError, load_backend
 from .batching import DynamicBatcher
 from .limits import scale_cost
 from .protocol import ProtocolError
+from .shapes import warmup_shape
 from .stats import ModelStats
 
 log = logging.getLogger("scaleseg.serving")
@@ -66,12 +67,13 @@ def read_meta(directory: Path) -> dict:
 
 
 def warm_up(backend: Backend, meta: dict) -> None:
-    """One small inference; the outputs must be the graph's promised names, shapes and types."""
-    out = backend.infer(np.zeros((1, 3, 64, 64), np.uint8))
+    """One small inference, inside the engine's profile; the outputs must be the graph's promised names and shapes."""
+    shape = warmup_shape(backend.profile)
+    out = backend.infer(np.zeros(shape, np.uint8))
     expected = [o["name"] for o in meta["outputs"]]
     if sorted(out) != sorted(expected):
         raise BackendError(f"warm-up returned outputs {sorted(out)}, meta.json promises {expected}")
-    if out["labels"].shape != (1, 64, 64) or out["labels"].max() >= len(meta["classes"]):
+    if out["labels"].shape != (shape[0], *shape[2:]) or out["labels"].max() >= len(meta["classes"]):
         raise BackendError("warm-up labels have the wrong shape or class ids outside classes.json")
 
 
@@ -124,8 +126,7 @@ class Repository:
     def _build(self, name: str, package: str, directory: Path, graph: str, version: int) -> ServedModel:
         meta = read_meta(directory)
         try:
-            backend = load_backend(directory, self.backend_kind, graph)
-            warm_up(backend, meta)
+            backend = load_backend(directory, self.backend_kind, graph, check=lambda b: warm_up(b, meta))
         except BackendError:
             raise
         except Exception as err:  # a damaged graph file raises whatever its runtime raises
@@ -134,7 +135,9 @@ class Repository:
                                "not a graph of this package; re-export it with `scaleseg export`") from None
         stats = ModelStats()
         cost = scale_cost((meta.get("graphs") or {}).get(graph, {}).get("scales") or [1.0])
-        batcher = DynamicBatcher(backend, self.max_batch, self.max_delay_ms, self.max_queue, self.on_batch,
+        # An engine runs batches up to its profile's maximum only, so the batcher stacks no more than that.
+        max_batch = min(self.max_batch, backend.profile.max_batch) if backend.profile else self.max_batch
+        batcher = DynamicBatcher(backend, max_batch, self.max_delay_ms, self.max_queue, self.on_batch,
                                  self.max_work_pixels, cost, stats)
         return ServedModel(name, package, version, directory, graph, meta, backend, batcher, stats)
 

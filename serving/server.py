@@ -26,10 +26,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from . import imaging
+from . import grpc_service, imaging
 from .backends import BackendError
-from .inference import execute, infer, lookup
-from .limits import MIN_SIDE, RequestLimits, check_images
+from .inference import check_shape, execute, find_model, infer, tensor_spec
+from .limits import MIN_SIDE, RequestLimits
 from .protocol import HEADER, ProtocolError, encode_infer_response, parameters, parse_infer_request
 from .repository import GRAPHS, Repository, ServedModel
 from .workers import WorkerSync
@@ -60,6 +60,8 @@ class ServeConfig:
     max_json_values: int = RequestLimits.max_json_values
     workers: int = 1
     sync_dir: str = ""               # shared by the worker processes when workers > 1
+    grpc_port: int = 0               # 0: no gRPC endpoint
+    grpc_host: str = "127.0.0.1"
 
     @property
     def model_name(self) -> str:
@@ -186,9 +188,16 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             async with sync_lock:
                 await reconcile()
             follower = asyncio.get_running_loop().create_task(follow_other_workers())
+        grpc_server = None
+        if cfg.grpc_port:
+            service = grpc_service.InferenceService(repo, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
+            grpc_server = await grpc_service.start(service, cfg.grpc_host, cfg.grpc_port, limits.max_upload_bytes,
+                                                   cfg.workers > 1)
         state["ready"] = True
         yield
         state["ready"] = False
+        if grpc_server is not None:
+            await grpc_server.stop(grace=30)
         if follower is not None:
             follower.cancel()
         await repo.close()
@@ -245,24 +254,21 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def ready():
         return {"ready": True} if state["ready"] else error(503, "not ready", {"Retry-After": "1"})
 
-    def spec(t: dict) -> dict:
-        return {"name": t["name"], "datatype": t["datatype"].upper().replace("FLOAT", "FP"),
-                "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
-
     def metadata(model: ServedModel) -> dict:
         return {"name": model.name, "versions": [str(model.version)], "platform": PLATFORMS[model.backend.name],
-                "inputs": [spec(t) for t in model.meta["inputs"]], "outputs": [spec(t) for t in model.meta["outputs"]],
+                "inputs": [tensor_spec(t) for t in model.meta["inputs"]],
+                "outputs": [tensor_spec(t) for t in model.meta["outputs"]],
                 "parameters": {"classes": model.meta["classes"], "backend": model.backend.description}}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None):
-        return metadata(lookup(repo, name, version))
+        return metadata(find_model(repo, name, version))
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None):
-        model = lookup(repo, name, version)
+        model = find_model(repo, name, version)
         if model.batcher.closing or not state["ready"]:
             raise ProtocolError(f"model {name!r} is draining and takes no new requests", 503)
         return {"name": model.name, "ready": True}
@@ -271,12 +277,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/v2/models/{name}/versions/{version}/config")
     async def model_config(name: str, version: str | None = None):
         """Triton's model configuration extension, in the JSON form of its model config protobuf."""
-        model = lookup(repo, name, version)
+        model = find_model(repo, name, version)
 
         def tensor(t: dict) -> dict:
-            s = spec(t)
+            s = tensor_spec(t)
             return {"name": s["name"], "data_type": f"TYPE_{s['datatype']}", "dims": s["shape"][1:]}
-        return {"name": model.name, "platform": PLATFORMS[model.backend.name], "max_batch_size": cfg.max_batch,
+        return {"name": model.name, "platform": PLATFORMS[model.backend.name], "max_batch_size": model.batcher.max_batch,
                 "input": [tensor(t) for t in model.meta["inputs"]], "output": [tensor(t) for t in model.meta["outputs"]],
                 "dynamic_batching": {"max_queue_delay_microseconds": int(cfg.max_delay_ms * 1000)},
                 "version_policy": {"latest": {"num_versions": 1}},
@@ -287,13 +293,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.get("/v2/models/{name}/stats")
     @app.get("/v2/models/{name}/versions/{version}/stats")
     async def model_stats(name: str | None = None, version: str | None = None):
-        models = [lookup(repo, name, version)] if name else list(repo.models.values())
+        models = [find_model(repo, name, version)] if name else list(repo.models.values())
         return {"model_stats": [m.stats.triton(m.name, str(m.version)) for m in models]}
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_route(name: str, request: Request, version: str | None = None):
-        lookup(repo, name, version)  # an unknown model is refused before its body is read
+        find_model(repo, name, version)  # an unknown model is refused before its body is read
         req = parse_infer_request(await read_body(request, limits.max_upload_bytes), request.headers.get(HEADER))
         model, results = await infer(repo, name, version, req, limits)
         body, headers = encode_infer_response(model.name, str(model.version), req, results)
@@ -359,7 +365,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.post("/v2/repository/models/{name}/unload")
     async def unload_model(name: str, request: Request):
         parameters(await read_json_object(request), "unload request")
-        lookup(repo, name)
+        find_model(repo, name)
         gone: list[str] = []
 
         async def change():
@@ -371,7 +377,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/segment")
     async def segment(request: Request, model: str = "", overlay: bool = False, alpha: float = 0.5):
         name = model or cfg.model_name
-        served = lookup(repo, name)
+        served = find_model(repo, name)
         if not 0 <= alpha <= 1:
             raise ProtocolError(f"alpha must lie in 0..1, got {alpha}")
         data = await read_body(request, limits.max_upload_bytes)
@@ -390,7 +396,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             data = await upload.read()
         if kind not in imaging.IMAGE_TYPES:
             raise ProtocolError(f"content type {kind or 'missing'!r} is not an image; send one of {', '.join(imaging.IMAGE_TYPES)}", 415)
-        rgb = imaging.decode_image(data, lambda h, w: check_images(1, h, w, served.scales, limits))
+        rgb = imaging.decode_image(data, lambda h, w: check_shape(served, (1, 3, h, w), limits))
         tic = time.perf_counter()
         served, out = await execute(repo, name, rgb.transpose(2, 0, 1)[None].copy(), limits)
         labels, confidence = out["labels"][0], out["confidence"][0]
