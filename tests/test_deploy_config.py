@@ -31,7 +31,11 @@ def test_gpu_services_reserve_a_gpu(name):
 def test_gpu_serving_uses_the_serve_gpu_target_and_grpc():
     assert SERVICES["serving-gpu"]["build"]["target"] == "serve-gpu"
     for name in ("serving", "serving-gpu"):
-        assert SERVICES[name]["command"] == ["--grpc-port", "8001"]
+        command = SERVICES[name]["command"]
+        assert command[:2] == ["--grpc-port", "8001"]
+        # the app promotes versions from /work/versions: serving may load packages from there only
+        repository = command[command.index("--model-repository") + 1]
+        assert any(v.split(":")[1] == repository for v in SERVICES[name]["volumes"])
 
 
 def test_tensorrt_versions_are_named_and_match_the_dockerfile():
