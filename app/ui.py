@@ -106,9 +106,19 @@ class App:
 
     # --- Label Studio --------------------------------------------------------------------------------------
     def _client(self, url: str, token: str) -> LabelStudio:
-        self.s.ls_url, self.s.ls_token = url or self.s.ls_url, token or self.s.ls_token
+        """A client for this request. The token given at launch never reaches the browser and is only ever
+        sent to the URL given with it; any other URL needs its own token, which is used for that request only."""
+        url = (url or "").strip().rstrip("/") or self.s.ls_url.rstrip("/")
+        token = (token or "").strip()
+        if not token:
+            if not self.s.ls_token:
+                raise gr.Error("Paste a Label Studio access token (Account & Settings -> Access Token).")
+            if url != self.s.ls_url.rstrip("/"):
+                raise gr.Error(f"The token the app was started with belongs to {self.s.ls_url}; paste the access token "
+                               f"for {url}, or set the URL back.")
+            token = self.s.ls_token
         try:
-            return LabelStudio(self.s.ls_url, self.s.ls_token)
+            return LabelStudio(url, token)
         except LabelStudioError as err:
             raise gr.Error(str(err)) from None
 
@@ -221,7 +231,8 @@ class App:
             with gr.Tab("Label Studio"):
                 with gr.Row():
                     url = gr.Textbox(self.s.ls_url, label="Label Studio URL")
-                    token = gr.Textbox(self.s.ls_token, label="Access token", type="password")
+                    token = gr.Textbox("", label="Access token", type="password",
+                                       placeholder="given at launch (kept on the server)" if self.s.ls_token else "paste it here")
                     connect = gr.Button("Connect")
                 project = gr.Textbox("scaleseg", label="Project")
                 delivery = gr.Radio(["local", "upload"], value="local", label="Images reach Label Studio by")
