@@ -12,6 +12,11 @@ import numpy as np
 from serving.backends import Backend, load_backend
 from serving.protocol import DATATYPES, HEADER
 
+# The defaults of `scaleseg serve` (--max-upload-mb 20, --max-pixels 4096*4096), so the app refuses what
+# the endpoint would refuse, before decoding anything.
+PREDICT_MAX_BYTES = 20 * 1024 * 1024
+PREDICT_MAX_PIXELS = 4096 * 4096
+
 
 class RemoteBackend(Backend):
     """One model of a v2 endpoint; ``infer`` posts uint8 images as binary tensors."""

@@ -18,10 +18,10 @@ from training.data.folder import find_image, read_split  # noqa: E402
 from training.methods import METHODS  # noqa: E402
 
 from . import acquisition  # noqa: E402
-from .ingest import ingest  # noqa: E402
+from .ingest import MAX_UPLOAD_BYTES, ingest, read_upload  # noqa: E402
 from .labeling import load_state, pull, push  # noqa: E402
 from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
-from .predictor import Predictor  # noqa: E402
+from .predictor import PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS, Predictor  # noqa: E402
 from .scoring import Scored, choose, image_batch, score_unlabeled  # noqa: E402
 from .versions import Registry, Retrainer, register_initial  # noqa: E402
 
@@ -57,11 +57,16 @@ class App:
 
     # --- Predict ---------------------------------------------------------------------------------------
     def predict(self, image, opacity: float = 0.5, multiscale: bool = False):
-        if image is None:
+        """``image``: the uploaded file (Gradio's payload, not preprocessed, so that its size is checked
+        before anything decodes it) or a path."""
+        path = image.get("path") if isinstance(image, dict) else image
+        if not path:
             raise gr.Error("Upload or pick an image first.")
-        rgb = np.asarray(image, dtype=np.uint8)[..., :3]
-        if min(rgb.shape[:2]) < 16:
-            raise gr.Error("The image is smaller than 16x16 pixels.")
+        try:
+            rgb = read_upload(Path(path), PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS)
+        except (ValueError, OSError) as err:
+            name = image.get("orig_name") if isinstance(image, dict) else None
+            raise gr.Error(f"{name or Path(path).name}: {err}.") from None
         tic = time.perf_counter()
         out = self.s.predictor.predict(rgb, multiscale)
         latency = 1000 * (time.perf_counter() - tic)
@@ -80,7 +85,7 @@ class App:
             raise gr.Error("Choose image files or a .zip first.")
         paths = [f if isinstance(f, str) else f.name for f in files]
         report = ingest(self.s.data, paths, progress=lambda f, m: progress(f, desc=m))
-        return report.summary() + f". The unlabelled pool now has {len(read_split(self.s.data, 'unlabeled', required=False))} images."
+        return report.summary() + f"\n\nThe unlabelled pool now has {len(read_split(self.s.data, 'unlabeled', required=False))} images."
 
     def rank(self, function: str, k: int, balance: float, progress=gr.Progress()):
         cif_needed = function == "scale_disagreement"
@@ -203,7 +208,7 @@ class App:
             gr.Markdown("# scaleseg\nSegment, find the images the model is least sure of, label them in Label Studio, retrain.")
             with gr.Tab("Predict"):
                 with gr.Row():
-                    image = gr.Image(type="numpy", label="Image", sources=["upload", "clipboard"], height=360)
+                    image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=360)
                     with gr.Column():
                         opacity = gr.Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
                         multiscale = gr.Checkbox(has_cif, label="CIF multi-scale (x0.5, x1, x2)", interactive=has_cif)
@@ -213,7 +218,8 @@ class App:
                     heat = gr.Image(label="Confidence (dark = unsure)", height=360)
                 areas = gr.Dataframe(headers=["class", "area %", "mean confidence"], label="Per-class area")
                 info = gr.Markdown(elem_id="predict-info")
-                go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info], api_name="predict")
+                go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info], api_name="predict",
+                         preprocess=False)  # predict checks the file's size itself, before decoding it
             with gr.Tab("Unlabeled"):
                 files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Unlabelled images or .zip")
                 add = gr.Button("Add to dataset")
@@ -276,5 +282,6 @@ def launch(model: Path, data: Path, work: Path, host: str = "127.0.0.1", port: i
     demo = app.blocks()
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block, ssr_mode=False,
-                allowed_paths=[str(Path(data).resolve()), str(Path(work).resolve())], footer_links=["api"])
+                allowed_paths=[str(Path(data).resolve()), str(Path(work).resolve())], footer_links=["api"],
+                max_file_size=MAX_UPLOAD_BYTES)
     return app, demo
