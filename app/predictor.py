@@ -74,6 +74,11 @@ class Predictor:
         with self._lock:
             self.model_dir, self.meta, self.single, self.cif = Path(model_dir), meta, single, cif
 
+    def snapshot(self) -> tuple[Path, Backend, Backend | None]:
+        """(package, single-scale backend, CIF backend) as one consistent set, even while a promotion swaps them."""
+        with self._lock:
+            return self.model_dir, self.single, self.cif
+
     @property
     def classes(self) -> list[dict]:
         return self.meta["classes"]

@@ -19,10 +19,10 @@ from training.methods import METHODS  # noqa: E402
 
 from . import acquisition  # noqa: E402
 from .ingest import MAX_UPLOAD_BYTES, ingest, read_upload  # noqa: E402
-from .labeling import load_state, pull, push  # noqa: E402
+from .labeling import ProjectChanged, load_state, pull, push, status  # noqa: E402
 from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
 from .predictor import PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS, Predictor  # noqa: E402
-from .scoring import Scored, choose, image_batch, score_unlabeled  # noqa: E402
+from .scoring import Scored, choose, image_batch, load_ranking, save_ranking, score_unlabeled  # noqa: E402
 from .versions import Registry, Retrainer, register_initial  # noqa: E402
 
 HEAT_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
@@ -45,6 +45,11 @@ class AppState:
     ls_url: str = ""
     ls_token: str = ""
     ranking: list[Scored] = field(default_factory=list)
+    ranking_version: str = ""         # the model version whose masks the ranking holds
+
+    @property
+    def ranking_path(self) -> Path:
+        return self.registry.work / "ranking.npz"
 
 
 class App:
@@ -54,6 +59,7 @@ class App:
         current = register_initial(registry, Path(model), Path(data))
         predictor = Predictor(Path(current["dir"]), serving_url, api_key=serving_api_key)
         self.s = AppState(Path(data), predictor, registry, Retrainer(registry, Path(data), predictor.load), ls_url, ls_token)
+        self.s.ranking, self.s.ranking_version = load_ranking(self.s.ranking_path, self.s.data)
 
     # --- Predict ---------------------------------------------------------------------------------------
     def predict(self, image, opacity: float = 0.5, multiscale: bool = False):
@@ -88,17 +94,19 @@ class App:
         return report.summary() + f"\n\nThe unlabelled pool now has {len(read_split(self.s.data, 'unlabeled', required=False))} images."
 
     def rank(self, function: str, k: int, balance: float, progress=gr.Progress()):
-        cif_needed = function == "scale_disagreement"
-        if cif_needed and self.s.predictor.cif is None:
+        model_dir, single, cif = self.s.predictor.snapshot()  # one model for the whole ranking, even if promoted meanwhile
+        if function == "scale_disagreement" and cif is None:
             raise gr.Error("Scale disagreement needs a ScaleMatch model exported with --cif-scales.")
         try:
-            scored = score_unlabeled(self.s.predictor.model_dir, self.s.data, function, backend=self.s.predictor.single,
-                                     cif_backend=self.s.predictor.cif, progress=lambda f, m: progress(f, desc=m))
+            scored = score_unlabeled(model_dir, self.s.data, function, backend=single, cif_backend=cif,
+                                     progress=lambda f, m: progress(f, desc=m))
         except ValueError as err:
             raise gr.Error(str(err)) from None
         if not scored:
             raise gr.Error("No unlabelled images: add some first.")
         self.s.ranking = choose(scored, self.s.data, int(k), balance)
+        self.s.ranking_version = self.s.registry.name_of(model_dir)
+        save_ranking(self.s.ranking_path, self.s.ranking, self.s.ranking_version)
         classes = self.s.predictor.classes
         gallery = []
         for s in self.s.ranking:
@@ -107,7 +115,8 @@ class App:
                 rgb = image_batch(path)[0].transpose(1, 2, 0)
                 gallery.append((colour_overlay(rgb, s.labels, classes, 0.45), f"{s.image_id}  {function} {s.score:.3f}"))
         table = [[s.image_id, round(s.score, 4)] for s in self.s.ranking]
-        return gallery, table, f"Selected {len(self.s.ranking)} of {len(scored)} unlabelled images by {function}."
+        return gallery, table, (f"Selected {len(self.s.ranking)} of {len(scored)} unlabelled images by {function} "
+                                f"with model {self.s.ranking_version}.")
 
     # --- Label Studio --------------------------------------------------------------------------------------
     def _client(self, url: str, token: str) -> LabelStudio:
@@ -127,44 +136,61 @@ class App:
         except LabelStudioError as err:
             raise gr.Error(str(err)) from None
 
-    def ls_connect(self, url: str, token: str) -> str:
+    def ls_connect(self, url: str, token: str, progress=gr.Progress()) -> tuple[str, str]:
         client = self._client(url, token)
+        progress(0, desc=f"connecting to {client.url}")
         try:
             who = client.whoami()
+            counts = status(client, self.s.data)
         except LabelStudioError as err:
             raise gr.Error(str(err)) from None
-        return f"Connected to {client.url} as {who.get('email') or who.get('username')}."
+        return f"Connected to {client.url} as {who.get('email') or who.get('username')}.", counts.summary()
 
-    def ls_push(self, url: str, token: str, project: str, delivery: str, progress=gr.Progress()) -> str:
+    def ls_push(self, url: str, token: str, project: str, delivery: str, switch: bool = False,
+                progress=gr.Progress()) -> tuple[str, str]:
         if not self.s.ranking:
             raise gr.Error("Rank the unlabelled images first (Unlabeled tab).")
         client = self._client(url, token)
+        progress(0, desc=f"connecting to {client.url}")
         preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in self.s.ranking}
         try:
-            report = push(client, self.s.data, preds, self.s.predictor.model_dir.name, project or "scaleseg", delivery,
-                          progress=lambda f, m: progress(f, desc=m))
+            report = push(client, self.s.data, preds, self.s.ranking_version, project or "scaleseg", delivery,
+                          progress=lambda f, m: progress(f, desc=m), switch_project=switch)
+            counts = status(client, self.s.data)
+        except ProjectChanged as err:
+            raise gr.Error(str(err)) from None
         except LabelStudioError as err:
             raise gr.Error(f"{err} The selection is kept; push again when Label Studio is back.") from None
-        return (f"Project {report.project_id}: pushed {len(report.pushed)} new task(s); {len(report.already)} were already "
-                f"there. Open {client.url}/projects/{report.project_id} to label them.")
+        return (f"Project {report.project_id}: pushed {len(report.pushed)} new task(s) with model "
+                f"{self.s.ranking_version}'s masks; {len(report.already)} were already there. Open "
+                f"{client.url}/projects/{report.project_id} to label them."), counts.summary()
 
-    def ls_pull(self, url: str, token: str, overwrite: bool, progress=gr.Progress()) -> str:
+    def ls_pull(self, url: str, token: str, overwrite: bool, progress=gr.Progress()) -> tuple[str, str]:
         client = self._client(url, token)
+        progress(0, desc=f"connecting to {client.url}")
         try:
             r = pull(client, self.s.data, overwrite, progress=lambda f, m: progress(f, desc=m))
+            counts = status(client, self.s.data)
         except LabelStudioError as err:
             raise gr.Error(str(err)) from None
-        text = (f"{len(r.written)} mask(s) written, {len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, "
-                f"{len(r.pending)} not labelled yet. The labelled set now has {len(read_split(self.s.data, 'labeled'))} images.")
+        text = (f"{len(r.written)} mask(s) written ({len(r.updated)} of them edits of annotations pulled before), "
+                f"{len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, {len(r.pending)} not labelled yet. "
+                f"The labelled set now has {len(read_split(self.s.data, 'labeled'))} images.")
         if r.conflicts:
             text += f" {len(r.conflicts)} differ from existing human masks and were kept ({', '.join(r.conflicts)}); tick overwrite to replace them."
+        if r.protected:
+            text += (f" {len(r.protected)} are validation images and kept their masks ({', '.join(r.protected)}); to replace "
+                     f"one, run `scaleseg label pull {self.s.data} --replace-val ID`.")
         if r.errors:
             text += " Errors: " + "; ".join(f"{k}: {v}" for k, v in r.errors.items())
-        return text
+        return text, counts.summary()
 
-    def ls_status(self) -> str:
-        state = load_state(self.s.data)
-        return f"{len(state['tasks'])} image(s) pushed to project {state.get('project_id')}, {len(state['pulled'])} pulled."
+    def ls_status(self, url: str, token: str) -> str:
+        client = self._client(url, token)
+        try:
+            return status(client, self.s.data).summary()
+        except LabelStudioError as err:
+            raise gr.Error(str(err)) from None
 
     # --- Retrain and models -----------------------------------------------------------------------------------
     def retrain(self, method: str, iterations: int, start_from: str, promote: str) -> str:
@@ -240,16 +266,21 @@ class App:
                     token = gr.Textbox("", label="Access token", type="password",
                                        placeholder="given at launch (kept on the server)" if self.s.ls_token else "paste it here")
                     connect = gr.Button("Connect")
-                project = gr.Textbox("scaleseg", label="Project")
+                with gr.Row():
+                    project = gr.Textbox(load_state(self.s.data).get("project_title") or "scaleseg", label="Project")
+                    switch = gr.Checkbox(False, label="Switch this dataset to this project (its tasks stay in the old one)")
                 delivery = gr.Radio(["local", "upload"], value="local", label="Images reach Label Studio by")
                 with gr.Row():
                     push_btn = gr.Button("Push selection with pre-annotations", variant="primary")
                     overwrite = gr.Checkbox(False, label="Overwrite differing human masks")
                     pull_btn = gr.Button("Pull finished labels")
+                    status_btn = gr.Button("Refresh status")
+                ls_status = gr.Markdown(elem_id="ls-status")
                 ls_msg = gr.Markdown(elem_id="ls-report")
-                connect.click(self.ls_connect, [url, token], [ls_msg], api_name="ls_connect")
-                push_btn.click(self.ls_push, [url, token, project, delivery], [ls_msg], api_name="ls_push")
-                pull_btn.click(self.ls_pull, [url, token, overwrite], [ls_msg], api_name="ls_pull")
+                connect.click(self.ls_connect, [url, token], [ls_msg, ls_status], api_name="ls_connect")
+                push_btn.click(self.ls_push, [url, token, project, delivery, switch], [ls_msg, ls_status], api_name="ls_push")
+                pull_btn.click(self.ls_pull, [url, token, overwrite], [ls_msg, ls_status], api_name="ls_pull")
+                status_btn.click(self.ls_status, [url, token], [ls_status], api_name="ls_status")
             with gr.Tab("Retrain"):
                 with gr.Row():
                     method = gr.Dropdown(list(METHODS), value="scalematch", label="Method")

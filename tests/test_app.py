@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.ingest import ingest
-from app.labeling import prediction_result
+from app.labeling import load_state, prediction_result
 from app.labelstudio import LabelStudio
 from app.ui import App
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
@@ -67,18 +67,24 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     assert s.registry.serving()["name"] == "v1"
     gallery, table, message = app.rank("entropy", 3, 1.0)
     assert len(gallery) == 3 and "Selected 3" in message
-    assert "pushed 3 new task(s)" in app.ls_push(label_studio.url, label_studio.token, "app loop", "local")
+    restarted = App(s.predictor.model_dir, s.data, s.registry.work, ls_url=label_studio.url, ls_token=label_studio.token)
+    assert [r.image_id for r in restarted.s.ranking] == [r.image_id for r in s.ranking]  # the ranking survives a restart
+    message, counts = app.ls_push(label_studio.url, "", "app loop", "local")  # empty box: the token given at launch
+    assert "pushed 3 new task(s) with model v1's masks" in message
+    assert counts == "Project 'app loop' (id %d): 3 pushed, 0 annotated, 0 pulled, 3 pending." % load_state(s.data)["project_id"]
     client = LabelStudio(label_studio.url, label_studio.token)
     project = next(p for p in client.projects() if p["title"] == "app loop")
     tasks = list(client.tasks(project["id"]))
     assert all(t["predictions"] for t in tasks)
+    assert {t["predictions"][0]["model_version"] for t in tasks} == {"v1"}  # the registry's name, as in the Models tab
     classes = class_dicts(load_classes(s.data))
     truth = {}
     for task in tasks:
         image_id = task["data"]["scaleseg_id"]
         _, truth[image_id] = render(int(image_id.split("_")[1]), 0, 48, load_classes(s.data))
         client.create_annotation(task["id"], prediction_result(truth[image_id], classes))
-    assert "3 mask(s) written" in app.ls_pull(label_studio.url, label_studio.token, False)
+    message, counts = app.ls_pull(label_studio.url, label_studio.token, False)
+    assert "3 mask(s) written" in message and "3 pushed, 3 annotated, 3 pulled, 0 pending" in counts
     for image_id, mask in truth.items():
         assert np.array_equal(np.array(Image.open(mask_path(s.data, image_id))), mask)
 
