@@ -2,6 +2,7 @@
 the least certain to Label Studio with the model's masks, pull the labels back, retrain, promote."""
 from __future__ import annotations
 
+import html
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,30 @@ from .predictor import PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS, Predictor  # noqa:
 from .scoring import Scored, choose, image_batch, load_ranking, save_ranking, score_unlabeled  # noqa: E402
 from .versions import Registry, Retrainer, register_initial  # noqa: E402
 
+CIF_LABEL = "CIF multi-scale (x0.5, x1, x2)"
 HEAT_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
+
+
+def overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[dict], opacity: float) -> np.ndarray:
+    """Class colours blended over the image, except on background, which stays as it was (its colour is
+    usually black and would only darken the picture)."""
+    painted = np.isin(labels, [c["id"] for c in classes if c["name"] != "background"])
+    return np.where(painted[..., None], colour_overlay(rgb, labels, classes, opacity), rgb)
+
+
+def legend(classes: list[dict], labels: np.ndarray | None = None) -> str:
+    """HTML swatches for the classes (those present in ``labels`` where given)."""
+    present = set(np.unique(labels).tolist()) if labels is not None else {c["id"] for c in classes}
+    items = []
+    for c in classes:
+        if c["id"] not in present:
+            continue
+        r, g, b = c["color"]
+        swatch = ("not painted" if c["name"] == "background" else
+                  f'<span style="display:inline-block;width:14px;height:14px;background:rgb({r},{g},{b});'
+                  'border:1px solid #888;vertical-align:middle"></span>')
+        items.append(f'<span style="margin-right:14px">{swatch} {html.escape(c["name"])}</span>')
+    return '<div id="legend-items">' + "".join(items) + "</div>"
 
 
 def heatmap(confidence: np.ndarray) -> np.ndarray:
@@ -73,6 +97,7 @@ class App:
         except (ValueError, OSError) as err:
             name = image.get("orig_name") if isinstance(image, dict) else None
             raise gr.Error(f"{name or Path(path).name}: {err}.") from None
+        model_dir, _, cif = self.s.predictor.snapshot()
         tic = time.perf_counter()
         out = self.s.predictor.predict(rgb, multiscale)
         latency = 1000 * (time.perf_counter() - tic)
@@ -81,9 +106,12 @@ class App:
         counts = np.bincount(labels.ravel(), minlength=len(classes))
         table = [[c["name"], round(100 * counts[c["id"]] / labels.size, 2),
                   round(float(conf[labels == c["id"]].mean()), 3) if counts[c["id"]] else None] for c in classes]
-        used = "CIF multi-scale" if multiscale and self.s.predictor.cif is not None else "single scale"
-        info = f"{latency:.0f} ms, {used}, mean confidence {conf.mean():.3f}, model {self.s.predictor.model_dir.name}"
-        return colour_overlay(rgb, labels, classes, opacity), heatmap(conf), table, info
+        version = self.s.registry.name_of(model_dir)
+        used = "CIF multi-scale" if multiscale and cif is not None else "single scale"
+        if multiscale and cif is None:
+            used += f" (model {version} has no CIF graph)"
+        info = f"{latency:.0f} ms, {used}, mean confidence {conf.mean():.3f}, model {version}"
+        return overlay(rgb, labels, classes, opacity), heatmap(conf), table, info, legend(classes, labels)
 
     # --- Unlabeled ---------------------------------------------------------------------------------------
     def add_unlabeled(self, files, progress=gr.Progress()):
@@ -113,7 +141,7 @@ class App:
             path = find_image(self.s.data, s.image_id)
             if path is not None:
                 rgb = image_batch(path)[0].transpose(1, 2, 0)
-                gallery.append((colour_overlay(rgb, s.labels, classes, 0.45), f"{s.image_id}  {function} {s.score:.3f}"))
+                gallery.append((overlay(rgb, s.labels, classes, 0.45), f"{s.image_id}  {function} {s.score:.3f}"))
         table = [[s.image_id, round(s.score, 4)] for s in self.s.ranking]
         return gallery, table, (f"Selected {len(self.s.ranking)} of {len(scored)} unlabelled images by {function} "
                                 f"with model {self.s.ranking_version}.")
@@ -211,6 +239,8 @@ class App:
         return bar, pd.DataFrame({"iteration": [r["iter"] for r in losses], "loss": [r["loss"] for r in losses]})
 
     def promote(self, name: str) -> str:
+        if not name:
+            raise gr.Error("Choose a version to serve.")
         try:
             self.s.retrainer.promote(name)
         except (KeyError, StopIteration):
@@ -220,12 +250,37 @@ class App:
         return f"{name} is now serving."
 
     def models(self):
+        """(table rows, plot, version dropdown, CIF checkbox) for the Models tab as the registry stands."""
         reg = self.s.registry.read()
         rows = [[v["name"] + (" (serving)" if v["name"] == reg["serving"] else ""), v["method"], v.get("labeled"),
                  round(v["miou"], 2), round(v["miou_x0.5"], 2), round(v["miou_x2.0"], 2), v["created"]] for v in reg["versions"]]
         plot = pd.DataFrame({"labelled images": [v.get("labeled") or 0 for v in reg["versions"]],
                              "mIoU": [v["miou"] for v in reg["versions"]], "version": [v["name"] for v in reg["versions"]]})
-        return rows, plot
+        x, y = plot["labelled images"], plot["mIoU"]
+        pad_x, pad_y = max(1.0, 0.1 * (x.max() - x.min())), max(1.0, 0.1 * (y.max() - y.min()))
+        curve = gr.ScatterPlot(plot, x_lim=[x.min() - pad_x, x.max() + pad_x], y_lim=[max(0.0, y.min() - pad_y), y.max() + pad_y])
+        names = [v["name"] for v in reg["versions"]]
+        return rows, curve, gr.Dropdown(choices=names, value=reg["serving"]), self.cif_control()
+
+    def cif_control(self) -> gr.Checkbox:
+        """The CIF checkbox as the serving model allows: off and disabled, with the reason, without a CIF graph."""
+        model_dir, _, cif = self.s.predictor.snapshot()
+        if cif is None:
+            return gr.Checkbox(value=False, interactive=False, label=self._no_cif_label(model_dir))
+        return gr.Checkbox(interactive=True, label=CIF_LABEL)
+
+    def _no_cif_label(self, model_dir: Path) -> str:
+        return (f"CIF multi-scale: not available, model {self.s.registry.name_of(model_dir)} has no CIF graph "
+                "(retrain with ScaleMatch)")
+
+    def models_if_changed(self, seen: str):
+        """The Models tab and the CIF checkbox again when the registry or the serving model changed since
+        this browser last looked (a retraining job may promote in the background)."""
+        path = self.s.registry.path
+        now = f"{path.stat().st_mtime_ns if path.is_file() else 0}:{self.s.predictor.snapshot()[0]}"
+        if now == seen:
+            return (gr.skip(),) * 5
+        return (now, *self.models())
 
     # --- layout --------------------------------------------------------------------------------------
     def blocks(self) -> gr.Blocks:
@@ -237,14 +292,16 @@ class App:
                     image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=360)
                     with gr.Column():
                         opacity = gr.Slider(0, 1, 0.5, step=0.05, label="Overlay opacity")
-                        multiscale = gr.Checkbox(has_cif, label="CIF multi-scale (x0.5, x1, x2)", interactive=has_cif)
+                        multiscale = gr.Checkbox(has_cif, interactive=has_cif, elem_id="cif",
+                                                 label=CIF_LABEL if has_cif else self._no_cif_label(self.s.predictor.model_dir))
                         go = gr.Button("Segment", variant="primary")
                 with gr.Row():
                     over = gr.Image(label="Overlay", elem_id="overlay", height=360)
                     heat = gr.Image(label="Confidence (dark = unsure)", height=360)
+                colours = gr.HTML(legend(self.s.predictor.classes), elem_id="legend")
                 areas = gr.Dataframe(headers=["class", "area %", "mean confidence"], label="Per-class area")
                 info = gr.Markdown(elem_id="predict-info")
-                go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info], api_name="predict",
+                go.click(self.predict, [image, opacity, multiscale], [over, heat, areas, info, colours], api_name="predict",
                          preprocess=False)  # predict checks the file's size itself, before decoding it
             with gr.Tab("Unlabeled"):
                 files = gr.File(file_count="multiple", file_types=["image", ".zip"], label="Unlabelled images or .zip")
@@ -297,13 +354,16 @@ class App:
                                         label="Versions")
                 curve = gr.ScatterPlot(x="labelled images", y="mIoU", color="version", title="mIoU vs labelled images")
                 with gr.Row():
-                    which = gr.Textbox(label="Version to serve", placeholder="v2")
+                    which = gr.Dropdown([], label="Version to serve")
                     promote_btn = gr.Button("Promote")
                     refresh = gr.Button("Refresh")
-                promoted = gr.Markdown()
-                refresh.click(self.models, None, [versions, curve], api_name="models")
-                promote_btn.click(self.promote, [which], [promoted], api_name="promote")
-                demo.load(self.models, None, [versions, curve])
+                promoted = gr.Markdown(elem_id="promote-report")
+                models_out = [versions, curve, which, multiscale]
+                refresh.click(self.models, None, models_out, api_name="models")
+                promote_btn.click(self.promote, [which], [promoted], api_name="promote").then(self.models, None, models_out)
+                demo.load(self.models, None, models_out)
+                seen = gr.State("")
+                gr.Timer(2.0).tick(self.models_if_changed, [seen], [seen, *models_out], api_name=False)
         return demo
 
 

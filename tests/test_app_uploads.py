@@ -106,3 +106,20 @@ def test_predict_refuses_oversized_and_damaged_files_with_a_message(package, dat
         assert "single scale" in info
     finally:
         demo.close()
+
+
+def test_overlay_leaves_background_unpainted_and_has_a_legend(tiny_data):
+    from app.ui import legend, overlay
+    from training.data.folder import class_dicts, load_classes
+
+    classes = class_dicts(load_classes(tiny_data))
+    rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), np.uint8)
+    labels = np.zeros((8, 8), np.int32)
+    labels[:, 4:] = 2
+    out = overlay(rgb, labels, classes, 0.5)
+    assert np.array_equal(out[:, :4], rgb[:, :4])  # background: the image itself, not darkened
+    colour = np.array(classes[2]["color"], np.float32)
+    assert np.allclose(out[:, 4:], (rgb[:, 4:] * 0.5 + colour * 0.5).astype(np.uint8), atol=1)
+    html = legend(classes, labels)
+    assert "square" in html and "rgb({},{},{})".format(*classes[2]["color"]) in html
+    assert "disc" not in html and "background" in html and "not painted" in html
