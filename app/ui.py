@@ -44,9 +44,11 @@ def legend(classes: list[dict], labels: np.ndarray | None = None) -> str:
     for c in classes:
         if c["id"] not in present:
             continue
+        if c["name"] == "background":
+            items.append('<span style="margin-right:14px">background (not painted)</span>')
+            continue
         r, g, b = c["color"]
-        swatch = ("not painted" if c["name"] == "background" else
-                  f'<span style="display:inline-block;width:14px;height:14px;background:rgb({r},{g},{b});'
+        swatch = (f'<span style="display:inline-block;width:14px;height:14px;background:rgb({r},{g},{b});'
                   'border:1px solid #888;vertical-align:middle"></span>')
         items.append(f'<span style="margin-right:14px">{swatch} {html.escape(c["name"])}</span>')
     return '<div id="legend-items">' + "".join(items) + "</div>"
