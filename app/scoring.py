@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,12 @@ def load_ranking(path: Path, data: Path) -> tuple[list[Scored], str]:
     """(selection, model version) saved by save_ranking, without images that are no longer unlabelled."""
     if not Path(path).is_file():
         return [], ""
-    with np.load(path) as saved:
-        meta = json.loads(saved["meta"].tobytes())
-        pool = set(read_split(data, "unlabeled", required=False))
-        ranking = [Scored(i, score, saved[f"labels_{n}"], saved[f"confidence_{n}"])
-                   for n, (i, score) in enumerate(zip(meta["ids"], meta["scores"])) if i in pool]
+    try:
+        with np.load(path) as saved:
+            meta = json.loads(saved["meta"].tobytes())
+            pool = set(read_split(data, "unlabeled", required=False))
+            ranking = [Scored(i, score, saved[f"labels_{n}"], saved[f"confidence_{n}"])
+                       for n, (i, score) in enumerate(zip(meta["ids"], meta["scores"])) if i in pool]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged file only costs a new ranking
+        return [], ""
     return ranking, meta["model_version"]

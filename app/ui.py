@@ -259,8 +259,8 @@ class App:
         plot = pd.DataFrame({"labelled images": [v.get("labeled") or 0 for v in reg["versions"]],
                              "mIoU": [v["miou"] for v in reg["versions"]], "version": [v["name"] for v in reg["versions"]]})
         x, y = plot["labelled images"], plot["mIoU"]
-        pad_x, pad_y = max(1.0, 0.1 * (x.max() - x.min())), max(1.0, 0.1 * (y.max() - y.min()))
-        curve = gr.ScatterPlot(plot, x_lim=[x.min() - pad_x, x.max() + pad_x], y_lim=[max(0.0, y.min() - pad_y), y.max() + pad_y])
+        pad_x, pad_y = max(1.0, 0.1 * (x.max() - x.min())), max(0.02, 0.1 * (y.max() - y.min()))  # mIoU is in [0, 1]
+        curve = gr.ScatterPlot(plot, x_lim=[x.min() - pad_x, x.max() + pad_x], y_lim=[y.min() - pad_y, y.max() + pad_y])
         names = [v["name"] for v in reg["versions"]]
         return rows, curve, gr.Dropdown(choices=names, value=reg["serving"]), self.cif_control()
 
