@@ -74,12 +74,12 @@ def test_stored_token_only_goes_to_its_own_url(secured_app, recorder):
             client.predict(attacker, "", api_name="/ls_connect")
         assert seen == []  # nothing was sent anywhere
         # a token typed for another URL is used for that request only
-        assert "Connected" in client.predict(attacker, "their-own-token", api_name="/ls_connect")
+        assert "Connected" in client.predict(attacker, "their-own-token", api_name="/ls_connect")[0]
         assert seen == ["Token their-own-token"]
         with pytest.raises(Exception, match="belongs to"):
             client.predict(attacker, "", api_name="/ls_connect")
         # the configured URL with an empty box uses the stored token, server-side
-        assert "Connected" in client.predict(configured_url, "", api_name="/ls_connect")
+        assert "Connected" in client.predict(configured_url, "", api_name="/ls_connect")[0]
         assert seen == ["Token their-own-token", f"Token {TOKEN}"]
     finally:
         other.shutdown()

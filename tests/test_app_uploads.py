@@ -102,7 +102,7 @@ def test_predict_refuses_oversized_and_damaged_files_with_a_message(package, dat
         with pytest.raises(Exception, match=r"damaged.png: the file is damaged or truncated"):
             client.predict(handle_file(str(tmp_path / "damaged.png")), 0.5, False, api_name="/predict")
         (tmp_path / "fine.png").write_bytes(png_bytes(5, (64, 48)))
-        *_, info = client.predict(handle_file(str(tmp_path / "fine.png")), 0.5, False, api_name="/predict")
+        *_, info, _ = client.predict(handle_file(str(tmp_path / "fine.png")), 0.5, False, api_name="/predict")
         assert "single scale" in info
     finally:
         demo.close()
