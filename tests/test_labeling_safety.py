@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app.cli import main as label_main
 from app.labeling import load_state, prediction_result, pull, push
 from app.labelstudio import LabelStudio, LabelStudioError
 from app.versions import _run
@@ -92,7 +93,7 @@ def test_changing_the_project_name_is_refused_unless_switching(label_studio, dat
     assert report.pushed == [image_id] and load_state(data)["project_title"] == "second name"
 
 
-def test_status_counts(label_studio, data_copy):
+def test_status_counts(label_studio, data_copy, capsys):
     from app.labeling import status
 
     data = data_copy
@@ -108,6 +109,8 @@ def test_status_counts(label_studio, data_copy):
     assert (s.pushed, s.annotated, s.pulled, s.pending) == (3, 2, 0, 1)
     pull(client, data)
     assert "3 pushed, 2 annotated, 2 pulled, 1 pending" in status(client, data).summary()
+    assert label_main(["status", str(data), "--url", label_studio.url, "--token", label_studio.token]) == 0
+    assert "3 pushed, 2 annotated, 2 pulled, 1 pending" in capsys.readouterr().out
 
 
 def test_a_label_studio_that_does_not_answer_fails_fast():
@@ -146,3 +149,21 @@ def test_a_failed_stage_names_its_cause_and_log(tmp_path):
     message = str(err.value)
     assert message.startswith("training failed (exit code 1): scaleseg train: val id synth_00020 is also in splits/labeled.txt")
     assert str(log_path) in message
+
+
+def test_a_failed_retrain_says_why_and_where_the_log_is(package, data_copy, tmp_path):
+    from app.versions import Registry, Retrainer
+
+    registry = Registry(tmp_path / "work")
+    registry.add({"name": "v1", "dir": str(package.resolve()), "method": "scalematch", "miou": 0.1})
+    labeled = data_copy / "splits" / "labeled.txt"
+    labeled.write_text(labeled.read_text() + "no_such_image\n")  # a broken dataset: training refuses at once
+    retrainer = Retrainer(registry, data_copy, on_promote=lambda package_dir: None)
+    job = retrainer.start("supervised", 2)
+    deadline = time.time() + 300
+    while retrainer.busy and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status == "failed"
+    assert job.message.startswith("v2 failed: training failed (exit code 2): ")
+    assert "no_such_image" in job.message and str(job.run_dir / "train.log") in job.message
+    assert registry.read()["serving"] == "v1"
