@@ -27,10 +27,11 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 COPY constraints.txt /tmp/constraints.txt
 COPY --from=wheel /wheels /wheels
 RUN pip install -c /tmp/constraints.txt numpy pillow onnxruntime fastapi uvicorn prometheus-client python-multipart \
+        grpcio protobuf "tritonclient[grpc]" \
     && pip install --no-deps /wheels/*.whl \
     && useradd --create-home --uid 10001 scaleseg
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 ENTRYPOINT ["python", "-m", "serving.cli", "/models/model", "--host", "0.0.0.0", "--port", "8000"]
@@ -46,11 +47,12 @@ COPY constraints.txt /tmp/constraints.txt
 COPY --from=wheel /wheels /wheels
 # TensorRT's Python runner keeps its buffers in torch CUDA tensors, hence torch in this image.
 RUN pip install -c /tmp/constraints.txt numpy pillow fastapi uvicorn prometheus-client python-multipart torch \
+        grpcio protobuf "tritonclient[grpc]" \
         onnxruntime-gpu==1.31.1 tensorrt-cu13==11.4.0.106 \
     && pip install --no-deps /wheels/*.whl \
     && useradd --create-home --uid 10001 scaleseg
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2)"]
 ENTRYPOINT ["python3", "-m", "serving.cli", "/models/model", "--host", "0.0.0.0", "--port", "8000"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,17 @@ from . import rle
 from .labelstudio import FROM_NAME, TO_NAME, LabelStudio, LabelStudioError
 
 ID_KEY = "scaleseg_id"
+
+
+def local_files_url(path: Path, document_root: str | None = None) -> str:
+    """The Label Studio URL of an image served by a local-files storage: the path relative to Label Studio's
+    LOCAL_FILES_DOCUMENT_ROOT (read from the same environment variable, default "/")."""
+    root = Path(document_root or os.environ.get("LOCAL_FILES_DOCUMENT_ROOT") or "/").resolve()
+    path = Path(path).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{path} is outside Label Studio's LOCAL_FILES_DOCUMENT_ROOT {root}; mount the dataset "
+                         "under that folder (in Label Studio and here at the same path) or push with delivery='upload'.")
+    return "/data/local-files/?d=" + str(path.relative_to(root))
 
 
 def state_path(data: Path) -> Path:
@@ -137,8 +149,7 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
         path = find_image(data, image_id)
         if path is None:
             raise FileNotFoundError(f"{data / 'images' / image_id}.*: image not found; is {image_id!r} in this dataset?")
-        url = client.upload_image(project["id"], path) if delivery == "upload" else \
-            "/data/local-files/?d=" + str(path.resolve()).lstrip("/")
+        url = client.upload_image(project["id"], path) if delivery == "upload" else local_files_url(path)
         task = {"data": {"image": url, ID_KEY: image_id},
                 "predictions": [{"model_version": model_version, "score": float(pred["score"]),
                                  "result": prediction_result(pred["labels"], classes, pred.get("confidence"))}]}

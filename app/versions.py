@@ -166,6 +166,7 @@ class Retrainer:
                        str(self.crop_size), "--batch-size", str(self.batch_size), "--backbone",
                        json.loads((Path(current["dir"]) / "meta.json").read_text())["backbone"] if current else "resnet18",
                        "--lr", "0.01", "--num-workers", "1", "--out", str(job.run_dir), "--device", "cpu"]
+                cmd.append("--force")  # a failed job's folder is reused: the next version gets its name
                 if job.from_current and current:
                     cmd += ["--init-from", str(Path(current["dir"]) / "checkpoint.pt")]
                 _run("training", cmd, log)

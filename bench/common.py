@@ -40,11 +40,11 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def write_results(name: str, payload: dict, table: str, note: str = "") -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+def write_results(name: str, payload: dict, table: str, note: str = "", results: Path = RESULTS) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
     header = f"# {name}\n\nMachine: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads" + \
              (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f". Written by `bench/{name}.py`.\n\n"
-    (RESULTS / f"{name}.md").write_text(header + (note + "\n\n" if note else "") + table + "\n")
+    (results / f"{name}.md").write_text(header + (note + "\n\n" if note else "") + table + "\n")
     print(table)

@@ -1,120 +1,243 @@
-"""Label efficiency on a synthetic multi-scale set: every method, the same data (~1/16 labelled), the
-same iteration budget, seed and optimiser, ResNet-18 DeepLabV3+ from random init (no pretrained weights
-can be fetched here).
+"""Label efficiency: every method on the same data, budget and seeds, on two benchmarks.
 
-Per method: mIoU of the final model (no checkpoint selection on val) at input scales x0.5, x1.0, x2.0,
-peak memory (each method trains in its own process so peak RSS is its own) and seconds per iteration,
-timed after all training in one quiet pass (one optimiser step on fixed inputs, the data loader excluded)
-so that nothing else running during the long training phase skews the comparison.
-ScaleMatch is also scored with CIF multi-scale inference (the paper's dagger rows). Finally ScaleMatch's
-cost claim: its scale branch (v drawn from V) against naively adding a second full-resolution input.
+- ``synthetic``: the multi-scale shapes set of ``scaleseg data synth``;
+- ``textures``: real photographic textures from scikit-image's bundled images (bench/texture_scenes.py).
+
+One run is (benchmark, labelled fraction, method, seed). Each trains in its own process (`scaleseg train`,
+ResNet-18 DeepLabV3+ from random init, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
+(the curves), and is scored at the end on val at those scales (and ScaleMatch with CIF multi-scale
+inference). All methods of one seed train on the same dataset and labelled subset; seeds change both the
+subset and the training randomness. Runs live in ``--work``: finished ones are kept, and ``--resume``
+continues an interrupted study (an unfinished run continues exactly from its last checkpoint).
+Results: bench/results/label_efficiency.{json,md} and label_efficiency_curves.png, mean +- std over seeds.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import random
+import statistics
 import subprocess
 import sys
-import tempfile
+from fractions import Fraction
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import machine, markdown_table, write_results  # noqa: E402
-from bench.train_speed import time_method  # noqa: E402
+from bench.common import RESULTS, machine, write_results  # noqa: E402
+from training.data.folder import read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch"]
+SCALES = ("0.5", "1.0", "2.0")
+POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
 
-def run_one(args) -> dict:
-    """Train and evaluate one method in this process; prints its JSON row."""
-    from training.checkpoint import load_checkpoint, load_inference_model
-    from training.cli import parse_train_args
-    from training.data.datasets import EvalSet
-    from training.data.folder import read_split
-    from training.engine import Trainer
-    from training.evaluate import evaluate
+def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_val: int, size: int, seed: int) -> Path:
+    """The dataset of one (benchmark, fraction, seed): one generated pool and val set for every seed
+    (generator seed fixed); the run's seed picks which pool images are labelled."""
+    if (path / "classes.json").is_file():
+        return path
+    pool_size = n_labeled + n_unlabeled
+    if benchmark == "synthetic":
+        from training.data.synth import synthesize
+        synthesize(path, 5, pool_size, 0, n_val, size, POOL_SEED, force=True, progress=False)
+    elif benchmark == "textures":
+        from bench.texture_scenes import synthesize_textures
+        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True)
+    else:
+        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic or textures")
+    pool = read_split(path, "labeled")
+    random.Random(seed).shuffle(pool)
+    write_split(path, "labeled", sorted(pool[:n_labeled]))
+    write_split(path, "unlabeled", sorted(pool[n_labeled:]))
+    return path
 
-    out = Path(args.work) / args.one
-    argv = [str(args.data), "--method", args.one, "--backbone", "resnet18", "--crop-size", str(args.crop),
-            "--batch-size", str(args.batch), "--max-iters", str(args.iters), "--eval-every", str(args.iters),
-            "--save-every", str(args.iters), "--lr", str(args.lr), "--seed", str(args.seed), "--num-workers", "1",
-            "--out", str(out), "--device", "cpu"]
-    if args.one == "scalematch":
-        argv += ["--warmup-epochs", str(args.warmup_epochs)]
-    trainer = Trainer(parse_train_args(argv), progress=False)
-    trainer.fit()
-    model, classes, _ = load_inference_model(load_checkpoint(out / "last.pt"))
-    names = [c["name"] for c in classes]
-    val = EvalSet(args.data, read_split(args.data, "val"), len(names))
-    with torch.inference_mode():
-        res = evaluate(model, val, names, torch.device("cpu"), scales=(0.5, 1.0, 2.0))
-        row = {"method": args.one, **{f"miou_x{s}": res["scales"][s]["miou"] for s in res["scales"]}}
-        if model.cif is not None:
-            cif = evaluate(model, val, names, torch.device("cpu"), cif_scales=(0.5, 2.0))
-            row["miou_cif"] = cif["scales"]["1.0"]["miou"]
-    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("ROW " + json.dumps(row), flush=True)
+
+def train_argv(args, method: str, data: Path, out: Path, seed: int, epochs_total: float) -> list[str]:
+    argv = [str(data), "--method", method, "--backbone", "resnet18", "--crop-size", str(args.crop),
+            "--batch-size", str(args.batch), "--max-iters", str(args.iters), "--eval-every", str(args.eval_every),
+            "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(args.lr), "--seed", str(seed),
+            "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
+    if method == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
+        argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
+    return argv
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a child process, appending its output to ``log``; returns its peak RSS in MiB."""
+    with open(log, "a") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} ... failed with exit code {code}; see {log}")
+    return usage.ru_maxrss / 1024
+
+
+def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
+    frac = Fraction(fraction)
+    n_labeled = max(1, round(args.pool * frac))
+    root = Path(args.work) / benchmark / fraction.replace("/", "_")
+    data = make_data(benchmark, root / f"data_seed{seed}", n_labeled, args.pool - n_labeled, args.n_val, args.size, seed)
+    out = root / method / f"seed{seed}"
+    row_file = out / "row.json"
+    if row_file.is_file():
+        return json.loads(row_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    epochs_total = args.iters / ((args.pool - n_labeled) // args.batch)
+    cmd = [sys.executable, "-m", "training.cli", "train", *train_argv(args, method, data, out, seed, epochs_total)]
+    # A run killed before its first checkpoint starts over (--force clears its partial log).
+    cmd.append("--resume" if (out / "last.pt").is_file() else "--force")
+    print(f"== {benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled" + (" (resumed)" if "--resume" in cmd else ""),
+          flush=True)
+    rss = run(cmd, out / "train.log")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_miou_by_scale" in r]
+    steps = sorted(r["sec_per_iter"] for r in records if "sec_per_iter" in r)
+    row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
+           **{f"miou_x{s}": val[-1]["val_miou_by_scale"][s] for s in SCALES},
+           "curve": [{"iter": r["iter"], **{f"x{s}": r["val_miou_by_scale"][s] for s in SCALES}} for r in val],
+           "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss}
+    if method == "scalematch":
+        report = out / "eval_cif.json"
+        run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
+             "--scales", "1", "--device", "cpu", "--json", str(report)], out / "train.log")
+        row["miou_cif"] = json.loads(report.read_text())["scales"]["1.0"]["miou"]
+    row_file.write_text(json.dumps(row, indent=1))
+    print(f"   x0.5 {row['miou_x0.5']:.1f}  x1.0 {row['miou_x1.0']:.1f}  x2.0 {row['miou_x2.0']:.1f}", flush=True)
     return row
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """One line per (benchmark, fraction, method): mean +- std over seeds, and the gain over supervised."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["benchmark"], r["fraction"], r["method"]), []).append(r)
+    out = []
+    for (bench, frac, method), rs in groups.items():
+        line = {"benchmark": bench, "fraction": frac, "method": method, "seeds": sorted(r["seed"] for r in rs)}
+        for key in [f"miou_x{s}" for s in SCALES] + ["miou_cif", "sec_per_iter", "peak_rss_mib"]:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if vals:
+                line[key] = mean_std(vals)
+        sup = groups.get((bench, frac, "supervised"))
+        if sup and method != "supervised":
+            by_seed = {r["seed"]: r["miou_x1.0"] for r in sup}
+            gains = [r["miou_x1.0"] - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed]
+            if gains:
+                line["gain_x1.0"] = mean_std(gains)
+        out.append(line)
+    return out
+
+
+def markdown(summary: list[dict]) -> str:
+    def cell(v):
+        return "-" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
+    lines = []
+    for bench in sorted({s["benchmark"] for s in summary}):
+        for frac in sorted({s["fraction"] for s in summary if s["benchmark"] == bench}, key=Fraction):
+            lines += [f"### {bench}, {frac} labelled", "",
+                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | s / iter | peak RSS MiB |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for s in sorted((s for s in summary if s["benchmark"] == bench and s["fraction"] == frac),
+                            key=lambda s: METHODS.index(s["method"]) if s["method"] in METHODS else 99):
+                rss = s.get("peak_rss_mib")
+                spi = s.get("sec_per_iter")
+                lines.append(f"| {s['method']} | {len(s['seeds'])} | {cell(s.get('miou_x0.5'))} | {cell(s.get('miou_x1.0'))} | "
+                             f"{cell(s.get('miou_x2.0'))} | {cell(s.get('miou_cif'))} | {cell(s.get('gain_x1.0'))} | "
+                             f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if rss is None else f'{rss[0]:.0f}'} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = sorted({(r["benchmark"], r["fraction"]) for r in rows})
+    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False)
+    for ax, (bench, frac) in zip(axes[0], cells):
+        for method in METHODS:
+            runs = [r["curve"] for r in rows if (r["benchmark"], r["fraction"], r["method"]) == (bench, frac, method)]
+            if not runs:
+                continue
+            iters = [p["iter"] for p in runs[0]]
+            per_iter = [[c[i]["x1.0"] for c in runs if len(c) > i] for i in range(len(iters))]
+            mean = [statistics.mean(v) for v in per_iter]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_iter]
+            ax.plot(iters, mean, label=f"{method} ({len(runs)} seeds)")
+            ax.fill_between(iters, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+        ax.set_title(f"{bench}, {frac} labelled")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("val mIoU x1.0")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--iters", type=int, default=800, help="training iterations per method (same for all)")
-    p.add_argument("--crop", type=int, default=96)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmarks", default="synthetic,textures")
+    p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--crop", type=int, default=64)
+    p.add_argument("--size", type=int, default=96, help="image side of both benchmarks")
     p.add_argument("--batch", type=int, default=4, help="labelled images per step (unlabelled: the same)")
     p.add_argument("--lr", type=float, default=0.01, help="backbone LR (head x10), random init")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="ScaleMatch warm-up; the paper's 10/80 epochs scaled to this budget")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-labeled", type=int, default=20)
-    p.add_argument("--n-unlabeled", type=int, default=300)
+    p.add_argument("--pool", type=int, default=320, help="training images (labelled + unlabelled)")
     p.add_argument("--n-val", type=int, default=60)
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--one", help=argparse.SUPPRESS)
-    p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--work", default=str(REPO / "runs" / "label_efficiency"))
+    p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
+    p.add_argument("--results", default=str(RESULTS), help="folder for the JSON, Markdown and PNG results")
     args = p.parse_args()
-    if args.one:
-        run_one(args)
-        return
+    work = Path(args.work)
+    settings = work / "settings.json"
+    budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
+    if settings.is_file():
+        saved = json.loads(settings.read_text())
+        if not args.resume:
+            raise SystemExit(f"{work}: a study is there already; pass --resume to continue it, or another --work.")
+        if saved != budget:
+            raise SystemExit(f"{work}: was run with {saved}, now {budget}; one study keeps one budget.")
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        settings.write_text(json.dumps(budget))
 
-    from training.data.synth import synthesize
-    work = Path(tempfile.mkdtemp(prefix="scaleseg-bench-"))
-    data = synthesize(work / "data", 5, args.n_labeled, args.n_unlabeled, args.n_val, 128, args.seed, progress=False)
     rows = []
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--one", method, "--data", str(data), "--work", str(work)]
-        for key in ("iters", "crop", "batch", "lr", "warmup_epochs", "seed"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        print(f"== {method}", flush=True)
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        rows.append(json.loads(next(line for line in out.splitlines() if line.startswith("ROW "))[4:]))
-        print(rows[-1], flush=True)
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for bench in args.benchmarks.split(","):
+            for frac in args.fractions.split(","):
+                for method in args.methods.split(","):
+                    rows.append(one_run(args, bench, frac, method, seed))
+    publish(work, budget, Path(args.results))
 
-    for row in rows:
-        row["sec_per_iter"] = time_method(row["method"], "resnet18", args.crop, args.batch, 5, torch.device("cpu"))["sec_per_iter"]
-    # ScaleMatch's cost: the second view at scale v in V, against a second full-resolution input (v = 1).
-    cost = time_method("scalematch", "resnet18", args.crop, args.batch, 5, torch.device("cpu"), scales=(0.25, 0.5, 1.5, 2.0, 1.0))
-    by_v = cost["sec_per_iter_by_scale"]
-    expected = sum(by_v[str(v)] for v in (0.25, 0.5, 1.5, 2.0)) / 4
-    cost_rows = [{"variant": f"second view at x{v}", "sec_per_iter": by_v[str(v)]} for v in (0.25, 0.5, 1.5, 2.0)]
-    cost_rows += [{"variant": "ScaleMatch: v drawn uniformly from V (expected)", "sec_per_iter": expected},
-                  {"variant": "naive: second full-resolution input (v = 1)", "sec_per_iter": by_v["1.0"]}]
 
-    table = markdown_table(rows, [("method", "method"), ("miou_x0.5", "mIoU x0.5"), ("miou_x1.0", "mIoU x1.0"),
-                                  ("miou_x2.0", "mIoU x2.0"), ("miou_cif", "mIoU CIF (0.5,1,2)"),
-                                  ("sec_per_iter", "s / iter"), ("peak_rss_mib", "peak RSS MiB")])
-    cost_table = markdown_table(cost_rows, [("variant", "ScaleMatch iteration"), ("sec_per_iter", "s / iter")])
-    note = (f"Synthetic multi-scale set: {args.n_labeled} labelled / {args.n_unlabeled} unlabelled / {args.n_val} val "
-            f"images of 128 px, 5 classes (1/{round((args.n_labeled + args.n_unlabeled) / args.n_labeled)} labelled). "
-            f"ResNet-18 DeepLabV3+ from random init, crop {args.crop}, batch {args.batch}+{args.batch}, "
-            f"{args.iters} iterations, SGD lr {args.lr} (head x10), poly, seed {args.seed}, one run each. "
-            "mIoU of the final model on val, no selection; peak RSS is the whole training process on CPU.")
-    write_results("label_efficiency", {"machine": machine(), "args": vars(args), "rows": rows, "scalematch_cost": cost_rows},
-                  table + "\n\n" + cost_table, note)
+def publish(work: Path, budget: dict, results: Path) -> None:
+    """Every finished run under ``work`` into the results files."""
+    rows = [json.loads(f.read_text()) for f in sorted(work.glob("*/*/*/seed*/row.json"))]
+    summary = summarise(rows)
+    results.mkdir(parents=True, exist_ok=True)
+    plot_curves(rows, results / "label_efficiency_curves.png")
+    note = (f"ResNet-18 DeepLabV3+ from random init, CPU. Pool of {budget['pool']} training images of {budget['size']} px "
+            f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
+            f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
+            "(head x10; CPS x1), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
+            "the gain is paired by seed (same data and labelled subset). s / iter is the median logged step time, "
+            "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
+            "![curves](label_efficiency_curves.png)")
+    write_results("label_efficiency", {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
+                  markdown(summary), note, results)
 
 
 if __name__ == "__main__":

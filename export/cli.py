@@ -23,7 +23,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8")
     p.add_argument("--triton-repo", type=Path, help="also add the package's models to this Triton model repository")
     p.add_argument("--name", help="model name in the Triton repository (default: the package folder's name)")
-    p.add_argument("--force", action="store_true", help="replace an existing package at --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing package at --out and this model's folders in --triton-repo")
     return p
 
 
@@ -36,7 +37,7 @@ def verify_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     from .package import export_package, verify_package
-    from .triton import write_repository
+    from .triton import check_destination, write_repository
 
     if argv[:1] == ["verify"]:
         args = verify_parser().parse_args(argv[1:])
@@ -50,13 +51,16 @@ def main(argv: list[str]) -> int:
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     if (args.fp16 or args.int8) and not args.tensorrt:
         raise SystemExit("scaleseg export: --fp16/--int8 apply to the TensorRT engine; add --tensorrt")
+    triton_name = args.name or Path(args.out).name
+    if args.triton_repo:
+        check_destination(args.triton_repo, triton_name, args.force)
     meta = export_package(Path(args.checkpoint), Path(args.out), args.with_probs, args.cif_scales, args.opset,
                           args.force, args.data, precision if args.tensorrt else None, args.calib)
     for graph, runs in meta["parity"]["graphs"].items():
         for r in runs:
             print(f"{graph} on {r['backend']}: label agreement {100 * r['label_agreement']:.4f} %")
     if args.triton_repo:
-        for folder in write_repository(Path(args.out), args.triton_repo, args.name or Path(args.out).name):
+        for folder in write_repository(Path(args.out), args.triton_repo, triton_name, force=args.force):
             print(f"wrote {folder}")
     print(f"wrote {args.out} ({', '.join(meta['graphs'])}); meta: {json.dumps({'method': meta['method'], 'opset': meta['opset']})}")
     return 0

@@ -20,7 +20,8 @@ import onnx
 import onnxruntime
 import torch
 
-from serving.backends import OnnxRuntimeBackend, TensorRTBackend, find_plan
+from serving.backends import OnnxRuntimeBackend, TensorRTBackend, current_gpu, find_plan
+from serving.shapes import CALIBRATION_SIDE, PARITY_BATCHES, PARITY_SIZES
 from training import __version__
 from training.checkpoint import CheckpointError, load_checkpoint, load_inference_model, save_checkpoint
 from training.data.folder import find_image, staged_folder, read_split
@@ -49,8 +50,8 @@ def _image_paths(data: Path | None, split: str) -> list[Path]:
     return [p for p in (find_image(data, i) for i in ids) if p is not None]
 
 
-def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tuple[int, int]] = ((96, 128), (160, 160)),
-                   batch_sizes: Sequence[int] = (1, 3), min_agreement: float = MIN_AGREEMENT) -> dict:
+def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
+                   batch_sizes: Sequence[int] = PARITY_BATCHES, min_agreement: float = MIN_AGREEMENT) -> dict:
     """PyTorch vs every available runtime, for each graph; writes the report into meta.json."""
     meta_path = package / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -62,7 +63,7 @@ def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tupl
     for graph_file, info in meta["graphs"].items():
         reference = SegmentationGraph(model, info["cif_scales"], meta["with_probs"])
         backends = [OnnxRuntimeBackend(package / graph_file, providers=["CPUExecutionProvider"])]
-        plan = find_plan(package, graph_file)
+        plan = find_plan(package, graph_file, current_gpu())
         if plan is not None:
             backends.append(TensorRTBackend(plan))
         report["graphs"][graph_file] = [compare(reference, b, batches, min_agreement) for b in backends]
@@ -133,7 +134,7 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
     return json.loads((out / "meta.json").read_text())
 
 
-def _calibration_images(data: Path, count: int = 64, size: int = 512) -> np.ndarray:
+def _calibration_images(data: Path, count: int = 64, size: int = CALIBRATION_SIDE) -> np.ndarray:
     """uint8 calibration batch from the dataset's unlabelled images (val if none)."""
     paths = _image_paths(data, "unlabeled")[:count]
     if not paths:

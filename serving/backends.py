@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from .shapes import Profile
+
+log = logging.getLogger("scaleseg.serving")
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -27,6 +33,7 @@ class BackendError(RuntimeError):
 
 class Backend(abc.ABC):
     name: str
+    profile: Profile | None = None  # the input shapes an engine accepts; None: any [N, 3, H, W]
 
     @abc.abstractmethod
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -75,6 +82,12 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path):
+        sidecar = Path(f"{plan_path}.json")
+        try:
+            self.profile = Profile.from_dict(json.loads(sidecar.read_text())["profile"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise BackendError(f"{sidecar}: cannot read the engine's optimisation profile ({err}); "
+                               "rebuild the engine with `scaleseg export --tensorrt`.") from None
         try:
             import tensorrt as trt
             import torch
@@ -101,62 +114,85 @@ class TensorRTBackend(Backend):
         return table[self.engine.get_tensor_dtype(name)]
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        # Every CUDA operation here (host-to-device copy, allocations, execution, device-to-host copy) is
+        # issued on self.stream, so each waits for the one before it without a device-wide sync. PyTorch:
+        # "all CUDA kernels queued within its context will be enqueued on a selected stream"
+        # (https://pytorch.org/docs/stable/generated/torch.cuda.stream.html); TensorRT:
+        # IExecutionContext.execute_async_v3(stream_handle) runs on the given stream and reads the tensor
+        # addresses set before it (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/
+        # infer/Core/ExecutionContext.html).
         torch = self.torch
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).cuda()
         name = self.inputs[0]
-        if not self.context.set_input_shape(name, tuple(x.shape)):
-            raise BackendError(f"input shape {tuple(x.shape)} is outside the engine's optimisation profile "
+        if not self.context.set_input_shape(name, tuple(images.shape)):
+            raise BackendError(f"input shape {tuple(images.shape)} is outside the engine's optimisation profile "
                                f"{self.engine.get_tensor_profile_shape(name, 0)}")
-        self.context.set_tensor_address(name, x.data_ptr())
-        outs = {}
-        for out in self.outputs:
-            outs[out] = torch.empty(tuple(self.context.get_tensor_shape(out)), dtype=self._torch_dtype(out), device="cuda")
-            self.context.set_tensor_address(out, outs[out].data_ptr())
         with torch.cuda.stream(self.stream):
+            x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to("cuda", non_blocking=True)
+            self.context.set_tensor_address(name, x.data_ptr())
+            outs = {}
+            for out in self.outputs:
+                outs[out] = torch.empty(tuple(self.context.get_tensor_shape(out)), dtype=self._torch_dtype(out),
+                                        device="cuda")
+                self.context.set_tensor_address(out, outs[out].data_ptr())
             ok = self.context.execute_async_v3(self.stream.cuda_stream)
+            host = {k: v.to("cpu", non_blocking=True) for k, v in outs.items()}
         self.stream.synchronize()
         if not ok:
             raise BackendError("TensorRT execution failed")
-        return {k: v.cpu().numpy() for k, v in outs.items()}
+        return {k: v.numpy() for k, v in host.items()}
 
     @property
     def description(self) -> str:
         return f"tensorrt {self.trt.__version__} on {self.torch.cuda.get_device_name(0)}"
 
 
-def find_plan(model_dir: str | Path, graph: str = "model.onnx") -> Path | None:
-    """The package's TensorRT engine of ``graph`` built for this GPU, if any (its JSON sidecar names both)."""
+def current_gpu() -> str | None:
+    """This machine's first CUDA device name, or None without torch or a GPU."""
     try:
         import torch
-        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
-        gpu = None
+        return None
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def find_plan(model_dir: str | Path, graph: str, gpu: str | None) -> Path | None:
+    """The package's TensorRT engine of ``graph`` built for the GPU named ``gpu`` (its JSON sidecar names both)."""
     if gpu is None:
         return None
     for sidecar in sorted(Path(model_dir).glob("*.plan.json")):
-        info = json.loads(sidecar.read_text())
-        if info.get("gpu") == gpu and info.get("graph") == graph:
+        try:
+            info = json.loads(sidecar.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("gpu") == gpu and info.get("graph") == graph:
             return sidecar.with_suffix("")
     return None
 
 
-def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.onnx") -> Backend:
-    """``auto`` takes a TensorRT engine built for this GPU when one loads, else ONNX Runtime (GPU
-    providers first when present); the reason is in ``description``."""
-    model_dir = Path(model_dir)
-    if kind in ("auto", "tensorrt"):
-        plan = find_plan(model_dir, graph)
-        if plan is not None:
-            try:
-                return TensorRTBackend(plan)
-            except BackendError:
-                if kind == "tensorrt":
-                    raise
-        elif kind == "tensorrt":
-            raise BackendError(f"{model_dir}: no TensorRT engine for this GPU; build one with `scaleseg export --tensorrt`.")
+def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.onnx",
+                 check: Callable[[Backend], None] = lambda backend: None, gpu: str | None = None) -> Backend:
+    """A backend that has passed ``check`` (the warm-up). ``auto`` takes a TensorRT engine built for ``gpu``
+    (default: this machine's) when it loads and passes the check, else ONNX Runtime (GPU providers first when
+    present); why the engine was not used is logged."""
     if kind not in ("auto", "onnxruntime", "tensorrt"):
         raise BackendError(f"unknown backend {kind!r}; choose auto, tensorrt or onnxruntime")
+    model_dir = Path(model_dir)
+    if kind in ("auto", "tensorrt"):
+        plan = find_plan(model_dir, graph, gpu or current_gpu())
+        if plan is not None:
+            try:
+                backend = TensorRTBackend(plan)
+                check(backend)
+                return backend
+            except (BackendError, RuntimeError, OSError, ValueError) as err:
+                if kind == "tensorrt":
+                    raise BackendError(f"{plan}: {err}") from None
+                log.warning("%s: TensorRT engine not used (%s); falling back to ONNX Runtime", plan, err)
+        elif kind == "tensorrt":
+            raise BackendError(f"{model_dir}: no TensorRT engine for this GPU; build one with `scaleseg export --tensorrt`.")
     path = model_dir / graph
     if not path.is_file():
         raise BackendError(f"{path}: missing from the model package.")
-    return OnnxRuntimeBackend(path)
+    backend = OnnxRuntimeBackend(path)
+    check(backend)
+    return backend

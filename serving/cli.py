@@ -21,6 +21,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help="require this key (X-API-Key or Authorization: Bearer)")
     p.add_argument("--max-upload-mb", type=float, default=20.0)
     p.add_argument("--max-pixels", type=int, default=4096 * 4096)
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="also serve the KServe v2 gRPC protocol (tritonclient.grpc) on this port, on --host; 0: off")
     return p
 
 
@@ -29,7 +31,7 @@ def main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
-                      args.api_key, args.max_upload_mb, args.max_pixels)
+                      args.api_key, args.max_upload_mb, args.max_pixels, args.grpc_port, args.host, args.workers)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.workers > 1:
         config_to_env(cfg)

@@ -16,6 +16,7 @@ import numpy as np
 
 from .backends import Backend, BackendError, load_backend
 from .batching import DynamicBatcher
+from .shapes import warmup_shape
 
 log = logging.getLogger("scaleseg.serving")
 
@@ -49,12 +50,13 @@ def read_meta(directory: Path) -> dict:
 
 
 def warm_up(backend: Backend, meta: dict) -> None:
-    """One small inference; the outputs must be the graph's promised names, shapes and types."""
-    out = backend.infer(np.zeros((1, 3, 64, 64), np.uint8))
+    """One small inference, inside the engine's profile; the outputs must be the graph's promised names and shapes."""
+    shape = warmup_shape(backend.profile)
+    out = backend.infer(np.zeros(shape, np.uint8))
     expected = [o["name"] for o in meta["outputs"]]
     if sorted(out) != sorted(expected):
         raise BackendError(f"warm-up returned outputs {sorted(out)}, meta.json promises {expected}")
-    if out["labels"].shape != (1, 64, 64) or out["labels"].max() >= len(meta["classes"]):
+    if out["labels"].shape != (shape[0], *shape[2:]) or out["labels"].max() >= len(meta["classes"]):
         raise BackendError("warm-up labels have the wrong shape or class ids outside classes.json")
 
 
@@ -68,9 +70,10 @@ class Repository:
 
     def _build(self, name: str, directory: Path, graph: str, version: int) -> ServedModel:
         meta = read_meta(directory)
-        backend = load_backend(directory, self.backend_kind, graph)
-        warm_up(backend, meta)
-        batcher = DynamicBatcher(backend, self.max_batch, self.max_delay_ms, self.max_queue, self.on_batch)
+        backend = load_backend(directory, self.backend_kind, graph, check=lambda b: warm_up(b, meta))
+        # An engine runs batches up to its profile's maximum only, so the batcher stacks no more than that.
+        max_batch = min(self.max_batch, backend.profile.max_batch) if backend.profile else self.max_batch
+        batcher = DynamicBatcher(backend, max_batch, self.max_delay_ms, self.max_queue, self.on_batch)
         return ServedModel(name, version, directory, graph, meta, backend, batcher)
 
     async def load(self, name: str, directory: str | Path | None = None, graph: str = "model.onnx") -> ServedModel:

@@ -13,16 +13,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
-from . import imaging
+from . import grpc_service, imaging, inference
 from .backends import BackendError
-from .batching import QueueFull, ShuttingDown
 from .protocol import HEADER, ProtocolError, encode_infer_response, parse_infer_request
 from .repository import Repository, ServedModel
 
@@ -47,6 +45,9 @@ class ServeConfig:
     api_key: str = ""
     max_upload_mb: float = 20.0
     max_pixels: int = 4096 * 4096
+    grpc_port: int = 0             # 0: no gRPC endpoint
+    grpc_host: str = "127.0.0.1"
+    workers: int = 1
 
     @property
     def model_name(self) -> str:
@@ -91,15 +92,22 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     metrics.queue.set_function(lambda: repo.waiting)
     limit = int(cfg.max_upload_mb * 1024 * 1024)
     state = {"ready": False}
+    limits = inference.Limits(cfg.max_batch, cfg.max_pixels, MIN_SIDE)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.load(cfg.model_name, cfg.model_dir)
         if (Path(cfg.model_dir) / "model.cif.onnx").is_file():
             await repo.load(f"{cfg.model_name}_cif", cfg.model_dir, graph="model.cif.onnx")
+        grpc_server = None
+        if cfg.grpc_port:
+            service = grpc_service.InferenceService(repo, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
+            grpc_server = await grpc_service.start(service, cfg.grpc_host, cfg.grpc_port, limit, cfg.workers > 1)
         state["ready"] = True
         yield
         state["ready"] = False
+        if grpc_server is not None:
+            await grpc_server.stop(grace=30)
         await repo.close()
 
     app = FastAPI(title="scaleseg serving", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -136,20 +144,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return error(err.status_code, str(err.detail))
 
     def model_or_404(name: str, version: str | None = None) -> ServedModel:
-        model = repo.get(name)
-        if model is None:
-            raise ProtocolError(f"unknown model {name!r}; this server has {sorted(repo.models)}", 404)
-        if version not in (None, "", str(model.version)):
-            raise ProtocolError(f"model {name!r} has version {model.version}, not {version!r}", 404)
-        return model
-
-    async def run(model: ServedModel, images: np.ndarray) -> dict[str, np.ndarray]:
-        try:
-            return await model.batcher.submit(images)
-        except QueueFull:
-            raise ProtocolError("server busy: the inference queue is full; retry shortly", 503) from None
-        except ShuttingDown:
-            raise ProtocolError("server is shutting down or reloading this model; retry shortly", 503) from None
+        return inference.find_model(repo, name, version)
 
     # --- Open Inference Protocol v2 ------------------------------------------------------------------
     @app.get("/v2")
@@ -165,9 +160,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"ready": True} if state["ready"] else error(503, "not ready")
 
     def metadata(model: ServedModel) -> dict:
-        def spec(t):
-            return {"name": t["name"], "datatype": t["datatype"].upper().replace("FLOAT", "FP"),
-                    "shape": [d if isinstance(d, int) else -1 for d in t["shape"]]}
+        spec = inference.tensor_spec
         return {"name": model.name, "versions": [str(model.version)], "platform": PLATFORMS[model.backend.name],
                 "inputs": [spec(t) for t in model.meta["inputs"]], "outputs": [spec(t) for t in model.meta["outputs"]],
                 "parameters": {"classes": model.meta["classes"], "backend": model.backend.description}}
@@ -188,21 +181,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def infer(name: str, request: Request, version: str | None = None):
         model = model_or_404(name, version)
         req = parse_infer_request(await read_body(request, limit), request.headers.get(HEADER))
-        if set(req.inputs) != {"image"}:
-            raise ProtocolError(f"expected exactly one input named 'image', got {sorted(req.inputs)}")
-        images = req.inputs["image"]
-        if images.dtype != np.uint8:
-            raise ProtocolError(f"input 'image' must be UINT8, got {images.dtype}")
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ProtocolError(f"input 'image' must have shape [N, 3, H, W], got {list(images.shape)}")
-        n, _, h, w = images.shape
-        if not 1 <= n <= cfg.max_batch:
-            raise ProtocolError(f"batch of {n} images; this server takes 1..{cfg.max_batch} per request")
-        if min(h, w) < MIN_SIDE:
-            raise ProtocolError(f"images must be at least {MIN_SIDE}x{MIN_SIDE} pixels, got {w}x{h}")
-        if h * w > cfg.max_pixels:
-            raise ProtocolError(f"images of {w}x{h} exceed the {cfg.max_pixels}-pixel limit", 413)
-        results = await run(model, images)
+        _, results = await inference.infer(repo, model.name, str(model.version), req.inputs, None, limits)
         body, headers = encode_infer_response(model.name, str(model.version), req, results)
         return Response(body, headers=headers)
 
@@ -245,10 +224,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         if kind not in imaging.IMAGE_TYPES:
             raise ProtocolError(f"content type {kind or 'missing'!r} is not an image; send one of {', '.join(imaging.IMAGE_TYPES)}", 415)
         rgb = imaging.decode_image(data, cfg.max_pixels)
-        if min(rgb.shape[:2]) < MIN_SIDE:
-            raise ProtocolError(f"images must be at least {MIN_SIDE}x{MIN_SIDE} pixels")
+        images = rgb.transpose(2, 0, 1)[None].copy()
+        inference.check_images(served, images, limits)
         tic = time.perf_counter()
-        out = await run(served, rgb.transpose(2, 0, 1)[None].copy())
+        out = await inference.run(served, images)
         labels, confidence = out["labels"][0], out["confidence"][0]
         classes = served.meta["classes"]
         result = {"model": served.name, "version": str(served.version), "width": rgb.shape[1], "height": rgb.shape[0],

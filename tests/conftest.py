@@ -20,7 +20,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """5 classes, 6 labelled / 12 unlabelled / 4 val images of 48 px; never modified by tests."""
+    """5 classes, 6 labelled / 12 unlabelled / 4 val images of 48 px; never modified by tests (the pre-run
+    check adds its cache file)."""
     root = tmp_path_factory.mktemp("data") / "synth"
     return synthesize(root, num_classes=5, n_labeled=6, n_unlabeled=12, n_val=4, size=48, seed=0, progress=False)
 

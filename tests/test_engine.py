@@ -182,3 +182,102 @@ def test_train_cli_help_lists_the_methods_options(capsys):
 def test_train_cli_refuses_batch_of_one(tiny_data, tmp_path, capsys):
     assert main(["train", str(tiny_data), "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
     assert "needs at least 2 images per process" in capsys.readouterr().err
+
+
+DDP_PROBE = """
+import sys
+import torch
+from training.cli import parse_train_args
+from training.distributed import shutdown
+from training.engine import Trainer
+trainer = Trainer(parse_train_args(sys.argv[2:]), progress=False)
+trainer.fit()
+torch.save({"rng": torch.get_rng_state(), "state": trainer.method.state_dict()}, f"{sys.argv[1]}/rank{trainer.dist.rank}.pt")
+shutdown()
+"""
+
+
+def test_torchrun_ranks_draw_independently_and_share_batchnorm_statistics(tiny_data, tmp_path):
+    """Each process draws its own image scale, feature scale and dropout masks (its own random stream
+    after the identical initialisation), and the BatchNorm statistics that are validated, saved and
+    continued from are one set across processes, so the logged val mIoU is the saved model's."""
+    probe, out = tmp_path / "probe.py", tmp_path / "run"
+    probe.write_text(DDP_PROBE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe), str(tmp_path),
+           str(tiny_data), "--method", "scalematch", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+           "--max-iters", "3", "--eval-every", "3", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert not torch.equal(r0["rng"], r1["rng"])
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+
+    from training.checkpoint import load_inference_model
+    from training.data.datasets import EvalSet
+    from training.data.folder import read_split
+    from training.evaluate import evaluate
+    model, classes, _ = load_inference_model(load_checkpoint(out / "last.pt"))
+    names = [c["name"] for c in classes]
+    saved = evaluate(model, EvalSet(tiny_data, read_split(tiny_data, "val"), len(names)), names, torch.device("cpu"))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_miou"] for r in logged if "val_miou" in r][-1] == pytest.approx(saved["scales"]["1.0"]["miou"], abs=1e-6)
+
+
+def test_eval_cif_with_sliding_windows(tiny_data, checkpoints, tmp_path):
+    """--cif-scales with --mode sliding predicts every window by CIF multi-scale inference; it used to
+    ignore the mode and predict the whole image."""
+    from training.checkpoint import load_inference_model
+    from training.evaluate import predict, sliding_window_logits
+    model, _, _ = load_inference_model(load_checkpoint(checkpoints["scalematch"]))
+    model.eval()
+    image = torch.randn(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        windows = sliding_window_logits(lambda x: model.forward_multiscale(x, (0.5, 2.0)), image, 24, model.num_classes)
+        whole = model.forward_multiscale(image, (0.5, 2.0))
+    got = predict(model, image, "sliding", 24, (0.5, 2.0))
+    assert torch.equal(got, windows.argmax(1)) and not torch.equal(windows.softmax(1), whole.softmax(1))
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(checkpoints["scalematch"]), str(tiny_data), "--mode", "sliding", "--window", "24",
+                 "--cif-scales", "0.5,2", "--scales", "1", "--device", "cpu", "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["mode"] == "sliding+cif:0.5,2.0"
+
+
+def test_cps_fine_tuning_keeps_two_different_networks(tiny_data, checkpoints, tmp_path):
+    """--init-from gives both CPS networks the checkpoint's encoder but only network 1 its decoder, so
+    the two stay different (equal networks reduce CPS to self-training)."""
+    cfg = tiny_config(tiny_data, tmp_path / "run", method="cps")
+    cfg.model.init_from = str(checkpoints["supervised"])
+    trainer = Trainer(cfg, progress=False)
+    source = load_checkpoint(checkpoints["supervised"])["inference"]["state_dict"]
+    net1, net2 = trainer.method.model.state_dict(), trainer.method.model2.state_dict()
+    assert all(torch.equal(net1[k], source[k]) for k in net1)
+    assert all(torch.equal(net2[k], source[k]) for k in net2 if k.startswith("encoder."))
+    assert not torch.equal(net2["classifier.weight"], source["classifier.weight"])
+    trainer.fit()
+    net1, net2 = trainer.method.model.state_dict(), trainer.method.model2.state_dict()
+    assert not all(torch.equal(net1[k], net2[k]) for k in net1)
+
+
+def test_cps_defaults_follow_the_official_cutmix_recipe(tiny_data):
+    """With CutMix (the default) the official weight is 1.0 on VOC, and every group trains at one LR."""
+    from training.cli import parse_train_args
+    cps = parse_train_args([str(tiny_data), "--method", "cps"])
+    assert cps.method_cfg.cps_weight == 1.0 and cps.optim.head_lr_mult == 1.0
+    assert parse_train_args([str(tiny_data), "--method", "cps", "--head-lr-mult", "10"]).optim.head_lr_mult == 10.0
+    assert parse_train_args([str(tiny_data), "--method", "unimatch"]).optim.head_lr_mult == 10.0
+
+
+def test_tensorboard_logs_losses_lr_and_val_miou_per_scale(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cfg = tiny_config(tiny_data, tmp_path / "run", method="fixmatch")
+    cfg.run.tensorboard, cfg.run.val_scales = True, (0.5, 1.0, 2.0)
+    Trainer(cfg, progress=False).fit()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/mask_ratio", "val/miou_x0.5", "val/miou_x1.0", "val/miou_x2.0"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in logged if "val_miou" in r]
+    assert [e.value for e in events.Scalars("val/miou_x2.0")] == pytest.approx([r["val_miou_by_scale"]["2.0"] for r in val])

@@ -53,7 +53,7 @@ def test_triton_repository_config_parses_and_matches_graph(package, tmp_path):
     from tritonclient.grpc import model_config_pb2
 
     folders = write_repository(package, tmp_path / "repo", "seg")
-    assert [f.name for f in folders] == ["seg"]
+    assert [f.name for f in folders] == ["seg", "seg_cif"]
     config = text_format.Parse((tmp_path / "repo" / "seg" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == "seg" and config.platform == "onnxruntime_onnx" and config.max_batch_size == 8
     assert config.HasField("dynamic_batching")

@@ -71,8 +71,8 @@ def test_scalematch_switches_to_fused_labels_at_warmup(monkeypatch, epoch, expec
     seen = {}
     real_forward, real_labels = method.two_scale_forward, scalematch_module.pseudo_labels
 
-    def spy_forward(x, v, fs):
-        seen["out"] = real_forward(x, v, fs)
+    def spy_forward(x, v, fs, plain=0):
+        seen["out"] = real_forward(x, v, fs, plain)
         return seen["out"]
 
     def spy_labels(logits):
@@ -86,10 +86,38 @@ def test_scalematch_switches_to_fused_labels_at_warmup(monkeypatch, epoch, expec
 
 
 def test_scalematch_scale_pairs():
+    # The released training logs: t in {0.75, 1.0} when v > 1 and {1.0, 1.25} when v < 1, so CIF also
+    # sees the unscaled features that multi-scale inference feeds it.
     method = make("scalematch")
-    draws = {method.draw_scales() for _ in range(200)}
+    draws = {method.draw_scales() for _ in range(400)}
     assert {v for v, _ in draws} == {0.25, 0.5, 1.5, 2.0}
-    assert all(fs == (0.75 if v > 1 else 1.25) for v, fs in draws)
+    assert {fs for v, fs in draws if v > 1} == {0.75, 1.0}
+    assert {fs for v, fs in draws if v < 1} == {1.0, 1.25}
+
+
+@pytest.mark.parametrize("feature_scale", [0.75, 1.0])
+def test_scalematch_supervises_the_plain_path(feature_scale):
+    """The labelled loss also reaches the unscaled-feature prediction that single-scale inference runs,
+    whatever feature scale the step drew; weight 0 restores the official fused-only loss."""
+    method = make("scalematch", conf_thresh=1.01)
+    method.draw_scales = lambda: (2.0, feature_scale)
+    labeled, unl, partner = batches()
+    x = torch.cat([labeled["image"], unl["weak"]])
+    torch.manual_seed(7)
+    losses = method(labeled, unl, partner, CTX)
+    if feature_scale == 1.0:  # the clean half of the FP decode is the plain path (same dropout draws)
+        torch.manual_seed(7)
+        plain = method.model.forward_fp(x, 1.0, method.cfg.fp_dropout)[0][:N]
+    else:
+        c1, c4 = method.model.encode(x)
+        plain = torch.nn.functional.interpolate(method.model.decode(c1[:N], c4[:N])[0], size=(S, S),
+                                                mode="bilinear", align_corners=True)
+    assert torch.isclose(losses["loss_x_plain"], cross_entropy(plain, labeled["mask"]), atol=1e-5)
+    assert torch.isclose(losses["loss"], (losses["loss_x"] + losses["loss_x_plain"]) / 2)
+    official = make("scalematch", conf_thresh=1.01, plain_sup_weight=0.0)
+    official.draw_scales = lambda: (2.0, feature_scale)
+    losses = official(labeled, unl, partner, CTX)
+    assert losses["loss_x_plain"] == 0 and torch.isclose(losses["loss"], losses["loss_x"] / 2)
 
 
 def test_unimatch_loss_weights_and_normalisation():

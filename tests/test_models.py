@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from training.config import ModelConfig
+from training.config import ConfigError, ModelConfig
 from training.models import build_model
 from training.models.cif import CIF, q_shift
 from training.models.wkv import bi_wkv
@@ -83,7 +83,7 @@ def test_deeplab_shapes_and_strides(backbone, os_):
 def test_feature_perturbation_and_scaling():
     model = build_model(ModelConfig(backbone="resnet18"), 3).train()
     x = torch.randn(2, 3, 64, 64)
-    clean, feat, fp = model.forward_fp(x, feature_scale=0.75)
+    clean, feat, fp, _ = model.forward_fp(x, feature_scale=0.75)
     assert clean.shape == fp.shape == (2, 3, 64, 64)
     assert feat.shape[-1] == 12  # 16 * 0.75
     assert not torch.allclose(clean, fp)
@@ -107,9 +107,9 @@ def test_pretrained_encoder_from_local_file(tmp_path):
     torch.save(reference.state_dict(), path)
     model = build_model(ModelConfig(backbone="resnet18", pretrained=str(path)), 3)
     assert torch.equal(model.encoder.layer3[0].conv1.weight, reference.layer3[0].conv1.weight)
-    with pytest.raises(ValueError, match="does not fit this encoder"):
+    with pytest.raises(ConfigError, match="resnet18 weights, but --backbone is resnet50"):
         build_model(ModelConfig(backbone="resnet50", pretrained=str(path)), 3)
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         build_model(ModelConfig(backbone="resnet18", pretrained=str(tmp_path / "nope.pth")), 3)
 
 

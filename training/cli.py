@@ -7,10 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (SECTIONS, DataConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
+from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
                      parse_floats)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
+MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
 STAGES = {"export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
@@ -44,7 +45,7 @@ def cmd_data_synth(args) -> int:
 
 def cmd_data_check(args) -> int:
     from .data.validate import check_dataset
-    problems = check_dataset(args.data, deep=not args.quick)
+    problems = check_dataset(args.data, deep=not args.quick, progress=True)
     if problems:
         print(f"{args.data}: {len(problems)} problem(s)")
         for p in problems:
@@ -71,7 +72,8 @@ def _train_parser(method_cls=None) -> argparse.ArgumentParser:
     p.add_argument("data", nargs="?", help="dataset folder (classes.json, images/, masks/, splits/)")
     p.add_argument("--method", default="supervised", choices=list(METHODS), help="training method")
     for name, cls in SECTIONS.items():
-        add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else ())
+        add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else (),
+                           defaults=method_cls.optim_defaults if method_cls is not None and cls is OptimConfig else None)
     if method_cls is not None:
         add_dataclass_args(p, method_cls.Config, f"{method_cls.name} options")
     return p
@@ -86,7 +88,8 @@ def parse_train_args(argv: list[str]) -> TrainConfig:
     cfg = TrainConfig(method=method_cls.name)
     saved = _saved_config(ns) if getattr(ns, "resume", False) else None
     for name, cls in SECTIONS.items():
-        setattr(cfg, name, dataclass_from_namespace(cls, ns, getattr(saved, name) if saved else None))
+        base = getattr(saved, name) if saved else (cls(**method_cls.optim_defaults) if cls is OptimConfig else None)
+        setattr(cfg, name, dataclass_from_namespace(cls, ns, base))
     cfg.method_cfg = dataclass_from_namespace(method_cls.Config, ns, saved.method_cfg if saved else None)
     if ns.data:
         cfg.data.root = ns.data
@@ -103,6 +106,7 @@ def _saved_config(ns) -> TrainConfig | None:
     if not last.is_file():
         raise FileNotFoundError(f"{last}: nothing to resume. Run without --resume first, or pass the run's --out.")
     saved = config_from_checkpoint(load_checkpoint(last))
+    saved.run.allow_changed, saved.run.force = "", False  # these hold for one invocation, never inherited
     if saved.method != ns.method:
         raise SystemExit(f"scaleseg train: {last} is a {saved.method!r} run; pass --method {saved.method} to resume it.")
     return saved
@@ -158,6 +162,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def scales(text: str) -> tuple[float, ...]:
+    """argparse type of the eval scale lists: at least one, each in (0, MAX_SCALE]."""
+    try:
+        values = parse_floats(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers such as 0.5,1,2") from None
+    if not values or not all(0 < v <= MAX_SCALE for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: each scale must be greater than 0 and at most {MAX_SCALE:g}, e.g. 0.5,1,2")
+    return values
+
+
 # --- entry point ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg", description="Semi-supervised segmentation: data, train, eval.")
@@ -202,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val")
     e.add_argument("--mode", default="whole", choices=["whole", "sliding"])
     e.add_argument("--window", type=int, default=0, help="sliding window side; default the training crop")
-    e.add_argument("--scales", type=parse_floats, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
-    e.add_argument("--cif-scales", type=parse_floats, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
+    e.add_argument("--scales", type=scales, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
+    e.add_argument("--cif-scales", type=scales, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
     e.add_argument("--device", default="auto")
     e.add_argument("--json", help="also write the result as JSON")
     e.set_defaults(func=cmd_eval)

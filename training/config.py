@@ -66,7 +66,11 @@ class RunConfig:
     seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
     device: str = hp("auto", "auto, cpu or cuda")
     resume: bool = hp(False, "continue from OUT/last.pt exactly where it stopped")
+    allow_changed: str = hp("", "with --resume: settings that may differ from the run's, comma-separated (lr,batch_size; 'data' for changed splits)")
+    force: bool = hp(False, "start a new run in an --out that holds another run, replacing its checkpoints and metrics")
     log_every: int = hp(1, "update the progress bar and metrics log every N iterations")
+    val_scales: tuple = hp((1.0,), "input scales of periodic validation, e.g. 0.5,1,2; best.pt is chosen at x1.0")
+    tensorboard: bool = hp(False, "also write losses, LR, mask ratio and val mIoU per scale to OUT/tensorboard (extra: tensorboard)")
 
 
 @dataclass
@@ -111,13 +115,15 @@ def _parse_value(kind: Any, default: Any):
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group_title: str | None = None,
-                       skip: tuple[str, ...] = ()) -> None:
-    """One flag per field; booleans take an optional value so ``--resume`` and ``--amp false`` both work."""
+                       skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One flag per field; booleans take an optional value so ``--resume`` and ``--amp false`` both work.
+    ``defaults`` overrides field defaults in the help (a method's own optimiser defaults)."""
     target = parser.add_argument_group(group_title) if group_title else parser
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text, type=_parse_value(f.type, default))

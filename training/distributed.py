@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -40,6 +41,29 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over processes and take the
+    others (batch counters) from process 0. Without SyncBatchNorm (gloo on CPU) each process
+    accumulates its own; made one set, what is validated, what is saved and what every process
+    continues from agree."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.dtype.is_floating_point:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(world)
+        else:
+            dist.broadcast(buf, src=0)
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Seed of process ``rank``'s random stream after the networks are built: independent per process
+    (its own image scale, feature scale and dropout masks), a pure function of (seed, rank) for resume."""
+    return int(np.random.SeedSequence([seed, 0x5EED, rank]).generate_state(1)[0])
 
 
 def all_gather_objects(obj) -> list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,12 @@ from .config import ConfigError, TrainConfig, dataclass_from_dict
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
 from .data.folder import DatasetError, fingerprint, load_classes, read_split
 from .data.validate import check_dataset
-from .distributed import DistInfo, all_gather_objects, barrier, init_distributed
+from .distributed import DistInfo, all_gather_objects, average_buffers, barrier, init_distributed, process_seed
 from .evaluate import evaluate
 from .losses import cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, get_method
+from .run_settings import check_out_dir, check_resume, start_out_dir
+from .tensorboard import TensorBoard
 
 STREAM_LABELED, STREAM_UNLABELED, STREAM_PARTNER = 1, 2, 3
 
@@ -46,7 +48,9 @@ def build_method(cfg: TrainConfig, num_classes: int) -> Method:
             return ohem_cross_entropy(logits, target, o.ohem_thresh, o.ohem_min_kept)
     else:
         sup_loss = cross_entropy
-    return method_cls(cfg.method_cfg, cfg.model, num_classes, sup_loss)
+    # On --resume the checkpoint replaces the encoder's initial weights, so their file is not needed.
+    model_cfg = replace(cfg.model, pretrained="") if cfg.run.resume else cfg.model
+    return method_cls(cfg.method_cfg, model_cfg, num_classes, sup_loss)
 
 
 def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -96,10 +100,11 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.out = Path(cfg.run.out)
         self.root = Path(cfg.data.root)
+        check_out_dir(self.out, cfg.run)
 
-        problems = check_dataset(self.root, deep=False)
+        problems = check_dataset(self.root, progress=self.progress)
         if problems:
-            raise DatasetError("dataset problems (run `scaleseg data check` for a full pixel-level check):\n  " + "\n  ".join(problems))
+            raise DatasetError(f"{self.root}: {len(problems)} dataset problem(s), nothing was trained:\n  " + "\n  ".join(problems))
         self.classes = load_classes(self.root)
         self.labeled_ids = read_split(self.root, "labeled")
         self.unlabeled_ids = read_split(self.root, "unlabeled", required=False)
@@ -111,8 +116,11 @@ class Trainer:
         if self.method.uses_unlabeled and not self.unlabeled_ids:
             raise DatasetError(f"{self.root / 'splits' / 'unlabeled.txt'}: method {cfg.method!r} needs unlabelled images; "
                                "list some there or use --method supervised.")
-        if self.device_kind == "cuda" and self.dist.enabled:
+        self.sync_bn = self.device_kind == "cuda" and self.dist.enabled
+        if self.sync_bn:
             self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
+        # Same initial weights everywhere (seeded above); from here on each process draws its own numbers.
+        seed_everything(process_seed(cfg.run.seed, self.dist.rank))
         self.optimizer = build_optimizer(self.method, cfg)
         self.amp = cfg.optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -127,6 +135,7 @@ class Trainer:
         self.eval_every = cfg.run.eval_every or self.iters_per_epoch
         self.save_every = cfg.run.save_every or self.iters_per_epoch
         self.iteration, self.best_miou, self.last_metrics = 0, -1.0, None
+        self.board = TensorBoard(self.out / "tensorboard") if cfg.run.tensorboard and self.dist.is_main else None
         if cfg.run.resume:
             self._resume()
         elif cfg.model.init_from:
@@ -172,6 +181,12 @@ class Trainer:
             "labeled_count": len(self.labeled_ids), "data_fingerprint": self.data_fingerprint, "version": __version__,
         }
 
+    def _sync_buffers(self) -> None:
+        """BatchNorm statistics become one set across processes before they are validated or saved
+        (SyncBatchNorm keeps them equal already)."""
+        if self.dist.enabled and not self.sync_bn:
+            average_buffers(self.method)
+
     def _save(self, name: str, payload: dict | None = None) -> None:
         payload = payload or self._payload()
         if self.dist.is_main:
@@ -187,7 +202,11 @@ class Trainer:
                                   "Resume with the same dataset classes, or start a new run in another --out.")
         if ckpt["method"] != self.cfg.method:
             raise CheckpointError(f"{path}: a {ckpt['method']!r} run; pass --method {ckpt['method']} to resume it.")
-        self.method.load_state_dict(ckpt["method_state"])
+        check_resume(path, ckpt, self.cfg, self.data_fingerprint)
+        try:
+            self.method.load_state_dict(ckpt["method_state"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path}: weights do not fit this run's model ({str(err).splitlines()[0]}).") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration, self.best_miou, self.last_metrics = ckpt["iteration"], ckpt["best_miou"], ckpt["metrics"]
@@ -204,8 +223,8 @@ class Trainer:
             raise CheckpointError(f"{path}: trained on classes {[c['name'] for c in ckpt['classes']]}, this dataset has "
                                   f"{[c.name for c in self.classes]}; --init-from needs the same classes.")
         state = ckpt["inference"]["state_dict"]
-        for net in {id(n): n for n in [*self.method.trained_networks(), self.method.inference_model()]}.values():
-            own = net.state_dict()
+        for net, prefix in self.method.init_targets():
+            own = {k: v for k, v in net.state_dict().items() if k.startswith(prefix)}
             missing = [k for k in own if k not in state and not k.startswith("cif.")]
             wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
             if missing or wrong:
@@ -217,19 +236,22 @@ class Trainer:
     def validate(self) -> dict:
         val = EvalSet(self.root, self.val_ids, len(self.classes))
         d, r = self.cfg.data, self.cfg.run
+        scales = tuple(sorted(set(r.val_scales) | {1.0}))
         return evaluate(self.method.inference_model(), val, [c.name for c in self.classes], self.device,
-                        r.eval_mode, d.crop_size, rank=self.dist.rank, world=self.dist.world)
+                        r.eval_mode, d.crop_size, scales=scales, rank=self.dist.rank, world=self.dist.world)
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.board is not None:
+                self.board.write(record)
 
     def fit(self) -> dict:
         cfg = self.cfg
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            start_out_dir(self.out, cfg.run)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {cfg.method}", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
@@ -243,6 +265,8 @@ class Trainer:
                 self._step(batches, epoch, bar, tic)
                 tic = time.time()
         bar.close()
+        if self.board is not None:
+            self.board.close()
         barrier()
         return {"iterations": self.iteration, "best_miou": self.best_miou, "metrics": self.last_metrics}
 
@@ -276,17 +300,22 @@ class Trainer:
         bar.update()
 
         done = self.iteration == self.total_iters
-        if self.iteration % self.eval_every == 0 or done:
+        evaluate_now = self.iteration % self.eval_every == 0 or done
+        save_now = self.iteration % self.save_every == 0 or done
+        if evaluate_now or save_now:
+            self._sync_buffers()
+        if evaluate_now:
             result = self.validate()
             miou = result["scales"]["1.0"]["miou"]
             self.last_metrics = result
-            self._log({"iter": self.iteration, "val_miou": miou, "val": result["scales"]["1.0"]})
+            self._log({"iter": self.iteration, "val_miou": miou, "val": result["scales"]["1.0"],
+                       "val_miou_by_scale": {s: r["miou"] for s, r in result["scales"].items()}})
             if self.progress:
                 bar.write(f"iter {self.iteration}: val mIoU {miou:.2f} (best {max(miou, self.best_miou):.2f})")
             if miou > self.best_miou:
                 self.best_miou = miou
                 self._save("best.pt")
-        if self.iteration % self.save_every == 0 or done:
+        if save_now:
             self._save("last.pt")
 
 

@@ -48,14 +48,14 @@ def sliding_window_logits(model, image: torch.Tensor, window: int, num_classes: 
 @torch.no_grad()
 def predict(model, image: torch.Tensor, mode: str = "whole", window: int = 0,
             cif_scales: Sequence[float] | None = None) -> torch.Tensor:
-    """Label map [B, H, W] for a normalised image batch."""
-    if cif_scales:
-        return model.forward_multiscale(image, cif_scales).argmax(1)
-    if mode == "sliding":
-        return sliding_window_logits(model, image, window, model.num_classes).argmax(1)
-    if mode != "whole":
+    """Label map [B, H, W] for a normalised image batch; with ``cif_scales`` each whole image or window
+    is predicted by CIF multi-scale inference."""
+    if mode not in ("whole", "sliding"):
         raise ValueError(f"evaluation mode must be 'whole' or 'sliding', got {mode!r}")
-    return model(image).argmax(1)
+    forward = (lambda x: model.forward_multiscale(x, cif_scales)) if cif_scales else model
+    if mode == "sliding":
+        return sliding_window_logits(forward, image, window, model.num_classes).argmax(1)
+    return forward(image).argmax(1)
 
 
 @torch.no_grad()
@@ -80,7 +80,7 @@ def evaluate(model, dataset, class_names: Sequence[str], device: torch.device, m
                 pred = F.interpolate(pred[:, None].float(), size=target.shape[-2:], mode="nearest")[:, 0].long()
             cms[s] += confusion_matrix(pred, target, k)
     model.train(was_training)
-    return {"mode": "cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode,
+    return {"mode": f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode,
             "scales": {str(s): metrics_from_confusion(all_reduce_sum(cms[s]), class_names) for s in scales}}
 
 

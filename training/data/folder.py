@@ -5,6 +5,7 @@ DATA/
   images/<id>.<png|jpg|jpeg>
   masks/<id>.png        8-bit single channel, value = class id, 255 = ignore
   splits/labeled.txt, unlabeled.txt, val.txt   one id per line
+  .scaleseg-check.json  what the last pixel check decoded, by file size and mtime (pixels.py); safe to delete
 """
 from __future__ import annotations
 
@@ -136,29 +137,50 @@ def load_image(path: str | Path) -> Image.Image:
 
 def load_mask(path: str | Path, num_classes: int, image_size: tuple[int, int] | None = None) -> np.ndarray:
     """uint8 [H, W] of class ids; raises DatasetError for anything that would train on wrong labels."""
+    mask = read_mask(path)
+    check_mask(path, (mask.shape[1], mask.shape[0]), mask_values(mask), num_classes, image_size)
+    return mask
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """The decoded mask, refusing files that cannot hold exact class ids (colour, lossy, not PNG)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: missing mask for a labelled image. Add it (8-bit PNG of class ids) or move the id to unlabeled.txt.")
     try:
         with Image.open(path) as img:
+            if img.format != "PNG":
+                # JPEG blurs region edges into neighbouring values: other class ids, silently.
+                raise DatasetError(
+                    f"{path}: a {img.format or 'non-PNG'} file named .png; masks must be lossless PNG. Export the "
+                    "mask again as an 8-bit PNG of class ids (converting this file would keep its damaged edges).")
             img.load()
             if img.mode not in ("L", "P"):
                 raise DatasetError(
                     f"{path}: mask has mode {img.mode}; expected a single-channel 8-bit PNG (mode L or P) whose "
                     "pixel values are class ids. Convert colour masks with the class palette first.")
-            mask = np.array(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DatasetError(f"{path}: cannot be read as a mask ({err}). Replace the file.") from None
-    if image_size is not None and (mask.shape[1], mask.shape[0]) != tuple(image_size):
+
+
+def mask_values(mask: np.ndarray) -> list[int]:
+    """The distinct pixel values of a uint8 mask, ascending."""
+    return np.flatnonzero(np.bincount(mask.ravel(), minlength=256)).tolist()
+
+
+def check_mask(path: str | Path, size: tuple[int, int], values: list[int], num_classes: int,
+               image_size: tuple[int, int] | None = None) -> None:
+    """Raise DatasetError if a mask of ``size`` (w, h) holding ``values`` does not fit its image and classes."""
+    if image_size is not None and tuple(size) != tuple(image_size):
         raise DatasetError(
-            f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image_size[0]}x{image_size[1]}. "
+            f"{path}: mask is {size[0]}x{size[1]} but its image is {image_size[0]}x{image_size[1]}. "
             "Masks must have exactly the image's size.")
-    bad = np.unique(mask[(mask >= num_classes) & (mask != IGNORE)])
-    if bad.size:
+    bad = [v for v in values if v >= num_classes and v != IGNORE]
+    if bad:
         raise DatasetError(
-            f"{path}: class ids {bad.tolist()} are not in classes.json (0..{num_classes - 1}, 255 = ignore). "
+            f"{path}: class ids {bad} are not in classes.json (0..{num_classes - 1}, 255 = ignore). "
             "Fix the mask or add the classes.")
-    return mask
 
 
 def atomic_write(path: str | Path, write) -> None:

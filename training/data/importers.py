@@ -54,22 +54,34 @@ def choose_labeled(pool: list[str], labeled: str | None, labeled_list: str | Non
         ids = read_id_list(labeled_list)
         missing = sorted(set(ids) - set(pool))
         if missing:
-            raise DatasetError(f"{labeled_list}: {len(missing)} ids are not training images, e.g. {missing[:3]}.")
+            raise DatasetError(f"{labeled_list}: {len(missing)} ids are not training images, e.g. {missing[:3]}. "
+                               "(VOC: ids of the 10,582 aug set need --sbd SegmentationClassAug.)")
         return ids
     if not labeled:
         return list(pool)
-    if "/" in labeled:
-        num, den = labeled.split("/")
-        count = round(len(pool) * int(num) / int(den))
-    else:
-        count = int(labeled)
+    count = labeled_count(labeled, len(pool))
     if not 1 <= count <= len(pool):
         raise DatasetError(f"--labeled {labeled}: asks for {count} of {len(pool)} available training images.")
     rng = np.random.Generator(np.random.PCG64(seed))
     return sorted(pool[i] for i in rng.choice(len(pool), count, replace=False))
 
 
+def labeled_count(labeled: str, pool_size: int) -> int:
+    """'92' -> 92; '1/16' of 10,582 -> 662. Fractions round up, as the published split lists do (UniMatch's
+    VOC 662 / 1323 / 2646 / 5291 of 10,582, Cityscapes 186 / 372 / 744 / 1488 of 2,975)."""
+    try:
+        if "/" not in labeled:
+            return int(labeled)
+        num, den = (int(part) for part in labeled.split("/"))
+        return -(-pool_size * num // den)  # ceiling division, exact in integers
+    except (ValueError, ZeroDivisionError):
+        raise DatasetError(f"--labeled {labeled}: expected a count (92) or a fraction (1/16).") from None
+
+
 def _link(src: Path, dst: Path) -> None:
+    if not src.is_file():
+        raise DatasetError(f"{src}: missing, so {dst.name} would be a broken link. Pass the folders that hold "
+                           "every listed image and mask, or remove the id.")
     dst.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(src.resolve(), dst)
 
@@ -96,8 +108,17 @@ def import_voc(voc_root: str | Path, out: str | Path, sbd_masks: str | Path | No
     pool = train
     if sbd_masks:
         aug = sorted(p.stem for p in Path(sbd_masks).glob("*.png"))
+        if not aug:
+            raise DatasetError(f"{sbd_masks}: no .png masks there (or no such folder). Pass the SegmentationClassAug "
+                               "folder, or leave out --sbd for the 1464 fine masks only.")
         pool = sorted((set(aug) | set(train)) - set(val))
-    lab = choose_labeled(train if labeled and not labeled.count("/") else pool, labeled, labeled_list, seed)
+        no_image = [i for i in pool if not (voc / "JPEGImages" / f"{i}.jpg").is_file()]
+        if no_image:
+            raise DatasetError(f"{voc / 'JPEGImages'}: no image for {len(no_image)} masks in {sbd_masks}, e.g. "
+                               f"{no_image[:3]}. Pass the VOC2012 folder that holds all 17,125 JPEGs.")
+    # A count is drawn from the fine train set (classic splits); a fraction or a list from the whole pool.
+    classic = labeled and "/" not in labeled and not labeled_list
+    lab = choose_labeled(train if classic else pool, labeled, labeled_list, seed)
     unl = sorted(set(pool) - set(lab))
 
     def mask_source(image_id: str) -> Path:

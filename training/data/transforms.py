@@ -82,12 +82,15 @@ def strong(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def cutmix_box(size: int, rng: np.random.Generator, p: float = 0.5,
                area: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
-    """Binary size x size box (1 = pasted from the partner image), present with probability p."""
+    """Binary size x size box (1 = pasted from the partner image), present with probability p.
+
+    The area is drawn once and only the aspect ratio and position are redrawn until the box fits, as in
+    the official ``obtain_cutmix_box``; redrawing the area too would bias boxes towards small ones."""
     box = torch.zeros(size, size, dtype=torch.uint8)
     if rng.random() >= p:
         return box
+    a = rng.uniform(*area) * size * size
     while True:
-        a = rng.uniform(*area) * size * size
         r = rng.uniform(*ratio)
         w, h = int(np.sqrt(a / r)), int(np.sqrt(a * r))
         x, y = int(rng.integers(0, size)), int(rng.integers(0, size))

@@ -34,6 +34,7 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     num_strong_views: ClassVar[int] = 0   # strong views the unlabelled loader must produce
     needs_partner: ClassVar[bool] = False  # a second unlabelled batch (CutMix source)
     uses_cif: ClassVar[bool] = False
+    optim_defaults: ClassVar[dict] = {}    # shared optimiser settings whose paper default differs for this method
 
     def __init__(self, cfg, model_cfg: ModelConfig, num_classes: int,
                  supervised_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
@@ -67,6 +68,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
 
     def trained_networks(self) -> list[DeepLabV3Plus]:
         return [self.model]
+
+    def init_targets(self) -> list[tuple[nn.Module, str]]:
+        """(network, state-dict key prefix) pairs that ``--init-from`` loads; '' loads the whole network."""
+        nets = {id(n): n for n in [*self.trained_networks(), self.inference_model()]}
+        return [(net, "") for net in nets.values()]
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from .base import Method, StepContext
 
 @dataclass
 class CPSConfig:
-    cps_weight: float = hp(1.5, "lambda, weight of the cross pseudo supervision loss (VOC 1.5, Cityscapes 6)")
+    cps_weight: float = hp(1.0, "lambda with CutMix (VOC 1.0, Cityscapes 5; without CutMix VOC 1.5, Cityscapes 6)")
     cutmix: bool = hp(True, "mix two unlabelled images with box masks and supervise with the mixed labels")
     cutmix_boxes: int = hp(3, "boxes per CutMix mask (overlaps toggle), French et al.")
     cutmix_area: tuple = hp((0.25, 0.5), "range of the total mixed area fraction")
@@ -41,6 +41,7 @@ def box_masks(n: int, h: int, w: int, boxes: int, area: tuple[float, float], dev
 class CPS(Method):
     name = "cps"
     Config = CPSConfig
+    optim_defaults = {"head_lr_mult": 1.0}  # the official code trains every parameter group at one LR
 
     def __init__(self, cfg, model_cfg, num_classes, supervised_loss):
         super().__init__(cfg, model_cfg, num_classes, supervised_loss)
@@ -53,6 +54,11 @@ class CPS(Method):
 
     def trained_networks(self):
         return [self.model, self.model2]
+
+    def init_targets(self):
+        """Fine-tuning keeps the two networks different, as the official code does from ImageNet weights:
+        both take the checkpoint's encoder, only network 1 its decoder; network 2 keeps its own head."""
+        return [(self.model, ""), (self.model2, "encoder.")]
 
     def training_step(self, labeled, unlabeled, partner, ctx: StepContext):
         cfg, n = self.cfg, labeled["image"].shape[0]

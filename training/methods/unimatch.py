@@ -30,7 +30,7 @@ class UniMatch(Method):
         s1 = paste(unlabeled["box1"], partner["strong1"], unlabeled["strong1"])
         s2 = paste(unlabeled["box2"], partner["strong2"], unlabeled["strong2"])
 
-        logits, _, logits_fp = self.model.forward_fp(torch.cat([labeled["image"], unlabeled["weak"]]), p=cfg.fp_dropout)
+        logits, _, logits_fp, _ = self.model.forward_fp(torch.cat([labeled["image"], unlabeled["weak"]]), p=cfg.fp_dropout)
         logits_x, logits_w, logits_fp = logits[:n], logits[n:], logits_fp[n:]
         logits_s1, logits_s2 = self.model(torch.cat([s1, s2])).chunk(2)
 

@@ -1,0 +1,59 @@
+"""What a run may take over from its --out folder: another run's results are replaced only with --force,
+and --resume continues only with the checkpoint's settings and data unless --allow-changed names them."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, TrainConfig
+
+RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
+# Settings that change neither the weights a run ends with nor its data order, so --resume may change them
+# freely. The dataset's path is not compared: its fingerprint is. The encoder initialisation is replaced
+# by the checkpoint's weights.
+FREE_ON_RESUME = {"run.resume", "run.allow_changed", "run.force", "run.device", "run.log_every", "run.save_every",
+                  "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
+                  "model.pretrained", "model.init_from"}
+DATA = "data"  # --allow-changed name for a changed dataset fingerprint (classes.json or splits)
+
+
+def check_out_dir(out: Path, run: RunConfig) -> None:
+    """Refuse to start a new run over another run's results unless --force (or --resume) says so."""
+    found = [name for name in RESULTS if (out / name).exists()]
+    if found and not (run.resume or run.force):
+        raise FileExistsError(f"{out}: holds another run ({', '.join(found)}). Continue it with --resume, "
+                              "choose another --out, or pass --force to replace it.")
+
+
+def start_out_dir(out: Path, run: RunConfig) -> None:
+    """A new run starts from an empty record: a replaced run's best.pt and metrics must not mix with it."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not run.resume:
+        for name in RESULTS:
+            (out / name).unlink(missing_ok=True)
+
+
+def _flat(config: dict) -> dict[str, object]:
+    flat = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            for name, value in values.items():
+                flat[f"{section}.{name}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def check_resume(path: Path, saved: dict, cfg: TrainConfig, data_fingerprint: str) -> None:
+    """Raise ConfigError listing every setting (old -> new) that differs from checkpoint ``path``'s, and a
+    changed dataset, except those the user named in --allow-changed."""
+    allowed = {name.strip() for name in cfg.run.allow_changed.split(",") if name.strip()}
+    old, new = _flat(saved["config"]), _flat(asdict(cfg))
+    changed = [f"{key.split('.', 1)[1]}: {old[key]} -> {new[key]}" for key in new
+               if key in old and old[key] != new[key] and key not in FREE_ON_RESUME
+               and not {key, key.split(".", 1)[1]} & allowed]
+    names = [change.split(":")[0] for change in changed]
+    if saved.get("data_fingerprint") not in (None, data_fingerprint) and DATA not in allowed:
+        changed.append(f"{cfg.data.root}: classes or splits changed since the run started")
+        names.append(DATA)
+    if changed:
+        raise ConfigError(f"{path}: --resume with other settings than the run's ({'; '.join(changed)}). Pass the run's "
+                          f"values, or --allow-changed {','.join(names)} to continue with the new ones.")
