@@ -27,6 +27,8 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("--function", default="entropy", choices=acquisition.FUNCTIONS)
     push.add_argument("--balance", type=float, default=1.0, help="class balancing of the selection; 0 = plain top-k")
     push.add_argument("--project", default="scaleseg", help="Label Studio project title (created if missing)")
+    push.add_argument("--switch-project", action="store_true",
+                      help="push to --project although this dataset's tasks are in another project")
     push.add_argument("--delivery", default="local", choices=["local", "upload"],
                       help="local: Label Studio serves DATA/images through a local-files storage (same machine); "
                            "upload: the images are uploaded")
@@ -34,6 +36,9 @@ def parser() -> argparse.ArgumentParser:
     pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt")
     pull.add_argument("data", type=Path)
     pull.add_argument("--overwrite", action="store_true", help="replace existing human masks that differ")
+    pull.add_argument("--replace-val", action="append", default=[], metavar="ID",
+                      help="replace this validation image's mask with its annotation (repeat per image; never "
+                           "added to the training splits)")
     _connection(pull)
     status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending")
     status.add_argument("data", type=Path)
@@ -42,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    from .labeling import load_state, pull, push
+    from .labeling import pull, push, status
     from .labelstudio import LabelStudio
     from .scoring import choose, score_unlabeled
 
@@ -58,26 +63,23 @@ def main(argv: list[str]) -> int:
             bar.close()
             picks = choose(scored, args.data, args.top_k, args.balance)
             preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
-            report = push(client, args.data, preds, meta_name, args.project, args.delivery)
+            report = push(client, args.data, preds, meta_name, args.project, args.delivery,
+                          switch_project=args.switch_project)
             print(f"project {report.project_id}: pushed {len(report.pushed)} task(s) {report.pushed}; "
                   f"{len(report.already)} already there")
         elif args.command == "pull":
-            report = pull(client, args.data, args.overwrite)
+            report = pull(client, args.data, args.overwrite, replace_val=args.replace_val)
             print(f"written {len(report.written)}, unchanged {len(report.unchanged)}, skipped {len(report.skipped)}, "
                   f"pending {len(report.pending)}, conflicts {len(report.conflicts)} {report.conflicts}")
             for image_id, message in report.errors.items():
                 print(f"  error {image_id}: {message}")
             if report.conflicts:
                 print("  conflicting human masks were kept; pass --overwrite to replace them")
+            if report.protected:
+                print(f"  validation images kept their masks: {report.protected}; pass --replace-val ID to replace one")
             return 1 if report.errors else 0
         else:
-            state = load_state(args.data)
-            print(f"project {state.get('project_id')} at {state.get('url')}: {len(state['tasks'])} pushed, "
-                  f"{len(state['pulled'])} pulled")
-            if state.get("project_id") is not None:
-                tasks = list(client.tasks(state["project_id"]))
-                done = sum(1 for t in tasks if any(not a.get("was_cancelled") for a in t.get("annotations", [])))
-                print(f"Label Studio: {len(tasks)} tasks, {done} annotated, {len(tasks) - done} open")
+            print(f"{args.url}: {status(client, args.data).summary()}")
     finally:
         client.close()
     return 0

@@ -5,6 +5,10 @@ first 16 hex digits of the SHA-256 of its pixels; an image whose pixels the data
 under any name, is reported as a duplicate and not added again. New ids are appended
 to splits/unlabeled.txt atomically; nothing else in the dataset is touched. Zip entries are read in
 memory, never extracted by name, so '../' or absolute entry names cannot write outside the dataset.
+
+Memory stays bounded whatever the archive claims: entries are read one at a time, in chunks, counting the
+bytes actually decompressed against a per-entry and a per-upload cap, and reading stops as soon as either
+is reached. Camera photos are turned upright by their EXIF orientation before they are stored.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from training.data.folder import IMAGE_EXTENSIONS, find_image, read_split, write_image, write_split, write_text
 
 MAX_PIXELS = 40_000_000
-MAX_ENTRY_BYTES = 100 * 1024 * 1024
+MAX_ENTRY_BYTES = 100 * 1024 * 1024           # one image file or zip entry, decompressed
+MAX_UPLOAD_BYTES = 1024 * 1024 * 1024         # everything one upload decompresses to, all files together
+CHUNK = 1024 * 1024
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -32,21 +38,69 @@ class IngestReport:
     invalid: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
-        parts = [f"{len(self.added)} added", f"{len(self.duplicates)} already in the dataset"]
+        """One line per outcome, then one line per rejected file (Markdown)."""
+        lines = [f"{len(self.added)} added" + (f": {', '.join(self.added)}" if self.added else ""),
+                 f"{len(self.duplicates)} already in the dataset" + (f": {', '.join(self.duplicates)}" if self.duplicates else "")]
         if self.invalid:
-            parts.append(f"{len(self.invalid)} rejected: " + "; ".join(f"{k}: {v}" for k, v in list(self.invalid.items())[:10]))
-        return ", ".join(parts)
+            lines.append(f"{len(self.invalid)} rejected:")
+            lines += [f"- {name}: {why}" for name, why in self.invalid.items()]
+        return "\n".join(lines)
 
 
-def _decode(data: bytes, max_pixels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:  # reads the header only; pixels are decoded after the size check
-        w, h = img.size
-        if w * h > max_pixels:
-            raise ValueError(f"{w}x{h} is larger than the {max_pixels}-pixel limit")
-        if min(w, h) < 16:
-            raise ValueError(f"{w}x{h} is smaller than 16x16")
-        img.load()
-        return np.asarray(img.convert("RGB"))
+class UploadTooLarge(ValueError):
+    """The upload as a whole reached MAX_UPLOAD_BYTES; nothing further is read."""
+
+
+def decode_upload(data: bytes, max_pixels: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3], upright by its EXIF orientation; ValueError with a plain reason for anything else.
+    The size is checked from the header, before any pixel is decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ValueError(f"{w}x{h} is larger than the {max_pixels:,}-pixel limit; downscale it first")
+            if min(w, h) < 16:
+                raise ValueError(f"{w}x{h} is smaller than 16x16")
+            img.load()
+            return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError("not an image file this app can read (PNG, JPEG, BMP, WebP or TIFF)") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"larger than the {max_pixels:,}-pixel limit; downscale it first") from None
+    except (OSError, SyntaxError) as err:  # PIL's messages for damaged files name no object
+        raise ValueError(f"the file is damaged or truncated ({err})") from None
+
+
+def read_upload(path: Path, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """One uploaded image file, refused by its byte size before it is read and by its pixel count before
+    it is decoded."""
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        raise ValueError(f"the file is {size:,} bytes; the limit is {max_bytes:,}")
+    return decode_upload(Path(path).read_bytes(), max_pixels)
+
+
+class _Budget:
+    """Decompressed bytes this upload may still read."""
+
+    def __init__(self, total: int):
+        self.total, self.left = total, total
+
+    def read(self, stream, entry_limit: int) -> bytes:
+        """The stream's bytes, refusing (ValueError) past ``entry_limit`` and (UploadTooLarge) past the budget,
+        as soon as the count is passed."""
+        chunks, size = [], 0
+        while chunk := stream.read(CHUNK):
+            size += len(chunk)
+            if size > self.left:
+                self.left = 0
+                raise UploadTooLarge(f"the upload decompresses to more than {self.total:,} bytes in all; nothing "
+                                     "after this was read. Split it into smaller uploads")
+            if size > entry_limit:
+                raise ValueError(f"more than {entry_limit:,} bytes uncompressed (the per-image limit)")
+            chunks.append(chunk)
+        self.left -= size
+        return b"".join(chunks)
 
 
 def pixel_hash(rgb: np.ndarray) -> str:
@@ -72,59 +126,75 @@ def content_index(data: Path) -> dict[str, str]:
     return {h: i for i, h in by_id.items()}
 
 
-def _entries(path: Path):
-    """(display name, bytes) for a file, or for each file inside a zip; (name, error) for rejected entries."""
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                if info.is_dir():
-                    continue
-                name = f"{path.name}:{info.filename}"
-                pure = PurePosixPath(info.filename)
-                if pure.is_absolute() or ".." in pure.parts:
-                    yield name, ValueError("unsafe path in archive (absolute or '..'); skipped")
-                elif pure.parts[0] == "__MACOSX" or pure.name.startswith("."):
-                    continue
-                elif pure.suffix.lower() not in IMAGE_SUFFIXES:
-                    yield name, ValueError("not an image file")
-                elif info.file_size > MAX_ENTRY_BYTES:
-                    yield name, ValueError(f"{info.file_size} bytes uncompressed is over the {MAX_ENTRY_BYTES}-byte limit")
-                else:
-                    yield name, archive.read(info)
-    else:
-        yield path.name, path.read_bytes()
+def _entries(path: Path, budget: _Budget, entry_limit: int):
+    """(display name, bytes or the reason it was rejected) for a file, or for each file inside a zip, one at a
+    time; stops with UploadTooLarge when the upload's budget runs out."""
+    if not zipfile.is_zipfile(path):
+        if path.stat().st_size > entry_limit:
+            yield path.name, ValueError(f"{path.stat().st_size:,} bytes is over the {entry_limit:,}-byte limit")
+        else:
+            with open(path, "rb") as fh:
+                yield path.name, budget.read(fh, entry_limit)
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            name = f"{path.name}:{info.filename}"
+            pure = PurePosixPath(info.filename)
+            if pure.is_absolute() or ".." in pure.parts:
+                yield name, ValueError("unsafe path in archive (absolute or '..'); skipped")
+            elif pure.parts[0] == "__MACOSX" or pure.name.startswith("."):
+                continue
+            elif pure.suffix.lower() not in IMAGE_SUFFIXES:
+                yield name, ValueError("not an image file")
+            elif info.file_size > entry_limit:  # what the header claims; the bytes read are counted as well
+                yield name, ValueError(f"{info.file_size:,} bytes uncompressed is over the {entry_limit:,}-byte limit")
+            else:
+                try:
+                    with archive.open(info) as fh:
+                        yield name, budget.read(fh, entry_limit)  # not kept here: one entry in memory at a time
+                except UploadTooLarge:
+                    raise
+                except (ValueError, zipfile.BadZipFile, OSError, EOFError) as err:
+                    yield name, ValueError(str(err) if isinstance(err, ValueError) else f"damaged zip entry ({err})")
 
 
-def ingest(data: str | Path, files: list[str | Path], max_pixels: int = MAX_PIXELS, progress=None) -> IngestReport:
+def ingest(data: str | Path, files: list[str | Path], max_pixels: int = MAX_PIXELS, progress=None,
+           max_entry_bytes: int = MAX_ENTRY_BYTES, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> IngestReport:
     data = Path(data)
     report = IngestReport()
     unlabeled = read_split(data, "unlabeled", required=False)
     known = content_index(data)
+    budget = _Budget(max_upload_bytes)
     for n, file in enumerate(files):
         if progress:
             progress(n / max(1, len(files)), f"adding {Path(file).name}")
         try:
-            entries = list(_entries(Path(file)))
+            for name, payload in _entries(Path(file), budget, max_entry_bytes):
+                if isinstance(payload, Exception):
+                    report.invalid[name] = str(payload)
+                    continue
+                try:
+                    rgb = decode_upload(payload, max_pixels)
+                except ValueError as err:
+                    report.invalid[name] = str(err)
+                    continue
+                finally:
+                    del payload  # before the next entry is read: one entry's bytes in memory at a time
+                digest = pixel_hash(rgb)
+                image_id = "u_" + digest[:16]
+                if digest in known or find_image(data, image_id) is not None:
+                    report.duplicates.append(name)
+                    continue
+                write_image(data / "images" / f"{image_id}.png", rgb)
+                known[digest] = image_id
+                report.added.append(image_id)
+        except UploadTooLarge as err:
+            report.invalid[Path(file).name] = str(err)
+            break
         except (zipfile.BadZipFile, OSError) as err:
-            report.invalid[Path(file).name] = f"unreadable ({err})"
-            continue
-        for name, payload in entries:
-            if isinstance(payload, Exception):
-                report.invalid[name] = str(payload)
-                continue
-            try:
-                rgb = _decode(payload, max_pixels)
-            except (ValueError, OSError, Image.DecompressionBombError, SyntaxError) as err:
-                report.invalid[name] = f"not a usable image ({err})"
-                continue
-            digest = pixel_hash(rgb)
-            image_id = "u_" + digest[:16]
-            if digest in known or find_image(data, image_id) is not None:
-                report.duplicates.append(name)
-                continue
-            write_image(data / "images" / f"{image_id}.png", rgb)
-            known[digest] = image_id
-            report.added.append(image_id)
+            report.invalid[Path(file).name] = f"unreadable ({err.strerror if isinstance(err, OSError) and err.strerror else err})"
     if report.added:
         write_split(data, "unlabeled", unlabeled + report.added)
         content_index(data)

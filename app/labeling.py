@@ -8,12 +8,16 @@ carry our image id, so the state can be rebuilt from Label Studio if the file is
 Pull rules: cancelled (skipped) annotations are ignored; of several annotations the latest wins;
 brush regions are painted in the order Label Studio lists them, a later region winning where regions
 overlap; pixels no region covers become 255 (ignore). Annotations whose labels are not in classes.json,
-or whose size is not the image's, are reported and not written. An existing human mask is never
-overwritten unless ``overwrite`` is given.
+or whose size is not the image's, are reported and not written. Each pulled mask is recorded with the
+annotation that wrote it: when that same annotation was edited in Label Studio, pull applies the edit;
+a mask from any other source (another annotation, a file changed on disk) is a conflict and is never
+overwritten unless ``overwrite`` is given. Validation images are never written into the training splits,
+and their masks are changed only for the ids listed in ``replace_val``, one explicit decision per image.
 """
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import uuid
@@ -106,14 +110,25 @@ class PushReport:
     project_id: int | None = None
 
 
+class ProjectChanged(LabelStudioError):
+    """The dataset's tasks live in another project; pushing here would duplicate them."""
+
+
 def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_version: str,
-         project_title: str, delivery: str = "local", progress=None) -> PushReport:
+         project_title: str, delivery: str = "local", progress=None, switch_project: bool = False) -> PushReport:
     """Create one task per image id with its prediction; ids already pushed to this project are skipped.
-    ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``."""
+    ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``; ``model_version`` names the
+    model that made them. Pushing to another project title than before is refused unless ``switch_project``."""
     data = Path(data)
     classes = class_dicts(load_classes(data))
-    project = client.ensure_project(project_title, classes)
     state = load_state(data)
+    previous = state.get("project_title")
+    if previous not in (None, project_title) and state.get("url") == client.url and state["tasks"] and not switch_project:
+        raise ProjectChanged(f"this dataset's {len(state['tasks'])} task(s) are in project {previous!r} "
+                             f"(id {state.get('project_id')}); pushing to {project_title!r} would start a new project and "
+                             f"leave them behind. Set the project back to {previous!r}, or choose to switch (pull "
+                             f"{previous!r} first: after the switch, pull reads {project_title!r}).")
+    project = client.ensure_project(project_title, classes)
     if state.get("project_id") not in (None, project["id"]) or state.get("url") not in (None, client.url):
         state = {"tasks": {}, "pulled": state.get("pulled", {})}  # another project: its task map does not apply
     state.update({"url": client.url, "project_id": project["id"], "project_title": project_title})
@@ -154,10 +169,16 @@ class PullReport:
     skipped: list[str] = field(default_factory=list)        # cancelled / skipped by the labeller
     pending: list[str] = field(default_factory=list)        # no annotation yet
     conflicts: list[str] = field(default_factory=list)      # a different human mask exists; not overwritten
+    protected: list[str] = field(default_factory=list)      # validation images whose mask was left as it is
+    updated: list[str] = field(default_factory=list)        # of written: edits of the annotation pulled before
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None) -> PullReport:
+def mask_digest(mask: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(mask).tobytes() + str(mask.shape).encode()).hexdigest()
+
+
+def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None, replace_val=()) -> PullReport:
     data = Path(data)
     state = load_state(data)
     if state.get("project_id") is None:
@@ -166,6 +187,8 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
     report = PullReport()
     labeled = read_split(data, "labeled")
     unlabeled = read_split(data, "unlabeled", required=False)
+    val = set(read_split(data, "val", required=False))
+    replace_val = set(replace_val)
     tasks = [t for t in client.tasks(state["project_id"]) if t["data"].get(ID_KEY)]
     for n, task in enumerate(tasks):
         image_id = task["data"][ID_KEY]
@@ -188,24 +211,63 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
             report.errors[image_id] = f"task {task['id']}, annotation {annotation['id']}: {err}"
             continue
         target = mask_path(data, image_id)
+        ours = False
         if target.is_file():
-            existing = np.array(Image.open(target))
+            with Image.open(target) as img:
+                existing = np.array(img)
             if np.array_equal(existing, mask):
                 report.unchanged.append(image_id)
                 continue
-            if not overwrite:
-                report.conflicts.append(image_id)
-                continue
+            record = state["pulled"].get(image_id) or {}
+            ours = record.get("annotation_id") == annotation["id"] and record.get("mask_sha256") == mask_digest(existing)
+        if image_id in val and image_id not in replace_val:
+            report.protected.append(image_id)
+            continue
+        if target.is_file() and not (ours or overwrite or image_id in replace_val):
+            report.conflicts.append(image_id)
+            continue
         try:
             write_mask(target, mask)
         except OSError as err:  # e.g. disk full: this mask is not written (atomic), the others stand
             report.errors[image_id] = f"could not write {target} ({err.strerror or err}); free space and pull again"
             continue
-        state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"], "pulled_at": _now()}
+        state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"],
+                                     "updated_at": annotation.get("updated_at"), "mask_sha256": mask_digest(mask),
+                                     "pulled_at": _now()}
         report.written.append(image_id)
-    new = [i for i in report.written if i not in labeled]
+        if ours:
+            report.updated.append(image_id)
+    new = [i for i in report.written if i not in labeled and i not in val]
     if new:
         write_split(data, "labeled", labeled + new)
         write_split(data, "unlabeled", [i for i in unlabeled if i not in set(new)])
     save_state(data, state)
     return report
+
+
+@dataclass
+class LoopStatus:
+    project: str | None = None
+    project_id: int | None = None
+    pushed: int = 0          # tasks of this dataset in the project
+    annotated: int = 0       # with a finished (not skipped) annotation
+    pulled: int = 0          # of those, written into the dataset
+    pending: int = 0         # no annotation yet
+
+    def summary(self) -> str:
+        if self.project_id is None:
+            return "Nothing pushed from this dataset yet."
+        return (f"Project {self.project!r} (id {self.project_id}): {self.pushed} pushed, {self.annotated} annotated, "
+                f"{self.pulled} pulled, {self.pending} pending.")
+
+
+def status(client: LabelStudio, data: Path) -> LoopStatus:
+    """Counts of the dataset's tasks in its Label Studio project."""
+    state = load_state(data)
+    if state.get("project_id") is None:
+        return LoopStatus()
+    tasks = [t for t in client.tasks(state["project_id"]) if t["data"].get(ID_KEY)]
+    annotated = [t for t in tasks if any(not a.get("was_cancelled") for a in t.get("annotations", []))]
+    return LoopStatus(state.get("project_title"), state["project_id"], len(tasks), len(annotated),
+                      sum(1 for t in annotated if t["data"][ID_KEY] in state["pulled"]),
+                      sum(1 for t in tasks if not t.get("annotations")))

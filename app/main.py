@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from pathlib import Path
 
@@ -14,10 +15,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--serving-url", default="", help="use a running `scaleseg serve` endpoint instead of in-process inference")
     p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL", ""))
     p.add_argument("--label-studio-token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""))
-    p.add_argument("--auth", default="", help="user:password required to open the app")
+    p.add_argument("--auth", default=os.environ.get("SCALESEG_APP_AUTH", ""),
+                   help="user:password required to open the app (env SCALESEG_APP_AUTH keeps it off the command line)")
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--allow-no-auth", action="store_true",
+                   help="serve on a non-loopback --host without --auth (only behind a proxy that authenticates)")
     p.add_argument("--port", type=int, default=7860)
     return p
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main(argv: list[str]) -> int:
@@ -27,6 +38,10 @@ def main(argv: list[str]) -> int:
         if ":" not in args.auth:
             raise SystemExit("scaleseg app: --auth must be user:password")
         auth = tuple(args.auth.split(":", 1))
+    if auth is None and not is_loopback(args.host) and not args.allow_no_auth:
+        raise SystemExit(f"scaleseg app: --host {args.host} makes the app reachable from the network, and without --auth "
+                         "anyone who reaches it can add images, push to Label Studio and promote models. Give --auth "
+                         "user:password (or SCALESEG_APP_AUTH), or --allow-no-auth if a proxy in front authenticates.")
     from .ui import launch
     launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,
            args.label_studio_token, auth)

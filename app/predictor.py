@@ -12,6 +12,11 @@ import numpy as np
 from serving.backends import Backend, load_backend
 from serving.protocol import DATATYPES, HEADER
 
+# The defaults of `scaleseg serve` (--max-upload-mb 20, --max-pixels 4096*4096), so the app refuses what
+# the endpoint would refuse, before decoding anything.
+PREDICT_MAX_BYTES = 20 * 1024 * 1024
+PREDICT_MAX_PIXELS = 4096 * 4096
+
 
 class RemoteBackend(Backend):
     """One model of a v2 endpoint; ``infer`` posts uint8 images as binary tensors."""
@@ -68,6 +73,11 @@ class Predictor:
             cif = load_backend(model_dir, graph="model.cif.onnx") if has_cif else None
         with self._lock:
             self.model_dir, self.meta, self.single, self.cif = Path(model_dir), meta, single, cif
+
+    def snapshot(self) -> tuple[Path, Backend, Backend | None]:
+        """(package, single-scale backend, CIF backend) as one consistent set, even while a promotion swaps them."""
+        with self._lock:
+            return self.model_dir, self.single, self.cif
 
     @property
     def classes(self) -> list[dict]:

@@ -1,6 +1,8 @@
 """Score the unlabelled images of a dataset with a model package and pick the ones to label next."""
 from __future__ import annotations
 
+import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from serving.backends import Backend, load_backend
-from training.data.folder import find_image, load_classes, read_split
+from training.data.folder import atomic_write, find_image, load_classes, read_split
 
 from . import acquisition
 
@@ -61,3 +63,27 @@ def choose(scored: list[Scored], data: Path, k: int, balance: float = 1.0) -> li
     hist = np.stack([acquisition.class_histogram(s.labels, num_classes) for s in scored])
     picks = acquisition.select(np.array([s.score for s in scored]), hist, k, balance)
     return [scored[i] for i in picks]
+
+
+def save_ranking(path: Path, ranking: list[Scored], model_version: str) -> None:
+    """The selection with its masks, so that a restart does not lose it (one .npz, written atomically)."""
+    arrays = {"meta": np.frombuffer(json.dumps({"model_version": model_version, "ids": [s.image_id for s in ranking],
+                                                "scores": [s.score for s in ranking]}).encode(), np.uint8)}
+    for n, s in enumerate(ranking):
+        arrays[f"labels_{n}"], arrays[f"confidence_{n}"] = s.labels, s.confidence
+    atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
+
+
+def load_ranking(path: Path, data: Path) -> tuple[list[Scored], str]:
+    """(selection, model version) saved by save_ranking, without images that are no longer unlabelled."""
+    if not Path(path).is_file():
+        return [], ""
+    try:
+        with np.load(path) as saved:
+            meta = json.loads(saved["meta"].tobytes())
+            pool = set(read_split(data, "unlabeled", required=False))
+            ranking = [Scored(i, score, saved[f"labels_{n}"], saved[f"confidence_{n}"])
+                       for n, (i, score) in enumerate(zip(meta["ids"], meta["scores"])) if i in pool]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a damaged file only costs a new ranking
+        return [], ""
+    return ranking, meta["model_version"]

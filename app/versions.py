@@ -62,6 +62,11 @@ class Registry:
     def next_name(self) -> str:
         return f"v{len(self.read()['versions']) + 1}"
 
+    def name_of(self, package: Path) -> str:
+        """The version name of a package directory (its folder name if it is not registered)."""
+        package = Path(package).resolve()
+        return next((v["name"] for v in self.read()["versions"] if Path(v["dir"]) == package), package.name)
+
     def serving(self) -> dict | None:
         reg = self.read()
         return next((v for v in reg["versions"] if v["name"] == reg["serving"]), None)
@@ -70,18 +75,26 @@ class Registry:
 def evaluate_package(package: Path, data: Path, out: Path, log) -> dict:
     """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process; the
     report goes to ``out`` (never into the package, which may be read-only)."""
-    _run([sys.executable, "-m", "training.cli", "eval", str(package / "checkpoint.pt"), str(data), "--json", str(out),
-          "--device", "cpu"], log)
+    _run("evaluation", [sys.executable, "-m", "training.cli", "eval", str(package / "checkpoint.pt"), str(data),
+                        "--json", str(out), "--device", "cpu"], log)
     scales = json.loads(out.read_text())["scales"]
     return {"miou": scales["1.0"]["miou"], "miou_x0.5": scales["0.5"]["miou"], "miou_x2.0": scales["2.0"]["miou"]}
 
 
-def _run(cmd: list[str], log) -> None:
+def _run(stage: str, cmd: list[str], log) -> None:
+    """Run one stage with its output appended to ``log``; on failure the error names the cause (the stage's
+    last line of output) and the log's path."""
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
+    start = log.tell()
     code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
     if code != 0:
-        raise RuntimeError(f"{cmd[3] if len(cmd) > 3 else cmd[0]} failed with exit code {code}; see the log")
+        log.flush()
+        with open(log.name, "rb") as fh:
+            fh.seek(start)
+            lines = [line.strip() for line in fh.read().decode(errors="replace").splitlines() if line.strip()]
+        cause = lines[-1][:500] if lines else "no output"
+        raise RuntimeError(f"{stage} failed (exit code {code}): {cause}. Full log: {Path(log.name).resolve()}")
 
 
 def register_initial(registry: Registry, package: Path, data: Path) -> dict:
@@ -156,14 +169,14 @@ class Retrainer:
                 cmd.append("--force")  # a failed job's folder is reused: the next version gets its name
                 if job.from_current and current:
                     cmd += ["--init-from", str(Path(current["dir"]) / "checkpoint.pt")]
-                _run(cmd, log)
+                _run("training", cmd, log)
                 job.status = "exporting"
                 package = self.registry.work / "versions" / job.name
                 export = [sys.executable, "-m", "training.cli", "export", str(job.run_dir / "last.pt"), "--out", str(package),
                           "--with-probs", "--data", str(self.data), "--force"]
                 if job.method == "scalematch":
                     export += ["--cif-scales", "0.5,2.0"]
-                _run(export, log)
+                _run("export", export, log)
                 job.status = "evaluating"
                 scores = evaluate_package(package, self.data, job.run_dir / "eval-new.json", log)
                 baseline = evaluate_package(Path(current["dir"]), self.data, job.run_dir / "eval-serving.json", log) if current else None

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.ingest import ingest
-from app.labeling import prediction_result
+from app.labeling import load_state, prediction_result
 from app.labelstudio import LabelStudio
 from app.ui import App
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
@@ -67,18 +67,24 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     assert s.registry.serving()["name"] == "v1"
     gallery, table, message = app.rank("entropy", 3, 1.0)
     assert len(gallery) == 3 and "Selected 3" in message
-    assert "pushed 3 new task(s)" in app.ls_push(label_studio.url, label_studio.token, "app loop", "local")
+    restarted = App(s.predictor.model_dir, s.data, s.registry.work, ls_url=label_studio.url, ls_token=label_studio.token)
+    assert [r.image_id for r in restarted.s.ranking] == [r.image_id for r in s.ranking]  # the ranking survives a restart
+    message, counts = app.ls_push(label_studio.url, "", "app loop", "local")  # empty box: the token given at launch
+    assert "pushed 3 new task(s) with model v1's masks" in message
+    assert counts == "Project 'app loop' (id %d): 3 pushed, 0 annotated, 0 pulled, 3 pending." % load_state(s.data)["project_id"]
     client = LabelStudio(label_studio.url, label_studio.token)
     project = next(p for p in client.projects() if p["title"] == "app loop")
     tasks = list(client.tasks(project["id"]))
     assert all(t["predictions"] for t in tasks)
+    assert {t["predictions"][0]["model_version"] for t in tasks} == {"v1"}  # the registry's name, as in the Models tab
     classes = class_dicts(load_classes(s.data))
     truth = {}
     for task in tasks:
         image_id = task["data"]["scaleseg_id"]
         _, truth[image_id] = render(int(image_id.split("_")[1]), 0, 48, load_classes(s.data))
         client.create_annotation(task["id"], prediction_result(truth[image_id], classes))
-    assert "3 mask(s) written" in app.ls_pull(label_studio.url, label_studio.token, False)
+    message, counts = app.ls_pull(label_studio.url, label_studio.token, False)
+    assert "3 mask(s) written" in message and "3 pushed, 3 annotated, 3 pulled, 0 pending" in counts
     for image_id, mask in truth.items():
         assert np.array_equal(np.array(Image.open(mask_path(s.data, image_id))), mask)
 
@@ -94,9 +100,16 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     assert job.promoted == (new >= old)
     assert app.promote("v2") == "v2 is now serving."
     assert s.registry.serving()["name"] == "v2" and s.predictor.model_dir.name == "v2"
-    rows, plot = app.models()
+    rows, curve, which, cif = app.models()
     assert [r[0] for r in rows] == ["v1", "v2 (serving)"] and rows[1][2] == 9  # 6 labelled + 3 pulled
-    assert list(plot["labelled images"]) == [6, 9]
+    assert which.choices == [("v1", "v1"), ("v2", "v2")] and which.value == "v2"
+    assert curve.x_lim[0] < 6 and curve.x_lim[1] > 9  # every point inside the plot, none on its border
+    mious = [v["miou"] for v in s.registry.read()["versions"]]
+    assert curve.y_lim[0] < min(mious) and curve.y_lim[1] > max(mious)
+    # v2 is a supervised model: no CIF graph, so the checkbox is off and says why, and Predict says so too
+    assert cif.value is False and cif.interactive is False and "v2 has no CIF graph" in cif.label
+    *_, info, _ = app.predict(str(s.data / "images" / "synth_00000.png"), 0.5, True)
+    assert "single scale (model v2 has no CIF graph)" in info
 
 
 def free_port() -> int:
@@ -120,15 +133,15 @@ def test_gradio_client_api(running_app, tiny_data, tmp_path):
 
     app, url = running_app
     client = Client(url, verbose=False)
-    overlay, heat, table, info = client.predict(handle_file(str(tiny_data / "images" / "synth_00000.png")), 0.5, True,
-                                                api_name="/predict")
+    overlay, heat, table, info, legend = client.predict(handle_file(str(tiny_data / "images" / "synth_00000.png")), 0.5,
+                                                        True, api_name="/predict")
     assert Path(overlay).is_file() and Path(heat).is_file() and "CIF multi-scale" in info
     assert [row[0] for row in table["data"]] == ["background", "disc", "square", "triangle", "ring"]
     (tmp_path / "new.png").write_bytes(png_bytes(7, (64, 48)))
     assert client.predict([handle_file(str(tmp_path / "new.png"))], api_name="/add_unlabeled").startswith("1 added")
     gallery, ranked, message = client.predict("scale_disagreement", 2, 1.0, api_name="/rank")
     assert len(gallery) == 2 and len(ranked["data"]) == 2
-    versions, _ = client.predict(api_name="/models")
+    versions, *_ = client.predict(api_name="/models")
     assert versions["data"][0][0] == "v1 (serving)"
 
 
@@ -151,6 +164,17 @@ def test_browser_drives_the_ui(running_app, tiny_data, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.get_by_role("button", name="Segment").wait_for()
+        # the Label Studio token given at launch is nowhere in the page or its config
+        assert app.s.ls_token and app.s.ls_token not in page.content()
+        assert app.s.ls_token not in page.request.get(url + "config").text()
+        huge = tmp_path / "huge.png"
+        Image.fromarray(np.zeros((4200, 4200), np.uint8)).save(huge)
+        page.locator("input[type=file]").first.set_input_files(str(huge))
+        page.get_by_role("button", name="Segment").click()
+        page.get_by_text("huge.png: 4200x4200 is larger than the 16,777,216-pixel limit").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "predict-too-large.png"))
+        page.reload()
+        page.get_by_role("button", name="Segment").wait_for()
         page.locator("input[type=file]").first.set_input_files(str(tiny_data / "images" / "synth_00002.png"))
         page.get_by_role("button", name="Segment").click()
         page.locator("#overlay img").wait_for(timeout=60_000)
@@ -165,6 +189,10 @@ def test_browser_drives_the_ui(running_app, tiny_data, tmp_path):
         page.locator("#rank-report").get_by_text("Selected").wait_for(timeout=120_000)
         assert page.locator("#ranked img").count() >= 1
         page.screenshot(path=str(shots / "unlabeled.png"), full_page=True)
+        page.get_by_role("tab", name="Label Studio").click()
+        page.get_by_role("button", name="Push selection with pre-annotations").click()  # empty token box: the server's
+        page.locator("#ls-status").get_by_text("8 pushed, 0 annotated, 0 pulled, 8 pending").wait_for(timeout=120_000)
+        assert app.s.ls_token not in page.content()
         for tab, name in (("Label Studio", "label-studio"), ("Retrain", "retrain"), ("Models", "models")):
             page.get_by_role("tab", name=tab).click()
             time.sleep(1.0)

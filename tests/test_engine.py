@@ -281,3 +281,6 @@ def test_tensorboard_logs_losses_lr_and_val_miou_per_scale(tiny_data, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in logged if "val_miou" in r]
     assert [e.value for e in events.Scalars("val/miou_x2.0")] == pytest.approx([r["val_miou_by_scale"]["2.0"] for r in val])
+    cfg.run.force = True  # a replaced run's events do not mix with the new run's
+    Trainer(cfg, progress=False).fit()
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1

@@ -252,6 +252,8 @@ class Trainer:
         cfg = self.cfg
         if self.dist.is_main:
             start_out_dir(self.out, cfg.run)
+            if self.board is not None:
+                self.board.open()
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {cfg.method}", unit="it",
                    disable=not self.progress, dynamic_ncols=True)

@@ -2,6 +2,7 @@
 and --resume continues only with the checkpoint's settings and data unless --allow-changed names them."""
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,11 +27,13 @@ def check_out_dir(out: Path, run: RunConfig) -> None:
 
 
 def start_out_dir(out: Path, run: RunConfig) -> None:
-    """A new run starts from an empty record: a replaced run's best.pt and metrics must not mix with it."""
+    """A new run starts from an empty record: a replaced run's best.pt, metrics and TensorBoard events
+    must not mix with it."""
     out.mkdir(parents=True, exist_ok=True)
     if not run.resume:
         for name in RESULTS:
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
 
 def _flat(config: dict) -> dict[str, object]:

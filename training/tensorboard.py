@@ -11,12 +11,16 @@ class TensorBoard:
     scale under ``val/``, indexed by iteration."""
 
     def __init__(self, logdir: Path):
+        """Checks the package is there (before a run starts); ``open`` creates the event file."""
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise ConfigError("--tensorboard needs the tensorboard package: pip install 'scaleseg[tensorboard]' "
                               "(or drop --tensorboard; metrics.jsonl has the same numbers).") from err
-        self.writer = SummaryWriter(str(logdir))
+        self.logdir, self.writer_cls, self.writer = logdir, SummaryWriter, None
+
+    def open(self) -> None:
+        self.writer = self.writer_cls(str(self.logdir))
 
     def write(self, record: dict) -> None:
         step = record["iter"]
