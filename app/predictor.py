@@ -10,12 +10,9 @@ import httpx
 import numpy as np
 
 from serving.backends import Backend, load_backend
+from serving.limits import RequestLimits, scale_cost
 from serving.protocol import DATATYPES, HEADER
 
-# The defaults of `scaleseg serve` (--max-upload-mb 20, --max-pixels 4096*4096), so the app refuses what
-# the endpoint would refuse, before decoding anything.
-PREDICT_MAX_BYTES = 20 * 1024 * 1024
-PREDICT_MAX_PIXELS = 4096 * 4096
 
 
 class RemoteBackend(Backend):
@@ -73,6 +70,13 @@ class Predictor:
             cif = load_backend(model_dir, graph="model.cif.onnx") if has_cif else None
         with self._lock:
             self.model_dir, self.meta, self.single, self.cif = Path(model_dir), meta, single, cif
+
+    def upload_limits(self, multiscale: bool) -> tuple[int, int]:
+        """(bytes, pixels) one Predict upload may have: `scaleseg serve`'s default budget in pixels of work,
+        so a CIF graph (which runs every one of its scales) takes proportionally smaller images."""
+        limits = RequestLimits()
+        scales = self.meta.get("graphs", {}).get("model.cif.onnx", {}).get("scales", [1.0]) if multiscale else [1.0]
+        return limits.max_upload_bytes, int(limits.max_work_pixels / scale_cost(scales))
 
     def snapshot(self) -> tuple[Path, Backend, Backend | None]:
         """(package, single-scale backend, CIF backend) as one consistent set, even while a promotion swaps them."""

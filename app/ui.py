@@ -22,7 +22,7 @@ from . import acquisition  # noqa: E402
 from .ingest import MAX_UPLOAD_BYTES, ingest, read_upload  # noqa: E402
 from .labeling import ProjectChanged, load_state, pull, push, status  # noqa: E402
 from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
-from .predictor import PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS, Predictor  # noqa: E402
+from .predictor import Predictor  # noqa: E402
 from .scoring import Scored, choose, image_batch, load_ranking, save_ranking, score_unlabeled  # noqa: E402
 from .versions import Registry, Retrainer, register_initial  # noqa: E402
 
@@ -95,7 +95,7 @@ class App:
         if not path:
             raise gr.Error("Upload or pick an image first.")
         try:
-            rgb = read_upload(Path(path), PREDICT_MAX_BYTES, PREDICT_MAX_PIXELS)
+            rgb = read_upload(Path(path), *self.s.predictor.upload_limits(multiscale and self.s.predictor.cif is not None))
         except (ValueError, OSError) as err:
             name = image.get("orig_name") if isinstance(image, dict) else None
             raise gr.Error(f"{name or Path(path).name}: {err}.") from None

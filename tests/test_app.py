@@ -171,7 +171,7 @@ def test_browser_drives_the_ui(running_app, tiny_data, tmp_path):
         Image.fromarray(np.zeros((4200, 4200), np.uint8)).save(huge)
         page.locator("input[type=file]").first.set_input_files(str(huge))
         page.get_by_role("button", name="Segment").click()
-        page.get_by_text("huge.png: 4200x4200 is larger than the 16,777,216-pixel limit").first.wait_for(timeout=60_000)
+        page.get_by_text("huge.png: 4200x4200 is larger than the 4,194,304-pixel limit").first.wait_for(timeout=60_000)
         page.screenshot(path=str(shots / "predict-too-large.png"))
         page.reload()
         page.get_by_role("button", name="Segment").wait_for()

@@ -96,8 +96,12 @@ def test_predict_refuses_oversized_and_damaged_files_with_a_message(package, dat
     try:
         client = Client(demo.local_url, verbose=False)
         Image.fromarray(np.zeros((4200, 4200), np.uint8)).save(tmp_path / "huge.png")  # 17.6 Mpx, 18 KB on disk
-        with pytest.raises(Exception, match=r"huge.png: 4200x4200 is larger than the 16,777,216-pixel limit"):
+        with pytest.raises(Exception, match=r"huge.png: 4200x4200 is larger than the 4,194,304-pixel limit"):
             client.predict(handle_file(str(tmp_path / "huge.png")), 0.5, False, api_name="/predict")
+        # The CIF graph runs 1 + 0.25 + 4 = 5.25x the pixels: serving's budget allows a smaller image there.
+        Image.fromarray(np.zeros((1000, 1000), np.uint8)).save(tmp_path / "big.png")
+        with pytest.raises(Exception, match=r"big.png: 1000x1000 is larger than the 798,915-pixel limit"):
+            client.predict(handle_file(str(tmp_path / "big.png")), 0.5, True, api_name="/predict")
         (tmp_path / "damaged.png").write_bytes(png_bytes(4)[:80])
         with pytest.raises(Exception, match=r"damaged.png: the file is damaged or truncated"):
             client.predict(handle_file(str(tmp_path / "damaged.png")), 0.5, False, api_name="/predict")
