@@ -206,12 +206,18 @@ def main() -> None:
     p.add_argument("--work", default=str(REPO / "runs" / "label_efficiency"))
     p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON, Markdown and PNG results")
+    p.add_argument("--publish-only", action="store_true", help="write the results of the runs finished so far, train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with cores/jobs threads "
                    "(one thread per run is much faster than two when the cores are shared)")
     args = p.parse_args()
     work = Path(args.work)
     settings = work / "settings.json"
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
+    if args.publish_only:
+        if not settings.is_file():
+            raise SystemExit(f"{work}: no study there to publish.")
+        publish(work, json.loads(settings.read_text()), Path(args.results))
+        return
     if settings.is_file():
         saved = json.loads(settings.read_text())
         if not args.resume:

@@ -62,3 +62,8 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
 
     changed = study(work, results, "--resume", "--lr", "0.02")
     assert changed.returncode != 0 and "one study keeps one budget" in changed.stderr
+
+    (results / "label_efficiency.json").unlink()
+    published = study(work, results, "--publish-only", "--lr", "0.02")  # the study's own budget, nothing trained
+    assert published.returncode == 0 and "==" not in published.stdout
+    assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
