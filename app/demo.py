@@ -19,15 +19,15 @@ import secrets
 from pathlib import Path
 
 # Demo data: 5 classes at 128 px; enough labelled images that every class is seen at many scales.
-DATA = {"num_classes": 5, "n_labeled": 32, "n_unlabeled": 160, "n_val": 40, "size": 128, "seed": 0}
+DATA = {"num_classes": 5, "n_labeled": 64, "n_unlabeled": 192, "n_val": 48, "size": 128, "seed": 0}
 COMMON = ["--backbone", "resnet18", "--crop-size", "96", "--batch-size", "4", "--num-workers", "1"]
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--supervised-iters", type=int, default=1500, help="stage 1: supervised iterations")
-    p.add_argument("--iters", type=int, default=200, help="stage 2: ScaleMatch iterations from the stage-1 weights")
+    p.add_argument("--supervised-iters", type=int, default=2000, help="stage 1: supervised iterations")
+    p.add_argument("--iters", type=int, default=150, help="stage 2: ScaleMatch iterations from the stage-1 weights")
     p.add_argument("--port", type=int, default=7860, help="app port")
     p.add_argument("--label-studio-url", default="", help="use this Label Studio instead of starting one")
     p.add_argument("--label-studio-token", default="")
