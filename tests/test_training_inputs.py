@@ -55,6 +55,7 @@ def test_pixel_check_is_cached_by_file_fingerprint(data_copy, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(folder.Image, "open", counting_open)
+    (data_copy / CACHE_NAME).unlink(missing_ok=True)  # copied along if an earlier test checked the shared data
     assert check_dataset(data_copy) == []
     assert len(opened) == 6 + 12 + 4 + 6 + 4  # every image, and the masks of labelled and val images
     assert json.loads((data_copy / CACHE_NAME).read_text())
