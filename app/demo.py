@@ -26,8 +26,8 @@ COMMON = ["--backbone", "resnet18", "--crop-size", "96", "--batch-size", "4", "-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("demo"))
-    p.add_argument("--supervised-iters", type=int, default=2000, help="stage 1: supervised iterations")
-    p.add_argument("--iters", type=int, default=150, help="stage 2: ScaleMatch iterations from the stage-1 weights")
+    p.add_argument("--supervised-iters", type=int, default=1500, help="stage 1: supervised iterations")
+    p.add_argument("--iters", type=int, default=500, help="stage 2: ScaleMatch iterations from the stage-1 weights")
     p.add_argument("--port", type=int, default=7860, help="app port")
     p.add_argument("--label-studio-url", default="", help="use this Label Studio instead of starting one")
     p.add_argument("--label-studio-token", default="")
