@@ -29,10 +29,12 @@ class ProtocolError(Exception):
 
 
 def datatype_of(array: np.ndarray) -> str:
+    """The v2 datatype of an array this server made (outputs, or inputs already decoded by DATATYPES),
+    so a dtype outside the table is a server fault, never the client's."""
     for name, dtype in DATATYPES.items():
         if array.dtype == dtype:
             return name
-    raise ProtocolError(f"unsupported dtype {array.dtype}", 500)
+    raise TypeError(f"array of dtype {array.dtype} has no Open Inference Protocol datatype")
 
 
 @dataclass
