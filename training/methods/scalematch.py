@@ -90,6 +90,6 @@ class ScaleMatch(Method):
         loss_fsvc = pseudo_label_loss(out["fp"][n:], label, conf, ign, cfg.conf_thresh)
         loss = (loss_x + cfg.plain_sup_weight * loss_plain + cfg.strong_weight * loss_s + cfg.isvc_weight * loss_isvc
                 + cfg.fsvc_weight * loss_fsvc) / 2
-        return {"loss": loss, "loss_x": loss_x.detach(), "loss_x_plain": loss_plain.detach(), "loss_s": loss_s.detach(), "loss_isvc": loss_isvc.detach(),
-                "loss_fsvc": loss_fsvc.detach(), "scale": torch.tensor(v),
+        return {"loss": loss, "loss_x": loss_x.detach(), "loss_x_plain": loss_plain.detach(), "loss_s": loss_s.detach(),
+                "loss_isvc": loss_isvc.detach(), "loss_fsvc": loss_fsvc.detach(), "scale": torch.tensor(v),
                 "mask_ratio": ((conf >= cfg.conf_thresh) & (ign != 255)).float().mean()}
