@@ -40,11 +40,12 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def write_results(name: str, payload: dict, table: str, note: str = "", results: Path = RESULTS) -> None:
+def write_results(name: str, payload: dict, table: str, note: str = "", results: Path = RESULTS,
+                  script: str | None = None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     m = payload["machine"]
     header = f"# {name}\n\nMachine: {m['cores']} cores ({m['cpu']}), torch {m['torch']}, {m['threads']} threads" + \
-             (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f". Written by `bench/{name}.py`.\n\n"
+             (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f". Written by `bench/{script or name}.py`.\n\n"
     (results / f"{name}.md").write_text(header + (note + "\n\n" if note else "") + table + "\n")
     print(table)

@@ -7,8 +7,12 @@ One run is (benchmark, labelled fraction, method, seed). Each trains in its own 
 ResNet-18 DeepLabV3+ from random init, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
 (the curves), and is scored at the end on val at those scales (and ScaleMatch with CIF multi-scale
 inference). All methods of one seed train on the same dataset and labelled subset; seeds change both the
-subset and the training randomness. Runs live in ``--work``: finished ones are kept, and ``--resume``
-continues an interrupted study (an unfinished run continues exactly from its last checkpoint).
+subset and the training randomness. With ``--warm-start N``
+every (benchmark, fraction, seed) first trains supervised for N iterations, and each method, supervised
+included, then trains ``--iters`` more from those weights (``--init-from``): the protocol of the app's
+retraining loop, and a test of whether pseudo-labels pay once they come from a trained network rather than
+a random one. Runs live in ``--work``: finished ones are kept, and ``--resume`` continues an interrupted
+study (an unfinished run continues exactly from its last checkpoint).
 Results: bench/results/label_efficiency.{json,md} and label_efficiency_curves.png, mean +- std over seeds.
 """
 from __future__ import annotations
@@ -56,10 +60,10 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     return path
 
 
-def train_argv(args, method: str, data: Path, out: Path, seed: int, epochs_total: float) -> list[str]:
+def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, lr: float, epochs_total: float) -> list[str]:
     argv = [str(data), "--method", method, "--backbone", "resnet18", "--crop-size", str(args.crop),
-            "--batch-size", str(args.batch), "--max-iters", str(args.iters), "--eval-every", str(args.eval_every),
-            "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(args.lr), "--seed", str(seed),
+            "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
+            "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
     if method == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
@@ -84,27 +88,54 @@ def one_dataset(args, benchmark: str, fraction: str, seed: int) -> tuple[Path, i
     return make_data(benchmark, root / f"data_seed{seed}", n_labeled, args.pool - n_labeled, args.n_val, args.size, seed), n_labeled
 
 
+def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters: int, lr: float,
+          init_from: Path | None = None) -> tuple[list[dict], float]:
+    """One `scaleseg train` run into ``out`` (continued from its last checkpoint if it has one);
+    returns its validation records and peak RSS."""
+    out.mkdir(parents=True, exist_ok=True)
+    n_unlabeled = len(read_split(data, "unlabeled"))
+    argv = train_argv(args, method, data, out, seed, iters, lr, iters / max(1, n_unlabeled // args.batch))
+    if init_from is not None:
+        argv += ["--init-from", str(init_from)]
+    # A run killed before its first checkpoint starts over (--force clears its partial log).
+    argv.append("--resume" if (out / "last.pt").is_file() else "--force")
+    print(f"== {label}" + (" (resumed)" if "--resume" in argv else ""), flush=True)
+    rss = run([sys.executable, "-m", "training.cli", "train", *argv], out / "train.log", args.threads)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return records, rss
+
+
+def curve(records: list[dict], offset: int = 0) -> list[dict]:
+    return [{"iter": r["iter"] + offset, **{f"x{s}": r["val_miou_by_scale"][s] for s in SCALES}}
+            for r in records if "val_miou_by_scale" in r]
+
+
+def warm_up(args, benchmark: str, fraction: str, seed: int) -> Path:
+    """The supervised run every method of this seed starts from (``--warm-start``); returns its checkpoint."""
+    data, n_labeled = one_dataset(args, benchmark, fraction, seed)
+    out = data.parent / "warm-up" / f"seed{seed}"
+    if not (out / "curve.json").is_file():
+        records, _ = train(args, f"{benchmark} {fraction} warm-up (supervised) seed {seed}: {n_labeled} labelled",
+                           "supervised", data, out, seed, args.warm_start, args.warm_lr)
+        (out / "curve.json").write_text(json.dumps(curve(records)))
+    return out / "last.pt"
+
+
 def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
     data, n_labeled = one_dataset(args, benchmark, fraction, seed)
     out = data.parent / method / f"seed{seed}"
     row_file = out / "row.json"
     if row_file.is_file():
         return json.loads(row_file.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    epochs_total = args.iters / ((args.pool - n_labeled) // args.batch)
-    cmd = [sys.executable, "-m", "training.cli", "train", *train_argv(args, method, data, out, seed, epochs_total)]
-    # A run killed before its first checkpoint starts over (--force clears its partial log).
-    cmd.append("--resume" if (out / "last.pt").is_file() else "--force")
-    print(f"== {benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled" + (" (resumed)" if "--resume" in cmd else ""),
-          flush=True)
-    rss = run(cmd, out / "train.log", args.threads)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    val = [r for r in records if "val_miou_by_scale" in r]
+    warm = warm_up(args, benchmark, fraction, seed) if args.warm_start else None
+    records, rss = train(args, f"{benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled", method, data, out,
+                         seed, args.iters, args.lr, warm)
     steps = sorted(r["sec_per_iter"] for r in records if "sec_per_iter" in r)
+    own = curve(records, args.warm_start)
+    warm_curve = json.loads((warm.parent / "curve.json").read_text()) if warm else []
     row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
-           **{f"miou_x{s}": val[-1]["val_miou_by_scale"][s] for s in SCALES},
-           "curve": [{"iter": r["iter"], **{f"x{s}": r["val_miou_by_scale"][s] for s in SCALES}} for r in val],
-           "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss}
+           "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
+           "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss}
     if method == "scalematch":
         report = out / "eval_cif.json"
         run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
@@ -162,7 +193,7 @@ def markdown(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(rows: list[dict], path: Path) -> None:
+def plot_curves(rows: list[dict], path: Path, warm_start: int = 0) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,7 +210,9 @@ def plot_curves(rows: list[dict], path: Path) -> None:
             std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_iter]
             ax.plot(iters, mean, label=f"{method} ({len(runs)} seeds)")
             ax.fill_between(iters, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-        ax.set_title(f"{bench}, {frac} labelled")
+        if warm_start:
+            ax.axvline(warm_start, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{bench}, {frac} labelled" + (f", warm start {warm_start}" if warm_start else ""))
         ax.set_xlabel("iteration")
         ax.set_ylabel("val mIoU x1.0")
         ax.grid(alpha=0.3)
@@ -200,12 +233,16 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--size", type=int, default=96, help="image side of both benchmarks")
     p.add_argument("--batch", type=int, default=4, help="labelled images per step (unlabelled: the same)")
-    p.add_argument("--lr", type=float, default=0.01, help="backbone LR (head x10), random init")
+    p.add_argument("--lr", type=float, default=0.01, help="backbone LR (head x10) of every method's run")
+    p.add_argument("--warm-start", type=int, default=0,
+                   help="supervised iterations every method of a seed starts from (0: random init)")
+    p.add_argument("--warm-lr", type=float, default=0.01, help="backbone LR of the --warm-start run")
     p.add_argument("--pool", type=int, default=320, help="training images (labelled + unlabelled)")
     p.add_argument("--n-val", type=int, default=60)
     p.add_argument("--work", default=str(REPO / "runs" / "label_efficiency"))
     p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON, Markdown and PNG results")
+    p.add_argument("--name", default="label_efficiency", help="results file name (NAME.json, NAME.md, NAME_curves.png)")
     p.add_argument("--publish-only", action="store_true", help="write the results of the runs finished so far, train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with cores/jobs threads "
                    "(one thread per run is much faster than two when the cores are shared)")
@@ -213,10 +250,12 @@ def main() -> None:
     work = Path(args.work)
     settings = work / "settings.json"
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
+    if args.warm_start:
+        budget.update(warm_start=args.warm_start, warm_lr=args.warm_lr)
     if args.publish_only:
         if not settings.is_file():
             raise SystemExit(f"{work}: no study there to publish.")
-        publish(work, json.loads(settings.read_text()), Path(args.results))
+        publish(work, json.loads(settings.read_text()), Path(args.results), args.name)
         return
     if settings.is_file():
         saved = json.loads(settings.read_text())
@@ -234,26 +273,33 @@ def main() -> None:
     for bench, frac, _, seed in runs:  # datasets first, so that parallel runs never generate one twice
         one_dataset(args, bench, frac, seed)
     with ThreadPoolExecutor(args.jobs) as pool:
+        if args.warm_start:  # likewise the shared warm-up runs
+            for future in [pool.submit(warm_up, args, *cell) for cell in dict.fromkeys((b, f, s) for b, f, _, s in runs)]:
+                future.result()
         for future in [pool.submit(one_run, args, *r) for r in runs]:
             future.result()
-    publish(work, budget, Path(args.results))
+    publish(work, budget, Path(args.results), args.name)
 
 
-def publish(work: Path, budget: dict, results: Path) -> None:
+def publish(work: Path, budget: dict, results: Path, name: str) -> None:
     """Every finished run under ``work`` into the results files."""
     rows = [json.loads(f.read_text()) for f in sorted(work.glob("*/*/*/seed*/row.json"))]
     summary = summarise(rows)
     results.mkdir(parents=True, exist_ok=True)
-    plot_curves(rows, results / "label_efficiency_curves.png")
-    note = (f"ResNet-18 DeepLabV3+ from random init, CPU. Pool of {budget['pool']} training images of {budget['size']} px "
+    plot_curves(rows, results / f"{name}_curves.png", budget.get("warm_start", 0))
+    warm = budget.get("warm_start", 0)
+    start = (f"from a supervised run of {warm} iterations (SGD lr {budget['warm_lr']}, same data and labelled subset) "
+             "that every method of a seed shares, supervised included; the curves show that run, then each method"
+             if warm else "from random init")
+    note = (f"ResNet-18 DeepLabV3+ {start}, CPU. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
             "(head x10; CPS x1), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
             "the gain is paired by seed (same data and labelled subset). s / iter is the median logged step time, "
             "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
-            "![curves](label_efficiency_curves.png)")
-    write_results("label_efficiency", {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
-                  markdown(summary), note, results)
+            f"![curves]({name}_curves.png)")
+    write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
+                  markdown(summary), note, results, script="label_efficiency")
 
 
 if __name__ == "__main__":

@@ -67,3 +67,20 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     published = study(work, results, "--publish-only", "--lr", "0.02")  # the study's own budget, nothing trained
     assert published.returncode == 0 and "==" not in published.stdout
     assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
+
+
+def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    done = study(work, results, "--methods", "supervised,fixmatch", "--seeds", "0", "--warm-start", "2", "--name", "warm")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.count("warm-up (supervised) seed 0") == 1  # one warm-up, two methods
+    warm = next(work.glob("synthetic/*/warm-up/seed0"))
+    payload = json.loads((results / "warm.json").read_text())
+    assert payload["budget"]["warm_start"] == 2 and (results / "warm_curves.png").stat().st_size > 0
+    for row in payload["rows"]:
+        assert [p["iter"] for p in row["curve"]] == [1, 2, 3, 4]  # the warm-up's evaluations, then the method's
+        assert row["curve"][:2] == json.loads((warm / "curve.json").read_text())
+        config = json.loads((next(work.glob(f"synthetic/*/{row['method']}/seed0")) / "config.json").read_text())
+        assert config["model"]["init_from"] == str(warm / "last.pt")
+    assert "from a supervised run of 2 iterations" in (results / "warm.md").read_text()
+

@@ -13,7 +13,7 @@ from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
 MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
-STAGES = {"export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
+STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
 USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--force", action="store_true")
     i.set_defaults(func=cmd_data_import)
 
+    sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
+                   "(see `scaleseg pretrain --help`)", add_help=False)
     sub.add_parser("train", help="train a model (see `scaleseg train --help`)", add_help=False)
     sub.add_parser("export", help="checkpoint -> ONNX / TensorRT / Triton package (see `scaleseg export --help`)", add_help=False)
     sub.add_parser("serve", help="serve a model package over HTTP (see `scaleseg serve --help`)", add_help=False)
