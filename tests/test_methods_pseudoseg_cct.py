@@ -2,14 +2,9 @@
 exported graph, exact resume with the training-only heads, torchrun on gloo, and the CLI."""
 from __future__ import annotations
 
-import json
 import math
-import signal
-import subprocess
 import sys
-import time
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -26,7 +21,8 @@ from training.methods.cct import PERTURBATIONS, cutout_mask, object_boxes
 from training.models import build_model
 
 from .conftest import tiny_config
-from .test_engine import env
+from .test_engine import assert_killed_run_resumes_exactly
+from .test_engine import test_torchrun_two_processes_gloo as engine_torchrun_test
 from .test_methods import CTX, batches, make
 
 OWN_METHODS = ["pseudoseg", "cct"]
@@ -166,40 +162,14 @@ def train_cmd(data, out, method: str, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("method,head", [("pseudoseg", "attention.key.weight"), ("cct", "aux_decoders.29.weight")])
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path, method, head):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(train_cmd(tiny_data, straight, method), check=True, env=env(), capture_output=True)
-    proc = subprocess.Popen(train_cmd(tiny_data, killed, method), env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        last = killed / "last.pt"
-        if last.is_file() and load_checkpoint(last)["iteration"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 2 <= load_checkpoint(killed / "last.pt")["iteration"] < 6, "the run should have been killed part-way"
-    subprocess.run(train_cmd(tiny_data, killed, method, "--resume"), check=True, env=env(), capture_output=True)
-
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["iteration"] == b["iteration"] == 6 and head in a["method_state"]
-    for key, value in a["method_state"].items():
-        assert torch.equal(value, b["method_state"][key]), key
+    final = assert_killed_run_resumes_exactly(lambda out, *extra: train_cmd(tiny_data, out, method, *extra),
+                                              tmp_path, 2, 6, timeout=300)
+    assert head in final["method_state"]  # the training-only heads are saved and resumed too
 
 
 @pytest.mark.parametrize("method", OWN_METHODS)
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path, method):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(tiny_data), "--method", method, "--backbone", "resnet18",
-           "--crop-size", "32", "--batch-size", "2", "--max-iters", "3", "--eval-every", "3", "--num-workers", "0",
-           "--device", "cpu", "--out", str(out)]
-    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["iteration"] == 3 and len(ckpt["rng"]) == 2
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("val_miou" in r for r in records) and all(np.isfinite(r["loss"]) for r in records if "loss" in r)
+    engine_torchrun_test(tiny_data, tmp_path, method)
 
 
 @pytest.mark.parametrize("method,flags", [

@@ -64,7 +64,7 @@ def l2_normalise(d: torch.Tensor) -> torch.Tensor:
 def connected_components(mask: torch.Tensor) -> torch.Tensor:
     """[B, H, W] bool -> int64 labels, 0 outside ``mask``, one id per 8-connected component (max
     propagation of pixel indices until stable)."""
-    b, h, w = mask.shape
+    h, w = mask.shape[-2:]
     fg = mask.unsqueeze(1).float()
     labels = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(1, 1, h, w) * fg
     while True:
