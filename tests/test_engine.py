@@ -34,29 +34,36 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
-    straight = tmp_path / "straight"
-    subprocess.run(train_cmd(tiny_data, straight), check=True, env=env(), capture_output=True)
+def assert_killed_run_resumes_exactly(cmd, tmp_path: Path, kill_at: int, total: int, timeout: float = 120) -> dict:
+    """Train straight; train again, SIGKILL it once it has saved iteration ``kill_at`` and ``--resume`` it;
+    both must end with bit-identical method states (every network and head). ``cmd(out, *extra)`` gives
+    the command line. Returns the straight run's last checkpoint."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(cmd(straight), check=True, env=env(), capture_output=True)
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny_data, killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    proc = subprocess.Popen(cmd(killed), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
     while time.time() < deadline:
         last = killed / "last.pt"
-        if last.is_file() and load_checkpoint(last)["iteration"] >= 3:
+        if last.is_file() and load_checkpoint(last)["iteration"] >= kill_at:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     stopped_at = load_checkpoint(killed / "last.pt")["iteration"]
-    assert 3 <= stopped_at < 8, "the run should have been killed part-way"
-    subprocess.run(train_cmd(tiny_data, killed, "--resume"), check=True, env=env(), capture_output=True)
+    assert kill_at <= stopped_at < total, "the run should have been killed part-way"
+    subprocess.run(cmd(killed, "--resume"), check=True, env=env(), capture_output=True)
 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["iteration"] == b["iteration"] == 8
+    assert a["iteration"] == b["iteration"] == total
     for key, value in a["method_state"].items():
         assert torch.equal(value, b["method_state"][key]), key
     assert not list(killed.glob(".*.tmp"))  # no half-written checkpoint left behind
+    return a
+
+
+def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
+    assert_killed_run_resumes_exactly(lambda out, *extra: train_cmd(tiny_data, out, *extra), tmp_path, 3, 8)
 
 
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "meanteacher", "cps", "scalematch"])

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 from .base import Method, StepContext
+from .cct import CCT
 from .cps import CPS
 from .fixmatch import FixMatch
 from .meanteacher import MeanTeacher
+from .pseudoseg import PseudoSeg
 from .scalematch import ScaleMatch
 from .supervised import Supervised
 from .unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch,
+                                                         PseudoSeg, CCT)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -8,6 +8,7 @@ the step, so the loop can wrap it in DistributedDataParallel unchanged.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -59,20 +60,34 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return self.model
 
     def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
-        """Encoder at lr, everything else at lr x head_lr_mult, for every trained network."""
+        """Encoder at lr, everything else at lr x head_lr_mult, for every trained network and training head."""
         groups = []
         for net in self.trained_networks():
             groups.append({"params": net.encoder_parameters(), "lr": lr, "base_lr": lr})
             groups.append({"params": net.head_parameters(), "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
+        heads = [p for head in self.training_heads() for p in head.parameters()]
+        if heads:
+            groups.append({"params": heads, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
         return groups
 
     def trained_networks(self) -> list[DeepLabV3Plus]:
         return [self.model]
 
+    def training_heads(self) -> list[nn.Module]:
+        """Modules trained beside the networks but never evaluated or exported (auxiliary decoders, ...)."""
+        return []
+
     def init_targets(self) -> list[tuple[nn.Module, str]]:
         """(network, state-dict key prefix) pairs that ``--init-from`` loads; '' loads the whole network."""
         nets = {id(n): n for n in [*self.trained_networks(), self.inference_model()]}
         return [(net, "") for net in nets.values()]
+
+
+def sigmoid_rampup(iteration: int, length: float) -> float:
+    """exp(-5 (1 - t/length)^2) for t < length, then 1 (Laine & Aila; the Mean Teacher family's ramp-up)."""
+    if length <= 0 or iteration >= length:
+        return 1.0
+    return math.exp(-5 * (1 - iteration / length) ** 2)
 
 
 @torch.no_grad()

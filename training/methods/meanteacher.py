@@ -3,14 +3,13 @@ the student learns them on the strong view; the teacher is what is evaluated and
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
 from ..config import hp
 from ..losses import pseudo_label_loss, pseudo_labels
-from .base import Method, StepContext
+from .base import Method, StepContext, sigmoid_rampup
 
 
 @dataclass
@@ -33,10 +32,7 @@ class MeanTeacher(Method):
             p.requires_grad_(False)
 
     def consistency_weight(self, ctx: StepContext) -> float:
-        ramp = self.cfg.rampup * ctx.total_iters
-        if ramp <= 0 or ctx.iteration >= ramp:
-            return self.cfg.unsup_weight
-        return self.cfg.unsup_weight * math.exp(-5 * (1 - ctx.iteration / ramp) ** 2)
+        return self.cfg.unsup_weight * sigmoid_rampup(ctx.iteration, self.cfg.rampup * ctx.total_iters)
 
     def training_step(self, labeled, unlabeled, partner, ctx: StepContext):
         cfg, n = self.cfg, labeled["image"].shape[0]

@@ -54,9 +54,14 @@ class ResNetEncoder(nn.Module):
         self.low_channels, self.high_channels = RESNETS[name]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c1 = self.layer1(self.stem(x))
-        c4 = self.layer4(self.layer3(self.layer2(c1)))
+        c1, _, c4 = self.stages(x)
         return c1, c4
+
+    def stages(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c1, c3, c4): layer1, layer3 and layer4 features (c3 feeds PseudoSeg's hypercolumn)."""
+        c1 = self.layer1(self.stem(x))
+        c3 = self.layer3(self.layer2(c1))
+        return c1, c3, self.layer4(c3)
 
 
 def load_encoder_weights(net: nn.Module, path: str | Path, name: str) -> None:
