@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from .base import Method, StepContext
 from .cps import CPS
+from .cutmixseg import CutMixSeg
 from .fixmatch import FixMatch
 from .meanteacher import MeanTeacher
+from .psmt import PSMT
 from .scalematch import ScaleMatch
 from .supervised import Supervised
 from .unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch,
+                                                  PSMT, CutMixSeg)}
 
 
 def get_method(name: str) -> type[Method]:
