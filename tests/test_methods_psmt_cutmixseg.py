@@ -3,10 +3,7 @@ the losses' normalisation, the CLI, exact resume after a kill, torchrun on gloo,
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +18,7 @@ from training.methods.cutmixseg import area_boxes, gated_consistency
 from training.methods.psmt import assisted_logits, beta_boxes, cosine_rampup, strict_confidence_ce
 
 from .conftest import tiny_config
-from .test_engine import env
+from .test_engine import assert_exact_resume
 from .test_engine import test_torchrun_two_processes_gloo as torchrun_two_processes
 from .test_methods import CTX, N, S, batches, make
 
@@ -247,33 +244,11 @@ def _train_cmd(data, out, method: str, *extra: str) -> list[str]:
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path, method, extra):
     """Both PS-MT teachers included: 12 unlabelled images / batch 2 = 6 iterations per epoch, so the run
     crosses from teacher 1's epoch into teacher 2's after the resume."""
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_train_cmd(tiny_data, straight, method, *extra), check=True, env=env(), capture_output=True)
-    proc = subprocess.Popen(_train_cmd(tiny_data, killed, method, *extra), env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        last = killed / "last.pt"
-        try:
-            if last.is_file() and load_checkpoint(last)["iteration"] >= 3:
-                break
-        except Exception:  # noqa: BLE001 - the file may be replaced while it is read; try again
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stopped_at = load_checkpoint(killed / "last.pt")["iteration"]
-    assert 3 <= stopped_at < 8, "the run should have been killed part-way"
-    subprocess.run(_train_cmd(tiny_data, killed, method, *extra, "--resume"), check=True, env=env(), capture_output=True)
-
-    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["iteration"] == b["iteration"] == 8
-    for key, value in a["method_state"].items():
-        assert torch.equal(value, b["method_state"][key]), key
+    final = assert_exact_resume(lambda out, *more: _train_cmd(tiny_data, out, method, *extra, *more), tmp_path)
     if method == "psmt":  # teacher 1 followed the student for 6 iterations, teacher 2 for 2: they differ
-        state = a["method_state"]
+        state = final["method_state"]
         assert not torch.equal(state["teachers.0.classifier.weight"], state["teachers.1.classifier.weight"])
-        records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records if "loss" in r] == [0] * 6 + [1] * 2
 
 
