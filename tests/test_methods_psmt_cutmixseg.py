@@ -14,6 +14,7 @@ from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.engine import Trainer
 from training.methods import StepContext
+from training.models import build_model
 from training.methods.cutmixseg import area_boxes, gated_consistency
 from training.methods.psmt import assisted_logits, beta_boxes, cosine_rampup, strict_confidence_ce
 
@@ -258,18 +259,18 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["psmt", "cutmixseg"])
-def test_export_has_the_plain_network_and_passes_parity(tiny_data, checkpoints, tmp_path, method):
+def test_export_has_the_plain_network_and_passes_parity(tiny_data, tmp_path, method):
     cfg = tiny_config(tiny_data, tmp_path / "run", method=method)
     cfg.run.max_iters = 1
     trainer = Trainer(cfg, progress=False)
     trainer.fit()
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    teacher = trainer.method.inference_model()
-    assert all(torch.equal(v, ckpt["inference"]["state_dict"][k]) for k, v in teacher.state_dict().items())
-    plain = load_checkpoint(checkpoints["supervised"])["inference"]["state_dict"]
-    assert {k: v.shape for k, v in ckpt["inference"]["state_dict"].items()} == {k: v.shape for k, v in plain.items()}
+    saved = ckpt["inference"]["state_dict"]
+    assert all(torch.equal(v, saved[k]) for k, v in trainer.method.inference_model().state_dict().items())
+    plain = build_model(cfg.model, 5).state_dict()
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in plain.items()}
     meta = export_package(tmp_path / "run" / "last.pt", tmp_path / "pkg", data=tiny_data, progress=lambda m: None)
-    reference = export_package(checkpoints["supervised"], tmp_path / "plain", data=tiny_data, progress=lambda m: None)
-    assert meta["method"] == method and meta["parity"]["passed"] and reference["parity"]["passed"]
-    size, plain_size = ((p / "model.onnx").stat().st_size for p in (tmp_path / "pkg", tmp_path / "plain"))
-    assert abs(size - plain_size) < 0.001 * plain_size
+    assert meta["method"] == method and meta["parity"]["passed"]
+    weights = sum(v.numel() * v.element_size() for k, v in plain.items() if "num_batches_tracked" not in k)
+    # one network and nothing else (Conv+BatchNorm folding may shave off the BN tensors)
+    assert 0.95 * weights < (tmp_path / "pkg" / "model.onnx").stat().st_size < 1.02 * weights
