@@ -4,15 +4,17 @@ from __future__ import annotations
 from .base import Method, StepContext
 from .cct import CCT
 from .cps import CPS
+from .cutmixseg import CutMixSeg
 from .fixmatch import FixMatch
 from .meanteacher import MeanTeacher
 from .pseudoseg import PseudoSeg
+from .psmt import PSMT
 from .scalematch import ScaleMatch
 from .supervised import Supervised
 from .unimatch import UniMatch
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch,
-                                                         PseudoSeg, CCT)}
+                                                         PseudoSeg, CCT, PSMT, CutMixSeg)}
 
 
 def get_method(name: str) -> type[Method]:

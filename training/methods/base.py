@@ -8,6 +8,7 @@ the step, so the loop can wrap it in DistributedDataParallel unchanged.
 from __future__ import annotations
 
 import abc
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
@@ -112,3 +113,24 @@ def mixed_targets(box: torch.Tensor, conf: torch.Tensor, label: torch.Tensor, ig
                   p_conf: torch.Tensor, p_label: torch.Tensor, p_ignore: torch.Tensor):
     """Pseudo-label, confidence and padding mask of a CutMixed view: the partner's inside the box."""
     return paste(box, p_label, label), paste(box, p_conf, conf), paste(box, p_ignore, ignore)
+
+
+def frozen_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` that no loss trains (an EMA teacher)."""
+    twin = copy.deepcopy(net)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, alpha: float) -> None:
+    """teacher <- alpha teacher + (1 - alpha) student over parameters and float buffers (BatchNorm
+    statistics); integer buffers (batch counters) are copied."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.dtype.is_floating_point:
+            t.mul_(alpha).add_(s, alpha=1 - alpha)
+        else:
+            t.copy_(s)

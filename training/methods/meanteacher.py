@@ -2,14 +2,13 @@
 the student learns them on the strong view; the teacher is what is evaluated and exported."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 
 from ..config import hp
 from ..losses import pseudo_label_loss, pseudo_labels
-from .base import Method, StepContext, sigmoid_rampup
+from .base import Method, StepContext, ema_update, frozen_copy, sigmoid_rampup
 
 
 @dataclass
@@ -27,9 +26,7 @@ class MeanTeacher(Method):
 
     def __init__(self, cfg, model_cfg, num_classes, supervised_loss):
         super().__init__(cfg, model_cfg, num_classes, supervised_loss)
-        self.teacher = copy.deepcopy(self.model)
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.teacher = frozen_copy(self.model)
 
     def consistency_weight(self, ctx: StepContext) -> float:
         return self.cfg.unsup_weight * sigmoid_rampup(ctx.iteration, self.cfg.rampup * ctx.total_iters)
@@ -47,16 +44,8 @@ class MeanTeacher(Method):
         return {"loss": loss, "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                 "unsup_weight": torch.tensor(weight)}
 
-    @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
-        alpha = min(1 - 1 / (ctx.iteration + 2), self.cfg.ema_decay)
-        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
-            t.mul_(alpha).add_(s.detach(), alpha=1 - alpha)
-        for t, s in zip(self.teacher.buffers(), self.model.buffers()):
-            if t.dtype.is_floating_point:
-                t.mul_(alpha).add_(s, alpha=1 - alpha)
-            else:
-                t.copy_(s)
+        ema_update(self.teacher, self.model, min(1 - 1 / (ctx.iteration + 2), self.cfg.ema_decay))
 
     def inference_model(self):
         return self.teacher

@@ -59,8 +59,17 @@ class DeepLabV3Plus(nn.Module):
 
     def decode(self, c1: torch.Tensor, c4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, feature) at c1's stride-4 grid; feature is the 256-channel map before the classifier."""
+        return self.decode_from(self.decoder_input(c1, c4))
+
+    def decoder_input(self, c1: torch.Tensor, c4: torch.Tensor) -> torch.Tensor:
+        """The 304-channel stride-4 map the decoder's 3x3 convolutions read: reduced low-level features
+        concatenated with the ASPP output (what PS-MT calls the encoder's output and perturbs)."""
         high = resize(self.aspp(c4), c1.shape[-2:])
-        feat = self.fuse(torch.cat([self.reduce(c1), high], dim=1))
+        return torch.cat([self.reduce(c1), high], dim=1)
+
+    def decode_from(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, feature) from the decoder input ``f``."""
+        feat = self.fuse(f)
         return self.classifier(feat), feat
 
     # --- forward variants ------------------------------------------------------------------------
