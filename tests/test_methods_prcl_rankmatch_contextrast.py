@@ -3,14 +3,21 @@ finite losses on tiny inputs, prototypes that survive --resume, torchrun and exp
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
+from training.checkpoint import load_checkpoint
+from training.engine import Trainer
 from training.methods import StepContext
+from training.methods.prcl import mutual_likelihood_score
 from training.methods.rankmatch import orthogonal_agents, rank_correlation_loss, ranking_distributions
 
+from .conftest import tiny_config
 from .test_methods import CTX, batches, make
+
+SMALL_PRCL = {"num_queries": 8, "num_negatives": 16, "num_virtual": 2}
 
 
 # --- RankMatch ------------------------------------------------------------------------------------------
@@ -60,3 +67,95 @@ def test_rankmatch_is_unimatch_plus_the_correlation_term():
     assert torch.isclose(losses["loss"], uni["loss"] + 0.5 * losses["loss_corr"])
     losses["loss"].backward()
     assert rank.model.aspp.project[0].weight.grad.abs().sum() > 0
+
+
+# --- PRCL -----------------------------------------------------------------------------------------------
+def test_mls_matches_the_gaussian_likelihood_of_normalised_means():
+    torch.manual_seed(0)
+    mu0, mu1 = torch.randn(3, 5, 6), torch.randn(1, 5, 6)
+    var0, var1 = torch.rand(3, 5, 6) + 0.1, torch.rand(1, 5, 6) + 0.1
+    got = mutual_likelihood_score(mu0, mu1, var0, var1)
+    a, b = mu0 / mu0.norm(dim=-1, keepdim=True), mu1 / mu1.norm(dim=-1, keepdim=True)
+    # log N(a; b, s0 + s1) per dimension, averaged, without its constant -1/2 log(2 pi)
+    direct = torch.distributions.Normal(b, (var0 + var1).sqrt()).log_prob(a).mean(-1) + 0.5 * math.log(2 * math.pi)
+    assert got.shape == (3, 5) and torch.allclose(got, direct, atol=1e-5)
+    by_hand = -0.5 * sum(((a[0, 0, d] - b[0, 0, d]) ** 2 / (var0[0, 0, d] + var1[0, 0, d])
+                          + torch.log(var0[0, 0, d] + var1[0, 0, d])) for d in range(6)) / 6
+    assert got[0, 0].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_global_prototypes_are_the_precision_weighted_mean_of_every_pixel_seen():
+    method = make("prcl", rep_dim=4)
+    g = torch.Generator().manual_seed(0)
+    steps = [(torch.randn(10, 4, generator=g), torch.rand(10, 4, generator=g) + 0.05,
+              torch.tensor([0, 0, 1, 1, 1, 2, 0, 1, 2, 2])) for _ in range(2)]
+    steps.append((torch.randn(3, 4, generator=g), torch.rand(3, 4, generator=g) + 0.05, torch.tensor([1, 1, 1])))
+    for mu, var, labels in steps:
+        method.update_prototypes(mu, var, labels)
+    mu, var, labels = (torch.cat(t) for t in zip(*steps))
+    for c in range(3):
+        m, v = mu[labels == c], var[labels == c]
+        closed_var = 1 / (1 / v).sum(0)
+        closed_mu = closed_var * (m / v).sum(0)
+        assert torch.allclose(method.proto_var[c], closed_var, rtol=1e-5)
+        assert torch.allclose(method.proto_mu[c], closed_mu, rtol=1e-4, atol=1e-6)
+    assert method.proto_seen.tolist() == [True, True, True, False]
+    assert torch.equal(method.proto_var[3], torch.ones(4))  # never seen: untouched
+
+    ema = make("prcl", rep_dim=4, prototype_update="momentum", prototype_momentum=0.9)
+    first, second = steps[0], steps[2]
+    ema.update_prototypes(*first)
+    before = ema.proto_mu[1].clone()
+    ema.update_prototypes(*second)
+    v = second[1]
+    batch_var = 1 / (1 / v).sum(0)
+    assert torch.allclose(ema.proto_mu[1], 0.9 * before + 0.1 * batch_var * (second[0] / v).sum(0), atol=1e-6)
+
+
+def test_prcl_losses_finite_with_virtual_negatives_and_teacher_exported():
+    method = make("prcl", **SMALL_PRCL)
+    for it in range(2):  # the second step has GDPs, hence virtual negatives
+        losses = method(*batches(it), StepContext(it, 0, 10, 5))
+        assert all(torch.isfinite(v).all() for v in losses.values())
+        assert losses["loss_prcl"] > 0
+    assert losses["prcl_weight"].item() == pytest.approx(math.exp(-5 * 0.1 ** 2))
+    losses["loss"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.unc_head.parameters())
+    assert method.rep_head[0].weight.grad.abs().sum() > 0
+    assert method.proto_seen.sum() >= 2
+    # heads are training-only: the exported network is the teacher, a plain DeepLabV3+
+    assert method.inference_model() is method.teacher
+    assert not any("head" in k for k in method.inference_model().state_dict())
+    groups = method.param_groups(0.01, 1.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in method.parameters() if p.requires_grad)
+    assert groups[-1]["lr"] == pytest.approx(0.01 * 5e-5 / 3.2e-3)
+
+
+def test_prcl_exact_resume_restores_the_prototypes(tiny_data, tmp_path, monkeypatch):
+    def config(out):
+        cfg = tiny_config(tiny_data, out, "prcl", **SMALL_PRCL)
+        cfg.run.eval_every = 4
+        return cfg
+
+    Trainer(config(tmp_path / "straight"), progress=False).fit()
+
+    real_save = Trainer._save
+
+    def save_then_die(self, name, payload=None):
+        real_save(self, name, payload)
+        if name == "last.pt" and self.iteration == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(tmp_path / "killed"), progress=False).fit()
+    monkeypatch.setattr(Trainer, "_save", real_save)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt")["iteration"] == 2
+    resumed = config(tmp_path / "killed")
+    resumed.run.resume = True
+    Trainer(resumed, progress=False).fit()
+
+    a, b = (load_checkpoint(tmp_path / run / "last.pt")["method_state"] for run in ("straight", "killed"))
+    assert a["proto_seen"].sum() >= 2 and not torch.equal(a["proto_var"], torch.ones_like(a["proto_var"]))
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key

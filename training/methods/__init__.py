@@ -5,12 +5,14 @@ from .base import Method, StepContext
 from .cps import CPS
 from .fixmatch import FixMatch
 from .meanteacher import MeanTeacher
+from .prcl import PRCL
 from .rankmatch import RankMatch
 from .scalematch import ScaleMatch
 from .supervised import Supervised
 from .unimatch import UniMatch
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch, RankMatch)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch, RankMatch,
+                                                    PRCL)}
 
 
 def get_method(name: str) -> type[Method]:
