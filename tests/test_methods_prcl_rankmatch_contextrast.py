@@ -3,18 +3,26 @@ finite losses on tiny inputs, prototypes that survive --resume, torchrun and exp
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from export.package import export_package
 from training.checkpoint import load_checkpoint
+from training.config import AuxConfig, ConfigError, ModelConfig
 from training.engine import Trainer
-from training.methods import StepContext
+from training.methods import StepContext, build_aux
+from training.methods.contextrast import anchor_infonce, bane_negatives, erosion_depth
 from training.methods.prcl import mutual_likelihood_score
 from training.methods.rankmatch import orthogonal_agents, rank_correlation_loss, ranking_distributions
+from training.models import build_model
 
 from .conftest import tiny_config
+from .test_engine import env
 from .test_methods import CTX, batches, make
 
 SMALL_PRCL = {"num_queries": 8, "num_negatives": 16, "num_virtual": 2}
@@ -159,3 +167,102 @@ def test_prcl_exact_resume_restores_the_prototypes(tiny_data, tmp_path, monkeypa
     assert a["proto_seen"].sum() >= 2 and not torch.equal(a["proto_var"], torch.ones_like(a["proto_var"]))
     for key, value in a.items():
         assert torch.equal(value, b[key]), key
+
+
+# --- Contextrast ----------------------------------------------------------------------------------------
+def test_bane_picks_the_false_positives_nearest_the_error_edge():
+    label = torch.zeros(1, 9, 9, dtype=torch.long)
+    pred = torch.zeros(1, 9, 9, dtype=torch.long)
+    pred[0, 2:7, 2:7] = 1  # a 5x5 false-positive region of class 1 inside class 0
+    label[0, 8, 8], pred[0, 8, 8] = 1, 0  # a missed class-1 pixel: a negative of class 0, never of class 1
+    allowed = label != 255
+    assert erosion_depth(pred == 1)[0, 2:7, 4].tolist() == [1, 2, 3, 2, 1]
+    picked = bane_negatives(pred, label, 1, allowed, 0.5)[0]
+    ring = torch.zeros(9, 9, dtype=torch.bool)
+    ring[2:7, 2:7] = True
+    ring[3:6, 3:6] = False  # 16 edge pixels: distances 1 (16), 2 (8), 3 (1); the median is 1
+    assert torch.equal(picked, ring)
+    assert torch.equal(bane_negatives(pred, label, 1, allowed, 1.0)[0], pred[0] == 1)
+    assert bane_negatives(pred, label, 0, allowed, 0.5)[0].nonzero().tolist() == [[8, 8]]
+    allowed[0, 2, 2] = False  # ignored pixels are never negatives
+    assert not bane_negatives(pred, label, 1, allowed, 0.5)[0, 2, 2]
+
+
+def test_pixel_to_anchor_infonce_by_hand():
+    anchor = torch.tensor([1.0, 0.0])
+    pos = torch.tensor([[0.6, 0.8], [1.0, 0.0]])
+    neg = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    tau = 0.5
+    by_hand = sum(-math.log(math.exp(p / tau) / (math.exp(p / tau) + math.exp(0.0) + math.exp(-1 / tau)))
+                  for p in (0.6, 1.0)) / 2
+    assert anchor_infonce(anchor, pos, neg, tau).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def with_contextrast(name: str, **aux):
+    method = make(name)
+    method.aux = build_aux(AuxConfig(aux="contextrast", **aux), method.model, 4)
+    return method
+
+
+@pytest.mark.parametrize("name", ["fixmatch", "scalematch", "supervised"])
+def test_contextrast_adds_finite_losses_to_any_method(name):
+    method = with_contextrast(name, contrast_min_pixels=1)
+    labeled, unl, partner = batches()
+    unl["ignore"].zero_()
+    losses = method(labeled, unl, partner, StepContext(5, 1, 10, 5))
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    assert losses["loss_ctr_l"] > 0
+    assert ("loss_ctr_u" in losses) == (name != "supervised")
+    losses["loss"].backward()
+    for head in method.aux.heads:
+        assert head[0].weight.grad.abs().sum() > 0
+    groups = method.param_groups(0.01, 10.0)
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in method.trained_networks()[0].parameters()) + \
+        sum(1 for _ in method.aux.parameters()) + sum(1 for _ in method.trained_networks()[1:] for _ in _.parameters())
+    assert not any(k.startswith("aux") or "heads" in k for k in method.inference_model().state_dict())
+    assert method.aux.bank_seen.any() == (name != "supervised")
+
+
+def test_contextrast_unknown_aux_and_bad_level_weights_are_config_errors():
+    method = make("fixmatch")
+    with pytest.raises(ConfigError, match="--aux 'contrast'"):
+        build_aux(AuxConfig(aux="contrast"), method.model, 4)
+    with pytest.raises(ConfigError, match="--contrast-level-weights"):
+        build_aux(AuxConfig(aux="contextrast", contrast_level_weights=(1.0,)), method.model, 4)
+
+
+# --- the CLI under torchrun, then export -----------------------------------------------------------------
+DDP_RUNS = {
+    "prcl": ["--method", "prcl", "--num-queries", "8", "--num-negatives", "16", "--num-virtual", "2"],
+    "rankmatch": ["--method", "rankmatch"],
+    "fixmatch+contextrast": ["--method", "fixmatch", "--aux", "contextrast", "--contrast-min-pixels", "1"],
+    "scalematch+contextrast": ["--method", "scalematch", "--aux", "contextrast", "--aux-weight", "0.2"],
+}
+
+
+@pytest.mark.parametrize("run", list(DDP_RUNS))
+def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "training.cli", "train", str(tiny_data), *DDP_RUNS[run], "--backbone", "resnet18", "--crop-size", "32",
+           "--batch-size", "2", "--max-iters", "2", "--eval-every", "2", "--num-workers", "0", "--device", "cpu",
+           "--out", str(out)]
+    result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 2 and len(ckpt["rng"]) == 2
+    state = ckpt["method_state"]
+    heads = [k for k in state if k.startswith(("aux.", "rep_head.", "unc_head.", "proto_"))]
+    assert heads, "the training-only parts are trained and saved"
+    plain = build_model(ModelConfig(backbone="resnet18"), 5, cif=run.startswith("scalematch"))
+    assert ckpt["inference"]["state_dict"].keys() == plain.state_dict().keys()  # export: the plain network
+    if run == "prcl":
+        assert state["proto_seen"].sum() >= 2
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    key = {"prcl": "loss_prcl", "rankmatch": "loss_corr"}.get(run, "loss_ctr_l")
+    assert all(key in r for r in records if "loss" in r)
+
+    pkg = tmp_path / "pkg"
+    export_package(out / "last.pt", pkg, data=tiny_data, progress=lambda m: None)
+    meta = json.loads((pkg / "meta.json").read_text())
+    assert meta["parity"]["passed"] and meta["method"] == run.split("+")[0]

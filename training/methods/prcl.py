@@ -23,7 +23,9 @@ times the per-pixel CE, averaged over pixels with non-zero loss), plus the contr
 - L = L_x + L_u + lambda(t) L_prcl with the code's ramp-down lambda(t) = exp(-5 (t/T)^2).
 The GDPs are buffers of this module: saved in every checkpoint and restored exactly on --resume. Under
 DDP the per-class precision sums are all-reduced, so every process holds the same GDPs (the code
-all-gathers every pixel instead). The teacher (the plain network) is evaluated and exported.
+all-gathers every pixel instead). The teacher (the plain network) is evaluated and exported. Memory: the
+code keeps every class's MLS tensors (Q x 513 x 256 each) for backward, several GB; here each class's are
+recomputed in backward (activation checkpointing), so one class's are alive at a time.
 
 Decided here, where the sources leave it open or our pipeline differs: the strong view is the loader's
 CutMix with a partner image instead of the code's in-batch ClassMix; the teacher runs in eval mode with
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, hp
 from ..data.folder import IGNORE
@@ -101,6 +104,13 @@ def mutual_likelihood_score(mu0: torch.Tensor, mu1: torch.Tensor, var0: torch.Te
     mu0, mu1 = F.normalize(mu0, dim=-1), F.normalize(mu1, dim=-1)
     down = var0 + var1
     return -0.5 * ((mu0 - mu1) ** 2 / down + down.log()).mean(-1)
+
+
+def anchor_loss(mu: torch.Tensor, var: torch.Tensor, cand_mu: torch.Tensor, cand_var: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+    """CE of the MLS logits of anchors [Q, D] against candidates [Q, C, D], the positive first."""
+    logits = mutual_likelihood_score(mu.unsqueeze(1), cand_mu, var.unsqueeze(1), cand_var) / temperature
+    return F.cross_entropy(logits, torch.zeros(mu.shape[0], dtype=torch.long, device=mu.device))
 
 
 def reco_weighted_loss(logits: torch.Tensor, label: torch.Tensor, conf: torch.Tensor, ignore: torch.Tensor,
@@ -219,9 +229,9 @@ class PRCL(MeanTeacher):
             with torch.no_grad():
                 cand_mu, cand_var = self.contrast_candidates(c, [cl for cl in classes if cl != c],
                                                              [p for j, p in enumerate(pools) if j != i], mu, var)
-            logits = mutual_likelihood_score(mu[anchors].unsqueeze(1), cand_mu, var[anchors].unsqueeze(1), cand_var)
-            target = torch.zeros(cfg.num_queries, dtype=torch.long, device=mu.device)
-            total = total + F.cross_entropy(logits / cfg.temperature, target)
+            # Recomputed in backward rather than kept: one class's Q x candidates x D tensors at a time.
+            total = total + checkpoint(anchor_loss, mu[anchors], var[anchors], cand_mu, cand_var, cfg.temperature,
+                                       use_reentrant=False)
         return total / len(classes)
 
     def contrast_candidates(self, c: int, others: list[int], pools: list[torch.Tensor], mu: torch.Tensor,
