@@ -120,7 +120,7 @@ class Contextrast(nn.Module):
     def forward(self, method: nn.Module, labeled: dict, unlabeled: dict | None, partner: dict | None,
                 ctx: StepContext) -> dict[str, torch.Tensor]:
         cfg, n = self.cfg, labeled["image"].shape[0]
-        view = self.strong_view(unlabeled, partner)
+        view = self.strong_view(unlabeled, partner) if method.uses_unlabeled else None
         images = labeled["image"] if view is None else torch.cat([labeled["image"], view["image"]])
         encoder = method.model.encoder
         with ExitStack() as stack:
