@@ -74,19 +74,39 @@ class RunConfig:
 
 
 @dataclass
+class AuxConfig:
+    aux: str = hp("", "auxiliary loss added to the method's: '' (none) or contextrast")
+    aux_weight: float = hp(0.1, "alpha: weight of the auxiliary loss on labelled pixels (Contextrast++ 0.1)")
+    aux_unlabeled_weight: float = hp(0.5, "beta: weight of its confident pseudo-labelled term, relative to alpha")
+    aux_rampup: float = hp(0.1, "fraction of training over which the pseudo-labelled term ramps up as exp(-5 (1 - t/T_r)^2)")
+    contrast_temperature: float = hp(0.1, "InfoNCE temperature (unverified for Contextrast; Multi uses 0.1)")
+    contrast_dim: int = hp(256, "embedding dimension of the per-level projection heads")
+    contrast_level_weights: tuple = hp((0.1, 0.3, 0.7, 1.0), "loss weight of encoder levels layer1..layer4 (Contextrast++)")
+    contrast_deep_weight: float = hp(0.7, "w_h: share of the deepest level's anchor fused into shallower anchors (unverified)")
+    contrast_bane_ratio: float = hp(0.5, "K_s: share of error pixels nearest the error region's edge kept as hard negatives")
+    contrast_conf_thresh: float = hp(0.95, "pseudo-labelled pixels count when the teacher's confidence reaches this")
+    contrast_max_positives: int = hp(1000, "positives per class per level (random subset above this)")
+    contrast_max_negatives: int = hp(4096, "negatives per anchor (random subset above this)")
+    contrast_min_negatives: int = hp(256, "hard negatives are topped up to this many with random other-class pixels")
+    contrast_min_pixels: int = hp(5, "a class needs this many pixels at a level to get an anchor there")
+    contrast_bank_momentum: float = hp(0.99, "EMA of labelled anchors, used for classes absent from the labelled batch")
+
+
+@dataclass
 class TrainConfig:
     method: str = "supervised"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    aux: AuxConfig = field(default_factory=AuxConfig)
     method_cfg: Any = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "aux": AuxConfig}
 
 
 def parse_floats(text: str) -> tuple[float, ...]:

@@ -23,7 +23,7 @@ from .data.validate import check_dataset
 from .distributed import DistInfo, all_gather_objects, average_buffers, barrier, init_distributed, process_seed
 from .evaluate import evaluate
 from .losses import cross_entropy, ohem_cross_entropy
-from .methods import Method, StepContext, get_method
+from .methods import Method, StepContext, build_aux, get_method
 from .run_settings import check_out_dir, check_resume, start_out_dir
 from .tensorboard import TensorBoard
 
@@ -50,7 +50,10 @@ def build_method(cfg: TrainConfig, num_classes: int) -> Method:
         sup_loss = cross_entropy
     # On --resume the checkpoint replaces the encoder's initial weights, so their file is not needed.
     model_cfg = replace(cfg.model, pretrained="") if cfg.run.resume else cfg.model
-    return method_cls(cfg.method_cfg, model_cfg, num_classes, sup_loss)
+    method = method_cls(cfg.method_cfg, model_cfg, num_classes, sup_loss)
+    if cfg.aux.aux:
+        method.aux = build_aux(cfg.aux, method.model, num_classes)
+    return method
 
 
 def build_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -50,3 +50,8 @@ def pseudo_labels(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     prob = logits.detach().float().softmax(1)
     conf, label = prob.max(1)
     return conf, label
+
+
+def nearest_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """[B, H, W] class map resized to ``size`` by nearest neighbour (labels are never interpolated)."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()

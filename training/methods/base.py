@@ -44,9 +44,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         self.cfg = cfg
         self.sup_loss = supervised_loss
         self.model = build_model(model_cfg, num_classes, cif=self.uses_cif)
+        self.aux: nn.Module | None = None  # an auxiliary loss (--aux), attached after construction
 
     def forward(self, labeled: dict, unlabeled: dict | None, partner: dict | None, ctx: StepContext) -> dict:
-        return self.training_step(labeled, unlabeled, partner, ctx)
+        losses = self.training_step(labeled, unlabeled, partner, ctx)
+        if self.aux is not None:
+            extra = self.aux(self, labeled, unlabeled, partner, ctx)
+            losses["loss"] = losses["loss"] + extra.pop("loss")
+            losses.update(extra)
+        return losses
 
     @abc.abstractmethod
     def training_step(self, labeled: dict, unlabeled: dict | None, partner: dict | None,
@@ -66,9 +72,10 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         for net in self.trained_networks():
             groups.append({"params": net.encoder_parameters(), "lr": lr, "base_lr": lr})
             groups.append({"params": net.head_parameters(), "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
-        heads = [p for head in self.training_heads() for p in head.parameters()]
-        if heads:
-            groups.append({"params": heads, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
+        heads = [*self.training_heads(), *([self.aux] if self.aux is not None else [])]
+        params = [p for head in heads for p in head.parameters()]
+        if params:  # training-only heads, the auxiliary loss's included, learn at the head rate
+            groups.append({"params": params, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult})
         return groups
 
     def trained_networks(self) -> list[DeepLabV3Plus]:
