@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import RESULTS, machine, write_results  # noqa: E402
 from training.data.folder import read_split, write_split  # noqa: E402
 
-METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch"]
+METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "advsemseg", "gct"]
 SCALES = ("0.5", "1.0", "2.0")
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
