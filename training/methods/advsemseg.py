@@ -15,7 +15,8 @@ Differences kept on purpose: one segmenter forward over [labelled; unlabelled] (
 official DeepLab-v2 freezes BN); D's real input is this step's labelled masks (the code draws a second,
 independent labelled batch); padded unlabelled pixels are left out of every loss; start points are fractions
 of training (5000 of 20000 iterations in the paper); when no unlabelled pixel is trusted the official code
-also drops the unlabelled adversarial term for that step, here it stays.
+also drops the unlabelled adversarial term for that step, here it stays; D's input is upscaled to 128 px when
+the crop is smaller.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ from .base import Method, StepContext
 from .critics import critic_adam, frozen_call, masked_bce, one_hot, upsample_to_min_side
 
 PRED_LABEL, GT_LABEL = 0.0, 1.0
-DISCRIMINATOR_MIN_SIDE = 32  # five stride-2 4x4 convolutions
+# Five stride-2 4x4 convolutions: one logit per 32 px cell (10x10 on the papers' 321 px crops). Smaller inputs
+# are upscaled to this side so that tiny crops still get a 4x4 confidence map rather than one value per image.
+DISCRIMINATOR_MIN_SIDE = 128
 
 
 @dataclass

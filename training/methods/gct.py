@@ -25,7 +25,8 @@ Following the official code where it differs from the paper:
   1e-4 with betas (0.9, 0.99), ramp over 3 of 20 epochs).
 Differences kept on purpose: each segmenter runs once per step (the code's extra no-grad pre-forward gives the
 same output, no dropout here, but moves BN running statistics twice); padded unlabelled pixels are left out of
-the consistency and correction terms; the ramp-up is a fraction of training; network 1 is evaluated and exported.
+the consistency and correction terms; the ramp-up is a fraction of training; the detector's input is upscaled
+to 128 px when the crop is smaller; network 1 is evaluated and exported.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ from ..models.deeplabv3plus import resize
 from .base import Method, StepContext
 from .critics import critic_adam, frozen_call, one_hot, upsample_to_min_side
 
-FLAW_DETECTOR_MIN_SIDE = 64  # four stride-2 and three unpadded stride-1 4x4 convolutions need >= 60 px
+# Four stride-2 and three shrinking stride-1 4x4 convolutions then a stride-2 classifier: 60 px in give one cell
+# out, 128 px a 3x3 map (321 px crops, the papers', give 9x9). Smaller inputs are upscaled to this side.
+FLAW_DETECTOR_MIN_SIDE = 128
 FLAW_BLUR_DIV, ERROR_BLUR_DIV, ERROR_REBLUR_DIV = 16, 8, 4  # blur kernel = crop / this, made odd
 
 
@@ -60,6 +63,7 @@ class GCTConfig:
     mu: float = hp(0.5, "error map: scale of sum_c |onehot - p| (1/2 maps it to [0, 1])")
     nu: int = hp(1, "error map: rounds of 3x3 dilation + re-blur")
     flaw_clip: float = hp(0.1, "a processed flaw map whose maximum is below this is set to zero")
+    fd_channels: int = hp(64, "ndf: width of the flaw detector's first layer (doubling to 8x)")
 
 
 @lru_cache(maxsize=32)
@@ -179,7 +183,7 @@ class GCT(Method):
         self.num_classes = num_classes
         # Continue the RNG stream: the second network's head starts differently from the first's.
         self.model2 = build_model(model_cfg, num_classes)
-        self.flaw_detector = FlawDetector(3 + num_classes)
+        self.flaw_detector = FlawDetector(3 + num_classes, cfg.fd_channels)
 
     def trained_networks(self):
         return [self.model, self.model2]
