@@ -141,7 +141,7 @@ def test_gct_flaw_detector_learns_its_error_map_target():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
     assert history[-1] < 0.3 * history[0], history
     flaw = flaws[0].detach()[:, 0]
     assert flaw[:, 8:28, 30:60].mean() > flaw[:, 40:, :20].mean() + 0.3
