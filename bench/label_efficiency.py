@@ -35,7 +35,7 @@ from bench.common import RESULTS, machine, write_results  # noqa: E402
 from training.data.folder import read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
-           "cutmixseg", "rankmatch", "prcl"]
+           "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct"]
 SCALES = ("0.5", "1.0", "2.0")
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 

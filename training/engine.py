@@ -125,6 +125,7 @@ class Trainer:
         # Same initial weights everywhere (seeded above); from here on each process draws its own numbers.
         seed_everything(process_seed(cfg.run.seed, self.dist.rank))
         self.optimizer = build_optimizer(self.method, cfg)
+        self.extra_optimizers = self.method.extra_optimizers()
         self.amp = cfg.optim.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
 
@@ -177,6 +178,7 @@ class Trainer:
         return {
             "iteration": self.iteration, "best_miou": self.best_miou, "metrics": self.last_metrics,
             "method_state": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "extra_optimizers": [o.state_dict() for o in self.extra_optimizers],
             "scaler": self.scaler.state_dict(), "rng": all_gather_objects(rng_state()),
             "config": asdict(self.cfg), "method": self.cfg.method,
             "classes": [asdict(c) for c in self.classes],
@@ -211,6 +213,8 @@ class Trainer:
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit this run's model ({str(err).splitlines()[0]}).") from None
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        for opt, state in zip(self.extra_optimizers, ckpt.get("extra_optimizers", [])):
+            opt.load_state_dict(state)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.iteration, self.best_miou, self.last_metrics = ckpt["iteration"], ckpt["best_miou"], ckpt["metrics"]
         states = ckpt["rng"]
@@ -282,17 +286,23 @@ class Trainer:
         partner = self._to_device(batches[2]) if len(batches) > 2 else None
         ctx = StepContext(it, epoch, self.total_iters, self.iters_per_epoch)
         lr = poly_lr(self.optimizer, it, self.total_iters, cfg.optim.poly_power)
+        optimizers = (self.optimizer, *self.extra_optimizers)
+        for opt in self.extra_optimizers:
+            poly_lr(opt, it, self.total_iters, cfg.optim.poly_power)
         with torch.autocast(self.device.type, enabled=self.amp):
             losses = self.ddp(labeled, unlabeled, partner, ctx)
         loss = losses["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"iteration {it}: loss is {loss.item()}; lower --lr or check the labels.")
-        self.optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.optim.clip_grad_norm > 0:
-            self.scaler.unscale_(self.optimizer)
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), cfg.optim.clip_grad_norm)
-        self.scaler.step(self.optimizer)
+        for opt in optimizers:
+            self.scaler.step(opt)
         self.scaler.update()
         self.method.after_step(ctx)
         self.iteration = it + 1

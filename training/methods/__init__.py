@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import AuxConfig, ConfigError
+from .advsemseg import AdvSemSeg
 from .base import Method, StepContext
 from .cct import CCT
 from .contextrast import Contextrast
 from .cps import CPS
 from .cutmixseg import CutMixSeg
 from .fixmatch import FixMatch
+from .gct import GCT
 from .meanteacher import MeanTeacher
 from .pseudoseg import PseudoSeg
 from .prcl import PRCL
@@ -20,7 +22,8 @@ from .supervised import Supervised
 from .unimatch import UniMatch
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch,
-                                                         PseudoSeg, CCT, PSMT, CutMixSeg, RankMatch, PRCL)}
+                                                         PseudoSeg, CCT, PSMT, CutMixSeg, RankMatch, PRCL,
+                                                         AdvSemSeg, GCT)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -85,6 +85,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Modules trained beside the networks but never evaluated or exported (auxiliary decoders, ...)."""
         return []
 
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Optimisers of training-only networks kept out of ``param_groups`` (a discriminator's Adam). The loop
+        zeroes and steps them with the main one after the same backward, applies the poly schedule to each
+        group's ``base_lr`` and checkpoints them."""
+        return []
+
     def init_targets(self) -> list[tuple[nn.Module, str]]:
         """(network, state-dict key prefix) pairs that ``--init-from`` loads; '' loads the whole network."""
         nets = {id(n): n for n in [*self.trained_networks(), self.inference_model()]}
