@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.simulate import simulate  # noqa: E402
-from bench.common import RESULTS, machine, write_results  # noqa: E402
+from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
 from bench.label_efficiency import make_data, mean_std  # noqa: E402
 
 STRATEGIES = ["random", "entropy", "margin", "least_confidence", "scale_disagreement", "coreset", "combined"]
@@ -93,26 +92,11 @@ def markdown(summary: list[dict]) -> str:
 
 
 def plot_curves(summary: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    benches = sorted({s["benchmark"] for s in summary})
-    fig, axes = plt.subplots(1, len(benches), figsize=(5.5 * len(benches), 4), squeeze=False)
-    for ax, bench in zip(axes[0], benches):
-        for s in (s for s in summary if s["benchmark"] == bench):
-            x = [p["labeled"] for p in s["curve"]]
-            mean = [p["miou"][0] for p in s["curve"]]
-            std = [p["miou"][1] for p in s["curve"]]
-            ax.plot(x, mean, marker="o", label=f"{s['strategy']} ({len(s['seeds'])} seeds)")
-            ax.fill_between(x, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)], alpha=0.12)
-        ax.set_title(bench)
-        ax.set_xlabel("labelled images")
-        ax.set_ylabel("val mIoU x1.0")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = [(bench, [(f"{s['strategy']} ({len(s['seeds'])} seeds)", [p["labeled"] for p in s["curve"]],
+                        [p["miou"][0] for p in s["curve"]], [p["miou"][1] for p in s["curve"]])
+                       for s in summary if s["benchmark"] == bench])
+              for bench in sorted({s["benchmark"] for s in summary})]
+    plot_bands(path, panels, "labelled images", marker="o")
 
 
 def main() -> None:

@@ -86,8 +86,8 @@ def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_pat
     assert "from a supervised run of 2 iterations" in (results / "warm.md").read_text()
 
 
-def test_active_learning_summary_on_fake_rows():
-    from bench.active_learning import labels_to_reach, markdown, summarise
+def test_active_learning_summary_on_fake_rows(tmp_path):
+    from bench.active_learning import labels_to_reach, markdown, publish, summarise
 
     def row(strategy, seed, labeled, miou, effort=None):
         return {"benchmark": "synthetic", "seed": seed, "strategy": strategy, "labeled": labeled, "miou": miou,
@@ -114,3 +114,9 @@ def test_active_learning_summary_on_fake_rows():
     table = markdown(summarise(rows))
     assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | - | - |" in table
     assert "| random | 2 |" in table and "35.0 ± 19.1" in table
+    budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "crop_size": 64, "batch_size": 2,
+              "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
+    publish(rows, budget, tmp_path)
+    assert json.loads((tmp_path / "active_learning.json").read_text())["rows"] == rows
+    assert table in (tmp_path / "active_learning.md").read_text()
+    assert (tmp_path / "active_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
