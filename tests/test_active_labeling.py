@@ -51,6 +51,18 @@ def test_diversity_strategies_select_from_the_package(package, tiny_data):
     assert combined == pytest.approx(entropy)  # combined ranks each cluster by entropy
 
 
+def test_app_and_cli_offer_the_diversity_strategies(package, data_copy, tmp_path):
+    from app.cli import parser
+    from app.ui import App
+
+    app = App(package, data_copy, tmp_path / "work")
+    for function in acquisition.DIVERSITY:
+        gallery, table, message = app.rank(function, 3, 1.0)
+        assert len(gallery) == 3 and len({row[0] for row in table}) == 3
+        assert f"Selected 3 of 12 unlabelled images by {function}" in message
+        assert parser().parse_args(["push", str(package), str(data_copy), "--function", function]).function == function
+
+
 # --- labelling effort ---------------------------------------------------------------------------------------
 def test_labeling_effort_on_a_hand_made_case():
     pre = np.array([[0, 0, 1], [1, 2, 2]], np.uint8)
@@ -67,19 +79,19 @@ def test_labeling_effort_on_a_hand_made_case():
 
 
 # --- the simulation -------------------------------------------------------------------------------------------
-TINY = ["--strategies", "random,coreset", "--initial", "2", "-k", "2", "--rounds", "2", "--iters", "2",
+TINY = ["--strategies", "random,coreset", "--initial", "2", "-k", "2", "--rounds", "1", "--iters", "2",
         "--crop-size", "32", "--batch-size", "2"]
 
 
 def settings(**changes) -> dict:
-    base = {"strategies": ["random", "coreset"], "initial": 2, "k": 2, "rounds": 2, "method": "supervised", "iters": 2,
+    base = {"strategies": ["random", "coreset"], "initial": 2, "k": 2, "rounds": 1, "method": "supervised", "iters": 2,
             "crop_size": 32, "batch_size": 2, "backbone": "resnet18", "lr": 0.01, "balance": 1.0, "seed": 0,
             "device": "cpu"}
     return {**base, **changes}
 
 
 def test_simulation_curve_and_resume(tiny_data, tmp_path, monkeypatch, capsys):
-    import export.package
+    from training.engine import Trainer
 
     splits = {s: read_split(tiny_data, s) for s in ("labeled", "unlabeled", "val")}
     assert label_main(["simulate", str(tiny_data), "--out", str(tmp_path / "whole"), *TINY]) == 0
@@ -88,32 +100,31 @@ def test_simulation_curve_and_resume(tiny_data, tmp_path, monkeypatch, capsys):
     assert list(whole["curves"]) == ["random", "coreset"]
     pool = set(splits["labeled"]) | set(splits["unlabeled"])
     for strategy, rows in whole["curves"].items():
-        assert [r["labeled"] for r in rows] == [2, 4, 6] and [r["round"] for r in rows] == [0, 1, 2]
+        assert [r["labeled"] for r in rows] == [2, 4] and [r["round"] for r in rows] == [0, 1]
         assert all(0 <= r["miou"] <= 100 for r in rows)
-        picks = [i for r in rows for i in r["picks"]]
-        assert [len(r["picks"]) for r in rows] == [2, 2, 0] and len(set(picks)) == 4 and set(picks) <= pool
-        assert all(0 <= r["effort"] <= 1 for r in rows[:2]) and rows[2]["effort"] is None
-        # each round trains on the images revealed so far
+        assert len(set(rows[0]["picks"])) == 2 and set(rows[0]["picks"]) <= pool and rows[1]["picks"] == []
+        assert 0 <= rows[0]["effort"] <= 1 and rows[1]["effort"] is None
+        # the last round trained on the initial images and the ones revealed
         revealed = read_split(tmp_path / "whole" / strategy / "data", "labeled")
-        assert len(set(revealed)) == 6 and set(picks) <= set(revealed)
+        assert len(set(revealed)) == 4 and set(rows[0]["picks"]) <= set(revealed)
     assert {s: read_split(tiny_data, s) for s in splits} == splits  # DATA is never written
     table = (tmp_path / "whole" / "simulation.md").read_text()
-    assert "| labelled | random | coreset |" in table and "| 6 |" in table
+    assert "| labelled | random | coreset |" in table and "| 4 |" in table
     assert (tmp_path / "whole" / "simulation.png").read_bytes()[:4] == b"\x89PNG"
 
-    # killed in coreset's round 1, after training and before its selection was recorded
-    real_export = export.package.export_package
+    # killed while training round 1, after round 0 and its selection were recorded
+    real_fit = Trainer.fit
 
-    def killed(checkpoint, out, **kwargs):
-        if "coreset" in str(out) and "round1" in str(out):
+    def killed(trainer):
+        if "round1" in str(trainer.out):
             raise KeyboardInterrupt
-        return real_export(checkpoint, out, **kwargs)
+        return real_fit(trainer)
 
-    monkeypatch.setattr(export.package, "export_package", killed)
+    monkeypatch.setattr(Trainer, "fit", killed)
     with pytest.raises(KeyboardInterrupt):
         simulate(tiny_data, tmp_path / "resumed", settings(strategies=["coreset"]), progress=lambda m: None)
     assert not (tmp_path / "resumed" / "simulation.json").exists()
-    monkeypatch.setattr(export.package, "export_package", real_export)
+    monkeypatch.setattr(Trainer, "fit", real_fit)
     messages = []
     resumed = simulate(tiny_data, tmp_path / "resumed", settings(strategies=["coreset"]), progress=messages.append)
     assert messages[0] == "coreset round 1: training on 4 labelled images"  # round 0 is not trained again
@@ -122,7 +133,7 @@ def test_simulation_curve_and_resume(tiny_data, tmp_path, monkeypatch, capsys):
 
 def test_simulation_refuses_what_it_cannot_run(tiny_data, tmp_path, capsys):
     with pytest.raises(SimulationError, match="need 20"):
-        simulate(tiny_data, tmp_path / "a", settings(initial=10, k=5), progress=lambda m: None)
+        simulate(tiny_data, tmp_path / "a", settings(initial=10, k=5, rounds=2), progress=lambda m: None)
     with pytest.raises(SimulationError, match="--method scalematch"):
         simulate(tiny_data, tmp_path / "a", settings(strategies=["scale_disagreement"]), progress=lambda m: None)
     with pytest.raises(SimulationError, match="unknown strategies"):
