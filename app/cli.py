@@ -1,8 +1,9 @@
-"""`scaleseg label push|pull|status`: the labeling loop from the command line, for scripts."""
+"""`scaleseg label push|pull|status|simulate`: the labeling loop from the command line, for scripts."""
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,8 +25,11 @@ def parser() -> argparse.ArgumentParser:
     push.add_argument("model", type=Path, help="model package (scaleseg export)")
     push.add_argument("data", type=Path, help="dataset folder")
     push.add_argument("-k", "--top-k", type=int, default=8, help="images to send for labeling")
-    push.add_argument("--function", default="entropy", choices=acquisition.FUNCTIONS)
-    push.add_argument("--balance", type=float, default=1.0, help="class balancing of the selection; 0 = plain top-k")
+    push.add_argument("--function", default="entropy", choices=acquisition.FUNCTIONS,
+                      help="uncertainty (entropy, margin, least_confidence, scale_disagreement) or diversity-aware "
+                           "(coreset: k-center greedy on encoder features; combined: most uncertain of k feature clusters)")
+    push.add_argument("--balance", type=float, default=1.0,
+                      help="class balancing of an uncertainty selection; 0 = plain top-k")
     push.add_argument("--project", default="scaleseg", help="Label Studio project title (created if missing)")
     push.add_argument("--switch-project", action="store_true",
                       help="push to --project although this dataset's tasks are in another project")
@@ -43,25 +47,62 @@ def parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending")
     status.add_argument("data", type=Path)
     _connection(status)
+    sim = sub.add_parser("simulate", help="the labeling loop with an oracle: mIoU against labelled images per strategy",
+                         description="Start from --initial labelled images of DATA's pool (its labelled and unlabelled "
+                                     "images that have masks); each round select -k with a strategy, reveal their masks, "
+                                     "fine-tune and score val. Running it again continues an interrupted simulation.")
+    sim.add_argument("data", type=Path, help="dataset folder whose pool images have masks")
+    sim.add_argument("--out", type=Path, default=Path("simulation"), help="rounds, checkpoints and results")
+    sim.add_argument("--strategies", default="random,entropy,coreset,combined",
+                     help=f"comma-separated, from: {', '.join(('random',) + acquisition.FUNCTIONS)}")
+    sim.add_argument("--initial", type=int, default=8, help="labelled images at the start (the same for every strategy)")
+    sim.add_argument("-k", "--top-k", type=int, default=8, help="images labelled per round")
+    sim.add_argument("--rounds", type=int, default=4, help="selection rounds")
+    sim.add_argument("--method", default="supervised", help="training method of every round")
+    sim.add_argument("--iters", type=int, default=200, help="training iterations per round")
+    sim.add_argument("--crop-size", type=int, default=96)
+    sim.add_argument("--batch-size", type=int, default=4)
+    sim.add_argument("--backbone", default="resnet18")
+    sim.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (head x10)")
+    sim.add_argument("--balance", type=float, default=1.0, help="class balancing of the uncertainty strategies")
+    sim.add_argument("--seed", type=int, default=0, help="initial labelled set, random picks and training")
+    sim.add_argument("--device", default="cpu")
     return p
+
+
+def simulate_main(args: argparse.Namespace) -> int:
+    from .simulate import SimulationError, simulate
+
+    settings = {"strategies": [s.strip() for s in args.strategies.split(",") if s.strip()], "initial": args.initial,
+                "k": args.top_k, "rounds": args.rounds, "method": args.method, "iters": args.iters,
+                "crop_size": args.crop_size, "batch_size": args.batch_size, "backbone": args.backbone, "lr": args.lr,
+                "balance": args.balance, "seed": args.seed, "device": args.device}
+    try:
+        simulate(args.data, args.out, settings)
+    except SimulationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out / 'simulation.json'}, simulation.md and simulation.png")
+    return 0
 
 
 def main(argv: list[str]) -> int:
     from .labeling import pull, push, status
     from .labelstudio import LabelStudio
-    from .scoring import choose, score_unlabeled
+    from .scoring import select_next
 
     args = parser().parse_args(argv)
+    if args.command == "simulate":
+        return simulate_main(args)
     client = LabelStudio(args.url, args.token)
     try:
         if args.command == "push":
             client.whoami()  # fail fast on a wrong URL or token, before scoring anything
             meta_name = args.model.resolve().name
             bar = tqdm(desc="scoring", unit="img")
-            scored = score_unlabeled(args.model, args.data, args.function,
-                                     progress=lambda f, msg: bar.update(1))
+            _, picks = select_next(args.model, args.data, args.function, args.top_k, args.balance,
+                                   progress=lambda f, msg: bar.update(1))
             bar.close()
-            picks = choose(scored, args.data, args.top_k, args.balance)
             preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
             report = push(client, args.data, preds, meta_name, args.project, args.delivery,
                           switch_project=args.switch_project)
@@ -71,6 +112,8 @@ def main(argv: list[str]) -> int:
             report = pull(client, args.data, args.overwrite, replace_val=args.replace_val)
             print(f"written {len(report.written)}, unchanged {len(report.unchanged)}, skipped {len(report.skipped)}, "
                   f"pending {len(report.pending)}, conflicts {len(report.conflicts)} {report.conflicts}")
+            if report.effort:
+                print(f"  {report.effort_summary()}")
             for image_id, message in report.errors.items():
                 print(f"  error {image_id}: {message}")
             if report.conflicts:

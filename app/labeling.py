@@ -13,6 +13,11 @@ annotation that wrote it: when that same annotation was edited in Label Studio, 
 a mask from any other source (another annotation, a file changed on disk) is a conflict and is never
 overwritten unless ``overwrite`` is given. Validation images are never written into the training splits,
 and their masks are changed only for the ids listed in ``replace_val``, one explicit decision per image.
+
+Labelling effort: push keeps each image's pre-annotation (DATA/labeling/preannotations/<id>.png); pull
+records, per written mask, the fraction of its labelled pixels whose pre-annotated class the labeller
+changed (a proxy for correction work; pixels left unlabelled, 255, are not counted), with the model
+version that made the pre-annotation.
 """
 from __future__ import annotations
 
@@ -60,6 +65,30 @@ def load_state(data: Path) -> dict:
 
 def save_state(data: Path, state: dict) -> None:
     write_text(state_path(data), json.dumps(state, indent=2))
+
+
+def preannotation_path(data: Path, image_id: str) -> Path:
+    return Path(data) / "labeling" / "preannotations" / f"{image_id}.png"
+
+
+def labeling_effort(preannotation: np.ndarray, final: np.ndarray) -> float | None:
+    """Fraction of the final mask's labelled pixels (not 255) whose class differs from the pre-annotation's;
+    None when the final mask labels no pixel."""
+    if preannotation.shape != final.shape:
+        raise ValueError(f"pre-annotation is {preannotation.shape}, final mask {final.shape}: not the same image size")
+    labelled = final != IGNORE
+    if not labelled.any():
+        return None
+    return float((preannotation[labelled] != final[labelled]).mean())
+
+
+def effort_by_version(state: dict) -> dict[str, tuple[float, int]]:
+    """Model version -> (mean labelling effort, images) over the pulled masks that started from its pre-annotations."""
+    efforts: dict[str, list[float]] = {}
+    for record in state.get("pulled", {}).values():
+        if record.get("effort") is not None and record.get("model_version"):
+            efforts.setdefault(record["model_version"], []).append(record["effort"])
+    return {version: (float(np.mean(values)), len(values)) for version, values in efforts.items()}
 
 
 def _now() -> str:
@@ -153,6 +182,7 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
         task = {"data": {"image": url, ID_KEY: image_id},
                 "predictions": [{"model_version": model_version, "score": float(pred["score"]),
                                  "result": prediction_result(pred["labels"], classes, pred.get("confidence"))}]}
+        write_mask(preannotation_path(data, image_id), np.asarray(pred["labels"], dtype=np.uint8))
         task_id = client.import_tasks(project["id"], [task])[0]
         state["tasks"][image_id] = {"task_id": task_id, "pushed_at": _now(), "model_version": model_version,
                                     "score": float(pred["score"])}
@@ -172,6 +202,13 @@ class PullReport:
     protected: list[str] = field(default_factory=list)      # validation images whose mask was left as it is
     updated: list[str] = field(default_factory=list)        # of written: edits of the annotation pulled before
     errors: dict[str, str] = field(default_factory=dict)
+    effort: dict[str, float] = field(default_factory=dict)  # of written: fraction of pre-annotated pixels corrected
+
+    def effort_summary(self) -> str:
+        if not self.effort:
+            return ""
+        return (f"labelling effort: {100 * np.mean(list(self.effort.values())):.1f} % of the pre-annotated pixels "
+                f"corrected on average ({len(self.effort)} image(s))")
 
 
 def mask_digest(mask: np.ndarray) -> str:
@@ -231,9 +268,13 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
         except OSError as err:  # e.g. disk full: this mask is not written (atomic), the others stand
             report.errors[image_id] = f"could not write {target} ({err.strerror or err}); free space and pull again"
             continue
+        effort = _effort(data, image_id, mask)
+        if effort is not None:
+            report.effort[image_id] = effort
         state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"],
                                      "updated_at": annotation.get("updated_at"), "mask_sha256": mask_digest(mask),
-                                     "pulled_at": _now()}
+                                     "pulled_at": _now(), "effort": effort,
+                                     "model_version": state["tasks"].get(image_id, {}).get("model_version")}
         report.written.append(image_id)
         if ours:
             report.updated.append(image_id)
@@ -243,6 +284,19 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
         write_split(data, "unlabeled", [i for i in unlabeled if i not in set(new)])
     save_state(data, state)
     return report
+
+
+def _effort(data: Path, image_id: str, mask: np.ndarray) -> float | None:
+    """The labelling effort of a pulled mask; None without a readable pre-annotation of the same size (a task
+    pushed before this was recorded, or recovered from Label Studio after the state was lost)."""
+    path = preannotation_path(data, image_id)
+    if not path.is_file():
+        return None
+    try:
+        with Image.open(path) as img:
+            return labeling_effort(np.array(img), mask)
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass

@@ -13,6 +13,7 @@ from serving.backends import Backend, load_backend
 from training.data.folder import atomic_write, find_image, load_classes, read_split
 
 from . import acquisition
+from .features import EncoderFeatures
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Scored:
     score: float
     labels: np.ndarray
     confidence: np.ndarray
+    features: np.ndarray | None = None  # pooled encoder features, for the diversity strategies
 
 
 def image_batch(path: Path) -> np.ndarray:
@@ -29,8 +31,10 @@ def image_batch(path: Path) -> np.ndarray:
 
 
 def score_unlabeled(model_dir: Path, data: Path, function: str = "entropy", ids: list[str] | None = None,
-                    backend: Backend | None = None, cif_backend: Backend | None = None, progress=None) -> list[Scored]:
-    """Every unlabelled image (or ``ids``) with its score and predicted labels, highest score first."""
+                    backend: Backend | None = None, cif_backend: Backend | None = None, progress=None,
+                    encoder=None) -> list[Scored]:
+    """Every unlabelled image (or ``ids``) with its score and predicted labels, highest score first; with the
+    diversity strategies also its pooled encoder features (from ``encoder``, else the package's checkpoint)."""
     model_dir, data = Path(model_dir), Path(data)
     if function not in acquisition.FUNCTIONS:
         raise ValueError(f"unknown acquisition function {function!r}; choose one of {', '.join(acquisition.FUNCTIONS)}")
@@ -40,6 +44,8 @@ def score_unlabeled(model_dir: Path, data: Path, function: str = "entropy", ids:
             raise ValueError(f"{model_dir}: scale_disagreement needs model.cif.onnx (export a scalematch checkpoint "
                              "with --cif-scales 0.5,2.0)")
         cif_backend = load_backend(model_dir, graph="model.cif.onnx")
+    if function in acquisition.DIVERSITY and encoder is None:
+        encoder = EncoderFeatures(model_dir)
     ids = ids if ids is not None else read_split(data, "unlabeled", required=False)
     scored = []
     for n, image_id in enumerate(ids):
@@ -51,7 +57,8 @@ def score_unlabeled(model_dir: Path, data: Path, function: str = "entropy", ids:
         x = image_batch(path)
         out = {k: v[0] for k, v in backend.infer(x).items()}
         cif = {k: v[0] for k, v in cif_backend.infer(x).items()} if function == "scale_disagreement" else None
-        scored.append(Scored(image_id, acquisition.score(function, out, cif), out["labels"], out["confidence"]))
+        features = encoder(x) if function in acquisition.DIVERSITY else None
+        scored.append(Scored(image_id, acquisition.score(function, out, cif), out["labels"], out["confidence"], features))
     return sorted(scored, key=lambda s: -s.score)
 
 
@@ -63,6 +70,27 @@ def choose(scored: list[Scored], data: Path, k: int, balance: float = 1.0) -> li
     hist = np.stack([acquisition.class_histogram(s.labels, num_classes) for s in scored])
     picks = acquisition.select(np.array([s.score for s in scored]), hist, k, balance)
     return [scored[i] for i in picks]
+
+
+def select_next(model_dir: Path, data: Path, function: str, k: int, balance: float = 1.0, backend: Backend | None = None,
+                cif_backend: Backend | None = None, progress=None) -> tuple[list[Scored], list[Scored]]:
+    """(every scored unlabelled image, the k picked to label next): the one selection path of the app, the
+    CLI and the simulation. Uncertainty functions pick a class-balanced top-k; core-set covers the feature
+    space around the labelled images; combined takes the most uncertain image of each feature cluster
+    (class balance applies to the uncertainty functions only)."""
+    encoder = EncoderFeatures(model_dir) if function in acquisition.DIVERSITY else None
+    scored = score_unlabeled(model_dir, data, function, backend=backend, cif_backend=cif_backend, progress=progress,
+                             encoder=encoder)
+    if function not in acquisition.DIVERSITY or not scored:
+        return scored, choose(scored, data, k, balance)
+    pool = np.stack([s.features for s in scored])
+    if function == "coreset":
+        paths = (find_image(data, i) for i in read_split(data, "labeled", required=False))
+        labeled = [encoder(image_batch(path)) for path in paths if path is not None]
+        picks = acquisition.k_center_greedy(pool, k, np.stack(labeled) if labeled else None)
+    else:
+        picks = acquisition.uncertain_per_cluster(pool, np.array([s.score for s in scored]), k)
+    return scored, [scored[i] for i in picks]
 
 
 def save_ranking(path: Path, ranking: list[Scored], model_version: str) -> None:

@@ -20,10 +20,10 @@ from training.methods import METHODS  # noqa: E402
 
 from . import acquisition  # noqa: E402
 from .ingest import MAX_UPLOAD_BYTES, ingest, read_upload  # noqa: E402
-from .labeling import ProjectChanged, load_state, pull, push, status  # noqa: E402
+from .labeling import ProjectChanged, effort_by_version, load_state, pull, push, status  # noqa: E402
 from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
 from .predictor import Predictor  # noqa: E402
-from .scoring import Scored, choose, image_batch, load_ranking, save_ranking, score_unlabeled  # noqa: E402
+from .scoring import Scored, image_batch, load_ranking, save_ranking, select_next  # noqa: E402
 from .versions import Registry, Retrainer, register_initial  # noqa: E402
 
 CIF_LABEL = "CIF multi-scale (x0.5, x1, x2)"
@@ -60,6 +60,11 @@ def heatmap(confidence: np.ndarray) -> np.ndarray:
     i = np.minimum(x.astype(int), len(HEAT_STOPS) - 2)
     t = (x - i)[..., None]
     return (HEAT_STOPS[i] * (1 - t) + HEAT_STOPS[i + 1] * t).astype(np.uint8)
+
+
+def effort_cell(effort: tuple[float, int] | None) -> str:
+    """A version's labelling effort for the Models table: mean % of pre-annotated pixels corrected (images)."""
+    return "-" if effort is None else f"{100 * effort[0]:.1f} % ({effort[1]} images)"
 
 
 @dataclass
@@ -128,13 +133,13 @@ class App:
         if function == "scale_disagreement" and cif is None:
             raise gr.Error("Scale disagreement needs a ScaleMatch model exported with --cif-scales.")
         try:
-            scored = score_unlabeled(model_dir, self.s.data, function, backend=single, cif_backend=cif,
-                                     progress=lambda f, m: progress(f, desc=m))
+            scored, picks = select_next(model_dir, self.s.data, function, int(k), balance, backend=single, cif_backend=cif,
+                                        progress=lambda f, m: progress(f, desc=m))
         except ValueError as err:
             raise gr.Error(str(err)) from None
         if not scored:
             raise gr.Error("No unlabelled images: add some first.")
-        self.s.ranking = choose(scored, self.s.data, int(k), balance)
+        self.s.ranking = picks
         self.s.ranking_version = self.s.registry.name_of(model_dir)
         save_ranking(self.s.ranking_path, self.s.ranking, self.s.ranking_version)
         classes = self.s.predictor.classes
@@ -211,6 +216,8 @@ class App:
         if r.protected:
             text += (f" {len(r.protected)} are validation images and kept their masks ({', '.join(r.protected)}); to replace "
                      f"one, run `scaleseg label pull {self.s.data} --replace-val ID`.")
+        if r.effort:
+            text += f" The {r.effort_summary()}."
         if r.errors:
             text += " Errors: " + "; ".join(f"{k}: {v}" for k, v in r.errors.items())
         return text, counts.summary()
@@ -254,8 +261,10 @@ class App:
     def models(self):
         """(table rows, plot, version dropdown, CIF checkbox) for the Models tab as the registry stands."""
         reg = self.s.registry.read()
+        effort = effort_by_version(load_state(self.s.data))
         rows = [[v["name"] + (" (serving)" if v["name"] == reg["serving"] else ""), v["method"], v.get("labeled"),
-                 round(v["miou"], 2), round(v["miou_x0.5"], 2), round(v["miou_x2.0"], 2), v["created"]] for v in reg["versions"]]
+                 round(v["miou"], 2), round(v["miou_x0.5"], 2), round(v["miou_x2.0"], 2), effort_cell(effort.get(v["name"])),
+                 v["created"]] for v in reg["versions"]]
         plot = pd.DataFrame({"labelled images": [v.get("labeled") or 0 for v in reg["versions"]],
                              "mIoU": [v["miou"] for v in reg["versions"]], "version": [v["name"] for v in reg["versions"]]})
         x, y = plot["labelled images"], plot["mIoU"]
@@ -352,8 +361,10 @@ class App:
                 start.click(self.retrain, [method, iters, start_from, promote], [job_msg], api_name="retrain")
                 gr.Timer(2.0).tick(self.retrain_status, None, [job_msg, loss], api_name="retrain_status")
             with gr.Tab("Models"):
-                versions = gr.Dataframe(headers=["version", "method", "labelled", "mIoU", "mIoU x0.5", "mIoU x2", "created"],
-                                        label="Versions")
+                versions = gr.Dataframe(headers=["version", "method", "labelled", "mIoU", "mIoU x0.5", "mIoU x2",
+                                                 "labelling effort", "created"], label="Versions")
+                gr.Markdown("Labelling effort: of the images labelled from a version's pre-annotations, the mean "
+                            "share of pixels the labeller changed (lower: the model saved more work).")
                 curve = gr.ScatterPlot(x="labelled images", y="mIoU", color="version", title="mIoU vs labelled images")
                 with gr.Row():
                     which = gr.Dropdown([], label="Version to serve")

@@ -49,3 +49,27 @@ def write_results(name: str, payload: dict, table: str, note: str = "", results:
              (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f". Written by `bench/{script or name}.py`.\n\n"
     (results / f"{name}.md").write_text(header + (note + "\n\n" if note else "") + table + "\n")
     print(table)
+
+
+def plot_bands(path: Path, panels: list[tuple[str, list[tuple[str, list, list, list]]]], xlabel: str,
+               ylabel: str = "val mIoU x1.0", marker: str | None = None, vline: float | None = None) -> None:
+    """One panel per (title, curves), side by side; each curve (label, x, mean, std) with its ± std band;
+    ``vline`` marks an x in every panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels):
+        for label, x, mean, std in curves:
+            ax.plot(x, mean, marker=marker, label=label)
+            ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+        if vline is not None:
+            ax.axvline(vline, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

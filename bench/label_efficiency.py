@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, write_results  # noqa: E402
+from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
 from training.data.folder import read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
@@ -195,32 +195,19 @@ def markdown(summary: list[dict]) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path, warm_start: int = 0) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cells = sorted({(r["benchmark"], r["fraction"]) for r in rows})
-    fig, axes = plt.subplots(1, len(cells), figsize=(5.5 * len(cells), 4), squeeze=False)
-    for ax, (bench, frac) in zip(axes[0], cells):
+    panels = []
+    for bench, frac in sorted({(r["benchmark"], r["fraction"]) for r in rows}):
+        curves = []
         for method in METHODS:
             runs = [r["curve"] for r in rows if (r["benchmark"], r["fraction"], r["method"]) == (bench, frac, method)]
             if not runs:
                 continue
             iters = [p["iter"] for p in runs[0]]
             per_iter = [[c[i]["x1.0"] for c in runs if len(c) > i] for i in range(len(iters))]
-            mean = [statistics.mean(v) for v in per_iter]
-            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_iter]
-            ax.plot(iters, mean, label=f"{method} ({len(runs)} seeds)")
-            ax.fill_between(iters, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-        if warm_start:
-            ax.axvline(warm_start, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(f"{bench}, {frac} labelled" + (f", warm start {warm_start}" if warm_start else ""))
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("val mIoU x1.0")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            curves.append((f"{method} ({len(runs)} seeds)", iters, [statistics.mean(v) for v in per_iter],
+                           [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_iter]))
+        panels.append((f"{bench}, {frac} labelled" + (f", warm start {warm_start}" if warm_start else ""), curves))
+    plot_bands(path, panels, "iteration", vline=warm_start or None)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.ingest import ingest
-from app.labeling import load_state, prediction_result
+from app.labeling import effort_by_version, load_state, prediction_result
 from app.labelstudio import LabelStudio
 from app.ui import App
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
@@ -85,6 +85,7 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
         client.create_annotation(task["id"], prediction_result(truth[image_id], classes))
     message, counts = app.ls_pull(label_studio.url, label_studio.token, False)
     assert "3 mask(s) written" in message and "3 pushed, 3 annotated, 3 pulled, 0 pending" in counts
+    assert "labelling effort:" in message and "(3 image(s))" in message
     for image_id, mask in truth.items():
         assert np.array_equal(np.array(Image.open(mask_path(s.data, image_id))), mask)
 
@@ -102,6 +103,9 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     assert s.registry.serving()["name"] == "v2" and s.predictor.model_dir.name == "v2"
     rows, curve, which, cif = app.models()
     assert [r[0] for r in rows] == ["v1", "v2 (serving)"] and rows[1][2] == 9  # 6 labelled + 3 pulled
+    # v1's pre-annotations were corrected into the 3 pulled masks; v2 has pre-annotated nothing yet
+    effort, images = effort_by_version(load_state(s.data))["v1"]
+    assert rows[0][6] == f"{100 * effort:.1f} % (3 images)" and images == 3 and rows[1][6] == "-"
     assert which.choices == [("v1", "v1"), ("v2", "v2")] and which.value == "v2"
     assert curve.x_lim[0] < 6 and curve.x_lim[1] > 9  # every point inside the plot, none on its border
     mious = [v["miou"] for v in s.registry.read()["versions"]]

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.texture_scenes import CLASS_SOURCES, RADIUS_RANGE, render, synthesize_textures
 from training.data.validate import check_dataset
@@ -84,3 +85,38 @@ def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_pat
         assert config["model"]["init_from"] == str(warm / "last.pt")
     assert "from a supervised run of 2 iterations" in (results / "warm.md").read_text()
 
+
+def test_active_learning_summary_on_fake_rows(tmp_path):
+    from bench.active_learning import labels_to_reach, markdown, publish, summarise
+
+    def row(strategy, seed, labeled, miou, effort=None):
+        return {"benchmark": "synthetic", "seed": seed, "strategy": strategy, "labeled": labeled, "miou": miou,
+                "effort": effort}
+
+    rows = [row("random", 0, 8, 10.0, 0.5), row("random", 0, 16, 20.0, 0.3), row("random", 0, 24, 30.0),
+            row("random", 1, 8, 12.0, 0.5), row("random", 1, 16, 22.0, 0.1), row("random", 1, 24, 34.0),
+            row("entropy", 0, 8, 10.0), row("entropy", 0, 16, 33.0), row("entropy", 0, 24, 40.0),
+            row("entropy", 1, 8, 12.0), row("entropy", 1, 16, 31.0), row("entropy", 1, 24, 38.0),
+            row("scale_disagreement", 0, 8, 10.0), row("scale_disagreement", 0, 16, 30.0), row("scale_disagreement", 0, 24, 42.0),
+            row("scale_disagreement", 1, 8, 12.0), row("scale_disagreement", 1, 16, 30.0), row("scale_disagreement", 1, 24, 42.0)]
+    assert labels_to_reach([(8, 1.0), (16, 5.0), (24, 4.0)], 4.5) == 16 and labels_to_reach([(8, 1.0)], 2.0) is None
+    random, entropy, scale = summarise(rows)
+    assert [s["strategy"] for s in (random, entropy, scale)] == ["random", "entropy", "scale_disagreement"]
+    assert random["seeds"] == [0, 1] and [p["labeled"] for p in random["curve"]] == [8, 16, 24]
+    assert random["final_miou"] == (32.0, pytest.approx(2 ** 0.5 * 2))  # 30 and 34
+    assert random["effort"] == (pytest.approx(0.35), pytest.approx(0.191485, abs=1e-5))
+    # random ends at 32.0 with 24 labels; entropy's mean curve (32.0 at 16) gets there with 16, two thirds
+    assert random["labels_to_random_final"] == 24 and entropy["labels_to_random_final"] == 16
+    assert entropy["label_fraction_of_random"] == pytest.approx(2 / 3) and entropy["effort"] is None
+    # scale disagreement minus entropy, paired by seed and round: 0, -3, 2, 0, -1, 4
+    assert scale["gain_over_entropy"] == (pytest.approx(1 / 3), pytest.approx(2.4221, abs=1e-4))
+    assert "gain_over_entropy" not in entropy
+    table = markdown(summarise(rows))
+    assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | - | - |" in table
+    assert "| random | 2 |" in table and "35.0 ± 19.1" in table
+    budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "crop_size": 64, "batch_size": 2,
+              "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
+    publish(rows, budget, tmp_path)
+    assert json.loads((tmp_path / "active_learning.json").read_text())["rows"] == rows
+    assert table in (tmp_path / "active_learning.md").read_text()
+    assert (tmp_path / "active_learning_curves.png").read_bytes()[:4] == b"\x89PNG"

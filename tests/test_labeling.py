@@ -12,7 +12,7 @@ from PIL import Image
 
 from app import acquisition, rle
 from app.cli import main as label_main
-from app.labeling import annotation_to_mask, load_state, prediction_result, pull, push, state_path
+from app.labeling import annotation_to_mask, effort_by_version, load_state, prediction_result, pull, push, state_path
 from app.labelstudio import LabelStudio, LabelStudioError, label_config
 from app.scoring import choose, score_unlabeled
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
@@ -162,6 +162,14 @@ def test_push_annotate_pull(label_studio, package, data_copy, capsys):
     before = read_split(data, "labeled")
     result = pull(client, data)
     assert sorted(result.written) == sorted(truth) and result.skipped == [skipped_id] and not result.errors
+    # the labelling effort: the share of each true mask's pixels where the pushed pre-annotation was wrong
+    for image_id, mask in truth.items():
+        labelled = mask != 255
+        expected = float((preds[image_id]["labels"][labelled] != mask[labelled]).mean())
+        assert result.effort[image_id] == pytest.approx(expected)
+        assert load_state(data)["pulled"][image_id]["effort"] == pytest.approx(expected)
+        assert load_state(data)["pulled"][image_id]["model_version"] == "model-v1"
+    assert effort_by_version(load_state(data))["model-v1"] == (pytest.approx(np.mean(list(result.effort.values()))), 2)
     for image_id, mask in truth.items():
         assert np.array_equal(np.array(Image.open(mask_path(data, image_id))), mask)
     assert read_split(data, "labeled") == before + result.written
@@ -177,7 +185,11 @@ def test_push_annotate_pull(label_studio, package, data_copy, capsys):
     assert again.conflicts == [first] and np.array_equal(np.array(Image.open(mask_path(data, first))), truth[first])
     assert label_main(["pull", str(data), "--url", label_studio.url, "--token", label_studio.token, "--overwrite"]) == 0
     assert np.array_equal(np.array(Image.open(mask_path(data, first))), edited)
-    assert "written 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "written 1" in out and "labelling effort:" in out
+    labelled = edited != 255
+    assert load_state(data)["pulled"][first]["effort"] == pytest.approx(
+        float((preds[first]["labels"][labelled] != edited[labelled]).mean()))
 
 
 def test_pull_reports_unknown_labels(label_studio, package, data_copy):

@@ -1,0 +1,210 @@
+"""`scaleseg label simulate DATA`: the active-labeling loop with an oracle, to choose a selection strategy on
+one's own data before paying annotators.
+
+Every image of DATA's labelled and unlabelled splits that has a mask is the pool. All strategies start from
+the same ``initial`` images drawn from it (``seed``). Each round trains (round 0 from scratch, later rounds
+fine-tuned from the round before, with the app's training code), scores val, exports the model as the app's
+retraining does, selects ``k`` of the remaining pool with the strategy (the app's scoring and selection
+code; ``random`` draws them), reveals their masks (the oracle) and records the labelling effort their
+pre-annotations would have cost. Results: OUT/simulation.{json,md,png}, mIoU against labelled images, one
+curve per strategy.
+
+OUT/<strategy>/data is the simulation's own dataset folder (DATA's images and masks linked, its own splits),
+so DATA is never written. Each finished round is recorded (OUT/<strategy>/round<r>/row.json, atomically);
+running the same command again continues after the last finished round, and a round killed half-way starts
+over from the round before, with the same seeds, so the curve is the one an uninterrupted run draws.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from training.data.folder import atomic_write, mask_path, read_split, write_split, write_text
+from training.methods import METHODS, get_method
+
+from . import acquisition
+from .labeling import labeling_effort
+from .scoring import score_unlabeled, select_next
+
+STRATEGIES = ("random",) + acquisition.FUNCTIONS
+CIF_SCALES = (0.5, 2.0)  # as the app's retraining exports a ScaleMatch model
+
+
+class SimulationError(ValueError):
+    """Settings or data the simulation cannot run with; the message says what to change."""
+
+
+def oracle_pool(data: Path) -> list[str]:
+    """The ids of DATA's labelled and unlabelled splits that have a mask (what the oracle can reveal)."""
+    ids = read_split(data, "labeled", required=False) + read_split(data, "unlabeled", required=False)
+    return sorted(i for i in set(ids) if mask_path(data, i).is_file())
+
+
+def check_settings(data: Path, settings: dict) -> list[str]:
+    """The pool, after checking that the settings can run on DATA; SimulationError otherwise."""
+    unknown = [s for s in settings["strategies"] if s not in STRATEGIES]
+    if unknown or not settings["strategies"]:
+        raise SimulationError(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    if settings["method"] not in METHODS:
+        raise SimulationError(f"unknown method {settings['method']!r}; choose from {', '.join(METHODS)}")
+    if "scale_disagreement" in settings["strategies"] and settings["method"] != "scalematch":
+        raise SimulationError("scale_disagreement compares single-scale and CIF multi-scale predictions, which only a "
+                              "ScaleMatch model has: pass --method scalematch or leave scale_disagreement out")
+    if min(settings["initial"], settings["k"], settings["rounds"], settings["iters"]) < 1:
+        raise SimulationError("--initial, -k, --rounds and --iters must each be at least 1")
+    pool = oracle_pool(data)
+    needed = settings["initial"] + settings["k"] * settings["rounds"]
+    if len(pool) < needed:
+        raise SimulationError(f"{data}: {len(pool)} labelled or unlabelled images have masks, but --initial "
+                              f"{settings['initial']} + {settings['rounds']} rounds x {settings['k']} need {needed}; "
+                              "lower them or add masks")
+    val = read_split(data, "val", required=False)
+    if not val or not all(mask_path(data, i).is_file() for i in val):
+        raise SimulationError(f"{data / 'splits' / 'val.txt'}: the simulation scores every round on val; list "
+                              "validation ids there, each with its mask")
+    return pool
+
+
+def start_or_resume(out: Path, settings: dict) -> dict:
+    """The settings of a new simulation, recorded; or of a resumed one, checked to be the same but for the
+    strategies, which add up (a strategy added later runs beside those already finished)."""
+    path = out / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        changed = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v and k != "strategies"}
+        if changed:
+            raise SimulationError(f"{out}: holds a simulation with other settings "
+                                  f"({'; '.join(f'{k}: {a} -> {b}' for k, (a, b) in changed.items())}); pass its "
+                                  "settings to continue it, or another --out")
+        settings = {**settings, "strategies": list(dict.fromkeys(saved["strategies"] + settings["strategies"]))}
+    write_text(path, json.dumps(settings, indent=2))
+    return settings
+
+
+def simulation_data(folder: Path, data: Path) -> Path:
+    """The strategy's dataset folder: DATA's classes, images and masks (linked, never written), its own splits."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data / "classes.json", folder / "classes.json")
+    for name in ("images", "masks"):
+        link = folder / name
+        if not link.is_symlink():
+            link.symlink_to((data / name).resolve(), target_is_directory=True)
+    return folder
+
+
+def train_config(settings: dict, data: Path, out: Path, round_: int, init_from: Path | None) -> TrainConfig:
+    method = get_method(settings["method"])
+    return TrainConfig(
+        method=method.name,
+        data=DataConfig(root=str(data), crop_size=settings["crop_size"], batch_size=settings["batch_size"], num_workers=0),
+        model=ModelConfig(backbone=settings["backbone"], init_from=str(init_from or "")),
+        optim=OptimConfig(**{**method.optim_defaults, "lr": settings["lr"]}),
+        run=RunConfig(out=str(out), max_iters=settings["iters"], eval_every=settings["iters"], save_every=settings["iters"],
+                      seed=settings["seed"] * 1000 + round_, device=settings["device"], force=True),
+        method_cfg=method.Config())
+
+
+def select_round(strategy: str, settings: dict, package: Path, data: Path, round_: int) -> list[tuple[str, np.ndarray]]:
+    """(id, pre-annotation) of the k images the strategy picks from the unlabelled split."""
+    if strategy == "random":
+        ids = random.Random(settings["seed"] * 1000 + round_).sample(read_split(data, "unlabeled"), settings["k"])
+        by_id = {s.image_id: s for s in score_unlabeled(package, data, "least_confidence", ids=ids)}
+        return [(i, by_id[i].labels) for i in ids]
+    _, picks = select_next(package, data, strategy, settings["k"], settings["balance"])
+    return [(s.image_id, s.labels) for s in picks]
+
+
+def run_strategy(strategy: str, settings: dict, data: Path, out: Path, pool: list[str], progress=print) -> list[dict]:
+    """Every round of one strategy, continuing after the last recorded one; the rows, one per round."""
+    from export.package import export_package
+    from training.engine import Trainer
+
+    folder = out / strategy
+    sim_data = simulation_data(folder / "data", data)
+    labeled = sorted(random.Random(settings["seed"]).sample(pool, settings["initial"]))
+    rows = []
+    while (folder / f"round{len(rows)}" / "row.json").is_file():
+        rows.append(json.loads((folder / f"round{len(rows)}" / "row.json").read_text()))
+        labeled += rows[-1]["picks"]
+    write_split(sim_data, "val", read_split(data, "val"))
+    for round_ in range(len(rows), settings["rounds"] + 1):
+        write_split(sim_data, "labeled", labeled)
+        write_split(sim_data, "unlabeled", [i for i in pool if i not in set(labeled)])
+        here = folder / f"round{round_}"
+        before = folder / f"round{round_ - 1}" / "train" / "last.pt" if round_ else None
+        progress(f"{strategy} round {round_}: training on {len(labeled)} labelled images")
+        result = Trainer(train_config(settings, sim_data, here / "train", round_, before), progress=False).fit()
+        row = {"strategy": strategy, "round": round_, "labeled": len(labeled),
+               "miou": result["metrics"]["scales"]["1.0"]["miou"], "picks": [], "effort": None}
+        if round_ < settings["rounds"]:
+            export_package(here / "train" / "last.pt", here / "package", with_probs=True, force=True, data=sim_data,
+                           cif_scales=CIF_SCALES if settings["method"] == "scalematch" else None, progress=lambda m: None)
+            picks = select_round(strategy, settings, here / "package", sim_data, round_)
+            efforts = [labeling_effort(pre, np.array(Image.open(mask_path(sim_data, i)))) for i, pre in picks]
+            efforts = [e for e in efforts if e is not None]
+            row.update(picks=[i for i, _ in picks], effort=float(np.mean(efforts)) if efforts else None)
+        write_text(here / "row.json", json.dumps(row, indent=1))
+        progress(f"{strategy} round {round_}: mIoU {row['miou']:.2f} with {row['labeled']} labelled"
+                 + (f", labelling effort {100 * row['effort']:.1f} %" if row["effort"] is not None else ""))
+        if before is not None:  # only the latest checkpoint is needed to go on
+            shutil.rmtree(before.parent.parent / "package", ignore_errors=True)
+            shutil.rmtree(before.parent, ignore_errors=True)
+        labeled += row["picks"]
+        rows.append(row)
+    return rows
+
+
+def simulate(data: Path, out: Path, settings: dict, progress=print) -> dict:
+    """Run (or continue) the simulation; writes and returns OUT/simulation.json's content."""
+    data, out = Path(data), Path(out)
+    settings = {**settings, "data": str(data.resolve())}
+    pool = check_settings(data, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = start_or_resume(out, settings)
+    curves = {s: run_strategy(s, settings, data, out, pool, progress) for s in settings["strategies"]}
+    payload = {"settings": settings, "curves": curves}
+    write_text(out / "simulation.json", json.dumps(payload, indent=1))
+    write_text(out / "simulation.md", markdown(payload))
+    plot(curves, out / "simulation.png", f"{data.name}: {settings['method']}, {settings['iters']} iterations per round")
+    return payload
+
+
+def markdown(payload: dict) -> str:
+    curves = payload["curves"]
+    counts = sorted({r["labeled"] for rows in curves.values() for r in rows})
+    lines = [f"# Active-labeling simulation on {payload['settings']['data']}", "",
+             "mIoU (x1.0, val) after training on that many labelled images; the labelling effort is the share of "
+             "pixels the next round's picks would have needed corrected in their pre-annotations.", "",
+             "| labelled | " + " | ".join(curves) + " |", "|---|" + "---|" * len(curves)]
+    for n in counts:
+        cells = []
+        for rows in curves.values():
+            row = next((r for r in rows if r["labeled"] == n), None)
+            cells.append("-" if row is None else f"{row['miou']:.2f}"
+                         + ("" if row["effort"] is None else f" (effort {100 * row['effort']:.1f} %)"))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, rows in curves.items():
+        ax.plot([r["labeled"] for r in rows], [r["miou"] for r in rows], marker="o", label=strategy)
+    ax.set_xlabel("labelled images")
+    ax.set_ylabel("val mIoU x1.0")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
