@@ -33,6 +33,7 @@ class BackendError(RuntimeError):
 
 class Backend(abc.ABC):
     name: str
+    precision: str = "fp32"         # what the graph computes in: fp32, or int8 / fp16 for quantized graphs and engines
     profile: Profile | None = None  # the input shapes an engine accepts; None: any [N, 3, H, W]
 
     @abc.abstractmethod
@@ -48,9 +49,10 @@ class Backend(abc.ABC):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0):
+    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0, precision: str = "fp32"):
         import onnxruntime as ort
 
+        self.precision = precision
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
@@ -84,8 +86,10 @@ class TensorRTBackend(Backend):
     def __init__(self, plan_path: str | Path):
         sidecar = Path(f"{plan_path}.json")
         try:
-            self.profile = Profile.from_dict(json.loads(sidecar.read_text())["profile"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            info = json.loads(sidecar.read_text())
+            self.profile = Profile.from_dict(info["profile"])
+            self.precision = str(info.get("precision", "fp32"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise BackendError(f"{sidecar}: cannot read the engine's optimisation profile ({err}); "
                                "rebuild the engine with `scaleseg export --tensorrt`.") from None
         try:
@@ -170,10 +174,11 @@ def find_plan(model_dir: str | Path, graph: str, gpu: str | None) -> Path | None
 
 
 def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.onnx",
-                 check: Callable[[Backend], None] = lambda backend: None, gpu: str | None = None) -> Backend:
+                 check: Callable[[Backend], None] = lambda backend: None, gpu: str | None = None,
+                 precision: str = "fp32") -> Backend:
     """A backend that has passed ``check`` (the warm-up). ``auto`` takes a TensorRT engine built for ``gpu``
     (default: this machine's) when it loads and passes the check, else ONNX Runtime (GPU providers first when
-    present); why the engine was not used is logged."""
+    present); why the engine was not used is logged. ``precision`` names what an ONNX graph computes in."""
     if kind not in ("auto", "onnxruntime", "tensorrt"):
         raise BackendError(f"unknown backend {kind!r}; choose auto, tensorrt or onnxruntime")
     model_dir = Path(model_dir)
@@ -193,6 +198,6 @@ def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.
     path = model_dir / graph
     if not path.is_file():
         raise BackendError(f"{path}: missing from the model package.")
-    backend = OnnxRuntimeBackend(path)
+    backend = OnnxRuntimeBackend(path, precision=precision)
     check(backend)
     return backend
