@@ -53,8 +53,15 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         self.precision = precision
+        # ONNX Runtime's thread-management guide (https://onnxruntime.ai/docs/performance/tune-performance/
+        # threading.html): all graph optimisations, and intra-op threads left at 0 (one per physical core, with
+        # affinity) unless a caller measured better. The memory pattern traces one run's allocations and reuses
+        # them "if the input shapes are the same" (onnxruntime_c_api.h, EnableMemPattern); requests here change
+        # size, and measured (bench/results/ort_memory.md) it let RSS grow 44 MiB over 200 runs after the largest
+        # image, against 1 MiB without it, at the same speed.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()
