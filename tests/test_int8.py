@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as triton
 from google.protobuf import text_format
 
-from app.predictor import Predictor
+from app.predictor import Predictor, RemoteBackend
 from export.quantize import Gate, gate_failures, gate_verdict
 from export.triton import write_repository
 from serving.backends import BackendError, OnnxRuntimeBackend
@@ -124,6 +124,17 @@ def test_default_precision_is_int8_in_process_and_in_the_app(int8_package, packa
     assert Predictor(package).snapshot()[1].precision == "fp32"  # a package without INT8 graphs
 
 
+def test_app_predict_says_which_precision_ran(int8_package, data_copy, tmp_path):
+    from app.ui import App
+
+    app = App(int8_package, data_copy, tmp_path / "work")
+    image = str(data_copy / "images" / "synth_00000.png")
+    *_, info, _ = app.predict(image, 0.5, True)
+    assert "CIF multi-scale, INT8" in info
+    *_, info, _ = app.predict(image, 0.5, False)
+    assert "single scale, INT8" in info
+
+
 def test_serve_precision_int8_with_tritonclient(int8_package):
     with Server(int8_package, "--precision", "int8") as server:
         client = server.client()
@@ -135,6 +146,7 @@ def test_serve_precision_int8_with_tritonclient(int8_package):
         expected = OnnxRuntimeBackend(int8_package / "model.int8.onnx").infer(x)
         assert np.array_equal(result.as_numpy("labels"), expected["labels"])
         assert client.get_model_metadata("seg_cif")["parameters"]["precision"] == "int8"
+        assert RemoteBackend(server.url, "seg").precision == "int8"  # what the app shows with --serving-url
         server.stop()
         log = server.proc.stdout.read()
     assert "seg (int8), seg_cif (int8)" in log
