@@ -181,11 +181,10 @@ def find_plan(model_dir: str | Path, graph: str, gpu: str | None) -> Path | None
 
 
 def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.onnx",
-                 check: Callable[[Backend], None] = lambda backend: None, gpu: str | None = None,
-                 precision: str = "fp32") -> Backend:
+                 check: Callable[[Backend], None] = lambda backend: None, gpu: str | None = None) -> Backend:
     """A backend that has passed ``check`` (the warm-up). ``auto`` takes a TensorRT engine built for ``gpu``
     (default: this machine's) when it loads and passes the check, else ONNX Runtime (GPU providers first when
-    present); why the engine was not used is logged. ``precision`` names what an ONNX graph computes in."""
+    present); why the engine was not used is logged."""
     if kind not in ("auto", "onnxruntime", "tensorrt"):
         raise BackendError(f"unknown backend {kind!r}; choose auto, tensorrt or onnxruntime")
     model_dir = Path(model_dir)
@@ -205,6 +204,6 @@ def load_backend(model_dir: str | Path, kind: str = "auto", graph: str = "model.
     path = model_dir / graph
     if not path.is_file():
         raise BackendError(f"{path}: missing from the model package.")
-    backend = OnnxRuntimeBackend(path, precision=precision)
+    backend = OnnxRuntimeBackend(path)
     check(backend)
     return backend

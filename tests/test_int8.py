@@ -87,20 +87,21 @@ def test_gate_verdict_and_message():
     assert gate_failures({"model.int8.onnx": ok}, gate) == ""
 
 
-@pytest.mark.parametrize("requested,has_int8,engine,expected", [
+@pytest.mark.parametrize("requested,has_int8,gpu,expected", [
     ("auto", True, False, "int8"), ("auto", False, False, "fp32"), ("auto", True, True, "fp32"),
-    ("fp32", True, False, "fp32"), ("int8", True, False, "int8")])
-def test_choose_precision(requested, has_int8, engine, expected):
-    assert choose_precision(requested, has_int8, engine, "pkg/model.onnx") == expected
+    ("fp32", True, False, "fp32"), ("int8", True, False, "int8"), ("int8", True, True, "int8")])
+def test_choose_precision(requested, has_int8, gpu, expected):
+    assert choose_precision(requested, has_int8, gpu, "pkg/model.onnx") == expected
 
 
-def test_choose_precision_refusals():
+def test_choose_precision_refusals(int8_package):
     with pytest.raises(BackendError, match="no INT8 graph that passed its accuracy gate.*--quantize int8"):
         choose_precision("int8", False, False, "pkg/model.onnx")
-    with pytest.raises(BackendError, match="drop --backend tensorrt"):
-        choose_precision("int8", True, True, "pkg/model.onnx")
     with pytest.raises(BackendError, match="unknown precision"):
         choose_precision("fp16", True, False, "pkg/model.onnx")
+    meta = json.loads((int8_package / "meta.json").read_text())
+    with pytest.raises(BackendError, match="drop --backend tensorrt"):
+        load_graph(int8_package, "model.onnx", meta, kind="tensorrt", requested="int8")
 
 
 def test_int8_twins_only_for_passed_gates_and_present_files(tmp_path):
