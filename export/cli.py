@@ -29,7 +29,8 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in FP16")
     p.add_argument("--int8", action="store_true", help="TensorRT engine in INT8, calibrated on --calib")
-    p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8 (default: --data)")
+    p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8: the TensorRT --int8 "
+                   "engine, and --quantize int8 (default there: --data)")
     p.add_argument("--quantize", choices=["int8"], help="also write CPU INT8 graphs (model.int8.onnx, and "
                    "model.cif.int8.onnx with --cif-scales) by ONNX Runtime static quantization; written only if "
                    "they pass the accuracy gate against FP32 on the --data val images")

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from serving.backends import OnnxRuntimeBackend
-from training.data.folder import mask_path, read_mask
+from training.data.folder import load_image, mask_path, read_mask
 from training.evaluate import confusion_matrix, metrics_from_confusion
 
 from .onnx_export import ExportError
@@ -104,10 +104,7 @@ def to_batch(image: Image.Image) -> np.ndarray:
 def calibration_inputs(paths: Sequence[Path], max_side: int = CALIB_MAX_SIDE) -> list[np.ndarray]:
     """One uint8 batch of one per calibration image, each at its own size (longer side capped)."""
     out = []
-    for p in paths:
-        with Image.open(p) as img:
-            out.append(to_batch(capped(img.convert("RGB"), max_side, Image.BILINEAR)))
-    return out
+    return [to_batch(capped(load_image(p), max_side, Image.BILINEAR)) for p in paths]
 
 
 def gate_samples(data: Path, images: Sequence[Path], count: int = GATE_IMAGES,
@@ -118,8 +115,7 @@ def gate_samples(data: Path, images: Sequence[Path], count: int = GATE_IMAGES,
         mask = mask_path(data, image.stem)
         if not mask.is_file():
             continue
-        with Image.open(image) as img:
-            rgb = capped(img.convert("RGB"), max_side, Image.BILINEAR)
+        rgb = capped(load_image(image), max_side, Image.BILINEAR)
         labels = Image.fromarray(read_mask(mask)).resize(rgb.size, Image.NEAREST)
         samples.append((to_batch(rgb), np.asarray(labels)))
         if len(samples) == count:
