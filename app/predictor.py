@@ -9,10 +9,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from serving.backends import Backend, load_backend
+from serving.backends import Backend
 from serving.limits import RequestLimits, scale_cost
+from serving.precision import load_graph
 from serving.protocol import DATATYPES, HEADER
-
 
 
 class RemoteBackend(Backend):
@@ -23,6 +23,10 @@ class RemoteBackend(Backend):
         self.url, self.model = url.rstrip("/"), model
         self.headers = {"X-API-Key": api_key} if api_key else {}
         self.http = httpx.Client(timeout=120)
+        r = self.http.get(f"{self.url}/v2/models/{model}", headers=self.headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"serving endpoint answered {r.status_code} for model {model}: {r.text[:300]}")
+        self.precision = str(r.json().get("parameters", {}).get("precision", "fp32"))  # what the endpoint runs
 
     def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
         raw = np.ascontiguousarray(images, dtype=np.uint8).tobytes()
@@ -66,8 +70,8 @@ class Predictor:
             single = RemoteBackend(self.serving_url, self.model_name, self.api_key)
             cif = None
         else:
-            single = load_backend(model_dir)
-            cif = load_backend(model_dir, graph="model.cif.onnx") if has_cif else None
+            single = load_graph(model_dir, "model.onnx", meta)
+            cif = load_graph(model_dir, "model.cif.onnx", meta) if has_cif else None
         with self._lock:
             self.model_dir, self.meta, self.single, self.cif = Path(model_dir), meta, single, cif
 

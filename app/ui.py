@@ -104,7 +104,8 @@ class App:
         except (ValueError, OSError) as err:
             name = image.get("orig_name") if isinstance(image, dict) else None
             raise gr.Error(f"{name or Path(path).name}: {err}.") from None
-        model_dir, _, cif = self.s.predictor.snapshot()
+        model_dir, single, cif = self.s.predictor.snapshot()
+        ran = cif if multiscale and cif is not None else single
         tic = time.perf_counter()
         out = self.s.predictor.predict(rgb, multiscale)
         latency = 1000 * (time.perf_counter() - tic)
@@ -117,7 +118,7 @@ class App:
         used = "CIF multi-scale" if multiscale and cif is not None else "single scale"
         if multiscale and cif is None:
             used += f" (model {version} has no CIF graph)"
-        info = f"{latency:.0f} ms, {used}, mean confidence {conf.mean():.3f}, model {version}"
+        info = f"{latency:.0f} ms, {used}, {ran.precision.upper()}, mean confidence {conf.mean():.3f}, model {version}"
         return overlay(rgb, labels, classes, opacity), heatmap(conf), table, info, legend(classes, labels)
 
     # --- Unlabeled ---------------------------------------------------------------------------------------

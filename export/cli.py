@@ -7,6 +7,15 @@ from pathlib import Path
 
 from training.config import parse_floats
 
+from .quantize import DEFAULT_CALIB_COUNT, DEFAULT_METHOD, MAX_MIOU_DROP, METHODS, MIN_AGREEMENT, Gate
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg export", description="Checkpoint -> model package (ONNX, CIF graph, "
@@ -20,7 +29,19 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in FP16")
     p.add_argument("--int8", action="store_true", help="TensorRT engine in INT8, calibrated on --calib")
-    p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8")
+    p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8: the TensorRT --int8 "
+                   "engine, and --quantize int8 (default there: --data)")
+    p.add_argument("--quantize", choices=["int8"], help="also write CPU INT8 graphs (model.int8.onnx, and "
+                   "model.cif.int8.onnx with --cif-scales) by ONNX Runtime static quantization; written only if "
+                   "they pass the accuracy gate against FP32 on the --data val images")
+    p.add_argument("--calib-count", type=positive_int, default=DEFAULT_CALIB_COUNT,
+                   help="unlabelled images that calibrate --quantize int8")
+    p.add_argument("--calib-method", choices=METHODS, default=DEFAULT_METHOD,
+                   help="how --quantize int8 turns activation statistics into ranges")
+    p.add_argument("--int8-min-agreement", type=float, default=MIN_AGREEMENT,
+                   help="gate: least fraction of val pixels whose INT8 label equals the FP32 label")
+    p.add_argument("--int8-max-drop", type=float, default=MAX_MIOU_DROP,
+                   help="gate: most mIoU points the INT8 graph may lose against FP32 on the val images")
     p.add_argument("--triton-repo", type=Path, help="also add the package's models to this Triton model repository")
     p.add_argument("--name", help="model name in the Triton repository (default: the package folder's name)")
     p.add_argument("--force", action="store_true",
@@ -55,10 +76,15 @@ def main(argv: list[str]) -> int:
     if args.triton_repo:
         check_destination(args.triton_repo, triton_name, args.force)
     meta = export_package(Path(args.checkpoint), Path(args.out), args.with_probs, args.cif_scales, args.opset,
-                          args.force, args.data, precision if args.tensorrt else None, args.calib)
+                          args.force, args.data, precision if args.tensorrt else None, args.calib,
+                          quantize=args.quantize, calib_count=args.calib_count, calib_method=args.calib_method,
+                          int8_gate=Gate(args.int8_min_agreement, args.int8_max_drop))
     for graph, runs in meta["parity"]["graphs"].items():
         for r in runs:
             print(f"{graph} on {r['backend']}: label agreement {100 * r['label_agreement']:.4f} %")
+    for graph, v in meta.get("int8", {}).get("gate", {}).get("graphs", {}).items():
+        print(f"{graph}: label agreement {100 * v['label_agreement']:.2f} % vs FP32, mIoU drop {v['miou_drop']:.2f} "
+              "-> passed the INT8 gate")
     if args.triton_repo:
         for folder in write_repository(Path(args.out), args.triton_repo, triton_name, force=args.force):
             print(f"wrote {folder}")

@@ -5,6 +5,8 @@ MODEL/
                      metrics, opset, library versions, graphs and their scales, parity report
   model.onnx         single-scale graph
   model.cif.onnx     optional CIF multi-scale graph
+  model.int8.onnx, model.cif.int8.onnx   optional CPU INT8 twins (ONNX Runtime QDQ), only if they passed their
+                     accuracy gate against the FP32 graphs (meta.json ``int8`` records calibration and gate)
   model.<gpu>.trt<version>.plan (+ .json sidecar)   optional TensorRT engines
   checkpoint.pt      inference weights + config, for retraining and the PyTorch reference
 """
@@ -29,6 +31,7 @@ from training.data.transforms import MEAN, STD
 
 from .onnx_export import DEFAULT_OPSET, ExportError, SegmentationGraph, export_graph, io_spec
 from .parity import MIN_AGREEMENT, compare, load_images, probe_batches
+from .quantize import DEFAULT_CALIB_COUNT, DEFAULT_METHOD, Gate, calibration_inputs, gate_samples, quantize_package
 
 FORMAT_VERSION = 1
 GRAPHS = {"single": "model.onnx", "cif": "model.cif.onnx"}
@@ -75,8 +78,11 @@ def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tupl
 
 def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_scales: Sequence[float] | None = None,
                    opset: int = DEFAULT_OPSET, force: bool = False, data: Path | None = None,
-                   tensorrt: str | None = None, calib: Path | None = None, progress=print) -> dict:
-    """Write the package; returns meta. Fails, leaving nothing at ``out``, if parity is below 99.9 %."""
+                   tensorrt: str | None = None, calib: Path | None = None, progress=print, quantize: str | None = None,
+                   calib_count: int = DEFAULT_CALIB_COUNT, calib_method: str = DEFAULT_METHOD,
+                   int8_gate: Gate = Gate()) -> dict:
+    """Write the package; returns meta. Fails, leaving nothing at ``out``, if parity is below 99.9 % or, with
+    ``quantize="int8"``, if an INT8 graph misses ``int8_gate``."""
     out = Path(out)
     _check_destination(out, force)
     ckpt = load_checkpoint(checkpoint)
@@ -88,6 +94,19 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
                           f"scalematch); this one is a {cfg.method!r} run.")
     if data is None and cfg.data.root and Path(cfg.data.root).is_dir():
         data = Path(cfg.data.root)
+    if quantize not in (None, "int8"):
+        raise ExportError(f"--quantize {quantize!r} is not supported; the only quantized precision is int8.")
+    if quantize:  # read before any export work, so missing images fail fast
+        if data is None:
+            raise ExportError("--quantize int8 gates the INT8 graphs on val images with masks; pass --data DATASET "
+                              "(the checkpoint records no dataset folder that exists here).")
+        calib_source = calib or data
+        calib_paths = _image_paths(calib_source, "unlabeled")[:calib_count]
+        if not calib_paths:
+            raise ExportError(f"{calib_source}: no images to calibrate INT8 with (splits/unlabeled.txt and "
+                              "splits/val.txt list none); give --calib a dataset folder that has some.")
+        samples = gate_samples(data, _image_paths(data, "val"))
+        calibration = calibration_inputs(calib_paths)
 
     with staged_folder(out) as tmp:
         graphs = {}
@@ -114,7 +133,7 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
             "iteration": ckpt.get("iteration"), "metrics": ckpt.get("metrics"), "opset": opset,
             "versions": {"scaleseg": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "tensorrt": [],
+            "tensorrt": [], "precisions": ["fp32"],
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if tensorrt:
@@ -131,6 +150,12 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
             worst = min(r["label_agreement"] for runs in report["graphs"].values() for r in runs)
             raise ExportError(f"parity check failed: label agreement {100 * worst:.3f} % < {100 * MIN_AGREEMENT:.1f} %; "
                               "nothing was written. Report: " + json.dumps(report["graphs"])[:2000])
+        if quantize:
+            meta = json.loads((tmp / "meta.json").read_text())  # now with the parity report
+            meta["int8"] = quantize_package(tmp, list(graphs), calibration, f"{len(calibration)} from {calib_source}",
+                                            samples, len(classes), calib_method, int8_gate, progress)
+            meta["precisions"].append("int8")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     return json.loads((out / "meta.json").read_text())
 
 

@@ -4,6 +4,8 @@
 <repo>/<name>_cif/config.pbtxt + <name>_cif/1/model.onnx        (CIF graph, when the package has one)
 <repo>/<name>[_cif]_trt/config.pbtxt + 1/model.<gpu>.plan        (tensorrt_plan on KIND_GPU, when engines exist;
                                                                   one plan per compute capability)
+<repo>/<name>[_cif]_int8/config.pbtxt + 1/model.onnx            (the CPU INT8 graph, onnxruntime_onnx on KIND_CPU,
+                                                                  when the package has one that passed its gate)
 Input and output dims come from the ONNX graph (batch dimension left to max_batch_size); dynamic batching is
 on, so a user who outgrows `scaleseg serve` points the same tritonclient code at Triton. The models are
 written into a staging folder first and then moved into place: an existing model folder is replaced only
@@ -19,12 +21,14 @@ from pathlib import Path
 
 import onnx
 
+from serving.precision import int8_twins
 from serving.shapes import Profile
 
 TRITON_TYPES = {"uint8": "TYPE_UINT8", "int32": "TYPE_INT32", "int64": "TYPE_INT64", "float32": "TYPE_FP32",
                 "float16": "TYPE_FP16"}
 GRAPHS = {"model.onnx": "", "model.cif.onnx": "_cif"}   # graph file -> model name suffix
 VERSION = "1"
+VARIANTS = ("", "_trt", "_int8")                         # FP32 ONNX, TensorRT engines, CPU INT8 ONNX
 
 
 @dataclass
@@ -77,12 +81,17 @@ def _engines(package: Path, graph_file: str) -> list[tuple[Path, dict]]:
 def package_models(package: Path, name: str, max_batch_size: int = 8) -> list[TritonModel]:
     """The Triton models this package provides: each of its graphs, and a GPU model per graph with engines."""
     models = []
+    twins = int8_twins(json.loads((package / "meta.json").read_text()), package)
     for graph_file, suffix in GRAPHS.items():
         if not (package / graph_file).is_file():
             continue
         graph = onnx.load(str(package / graph_file), load_external_data=False)
         models.append(TritonModel(f"{name}{suffix}", "onnxruntime_onnx", graph, {"model.onnx": package / graph_file},
                                   max_batch_size))
+        if graph_file in twins:
+            models.append(TritonModel(f"{name}{suffix}_int8", "onnxruntime_onnx", graph,
+                                      {"model.onnx": package / twins[graph_file]}, max_batch_size,
+                                      note=f"{twins[graph_file]}: INT8 (ONNX Runtime QDQ) for CPUs; gated against {graph_file}"))
         engines = _engines(package, graph_file)
         if not engines:
             continue
@@ -102,7 +111,7 @@ def package_models(package: Path, name: str, max_batch_size: int = 8) -> list[Tr
 
 def candidate_names(name: str) -> list[str]:
     """Every model folder a package called ``name`` can write, engines or not."""
-    return [f"{name}{suffix}{trt}" for suffix in GRAPHS.values() for trt in ("", "_trt")]
+    return [f"{name}{suffix}{variant}" for suffix in GRAPHS.values() for variant in VARIANTS]
 
 
 def check_destination(repo: Path, name: str, force: bool) -> None:
@@ -127,7 +136,7 @@ def write_repository(package: Path, repo: Path, name: str, max_batch_size: int =
             for file_name, source in model.files.items():
                 shutil.copy2(source, version / file_name)
             (version.parent / "config.pbtxt").write_text(model_config(model))
-        for stale in candidate_names(name):  # replaced folders, and _trt folders without an engine now
+        for stale in candidate_names(name):  # replaced folders, and _trt / _int8 folders this package lacks now
             if (repo / stale).exists():
                 shutil.rmtree(repo / stale)
         for model in models:

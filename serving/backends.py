@@ -33,6 +33,7 @@ class BackendError(RuntimeError):
 
 class Backend(abc.ABC):
     name: str
+    precision: str = "fp32"         # what the graph computes in: fp32, or int8 / fp16 for quantized graphs and engines
     profile: Profile | None = None  # the input shapes an engine accepts; None: any [N, 3, H, W]
 
     @abc.abstractmethod
@@ -48,11 +49,19 @@ class Backend(abc.ABC):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0):
+    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0, precision: str = "fp32"):
         import onnxruntime as ort
 
+        self.precision = precision
+        # ONNX Runtime's thread-management guide (https://onnxruntime.ai/docs/performance/tune-performance/
+        # threading.html): all graph optimisations, and intra-op threads left at 0 (one per physical core, with
+        # affinity) unless a caller measured better. The memory pattern traces one run's allocations and reuses
+        # them "if the input shapes are the same" (onnxruntime_c_api.h, EnableMemPattern); requests here change
+        # size, and measured (bench/results/ort_memory.md) it let RSS grow 44 MiB over 200 runs after the largest
+        # image, against 1 MiB without it, at the same speed.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
         available = ort.get_available_providers()
@@ -84,8 +93,10 @@ class TensorRTBackend(Backend):
     def __init__(self, plan_path: str | Path):
         sidecar = Path(f"{plan_path}.json")
         try:
-            self.profile = Profile.from_dict(json.loads(sidecar.read_text())["profile"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            info = json.loads(sidecar.read_text())
+            self.profile = Profile.from_dict(info["profile"])
+            self.precision = str(info.get("precision", "fp32"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise BackendError(f"{sidecar}: cannot read the engine's optimisation profile ({err}); "
                                "rebuild the engine with `scaleseg export --tensorrt`.") from None
         try:

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .limits import BYTES_PER_WORK_PIXEL, RequestLimits
+from .precision import PRECISIONS
 from .server import ServeConfig, app_from_env, config_to_env, create_app
 
 KEY_ENV = "SCALESEG_API_KEY"
@@ -20,6 +21,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="package folder written by `scaleseg export`")
     p.add_argument("--name", default="", help="model name in URLs (default: the folder's name)")
     p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="fp32, or int8: the package's CPU INT8 graphs (`scaleseg export --quantize int8`); auto (default): "
+                        "int8 where the package has INT8 graphs that passed their accuracy gate, else fp32")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="most images per request and per executed batch")
@@ -69,7 +73,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
                       api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,
-                      args.max_json_values, args.workers, grpc_port=args.grpc_port, grpc_host=args.host)
+                      args.max_json_values, args.workers, grpc_port=args.grpc_port, grpc_host=args.host,
+                      precision=args.precision)
     if args.workers > 1:
         cfg.sync_dir = tempfile.mkdtemp(prefix="scaleseg-serve-workers-")
         try:

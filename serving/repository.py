@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend, BackendError, load_backend
+from .backends import Backend, BackendError
 from .batching import DynamicBatcher
 from .limits import scale_cost
+from .precision import load_graph
 from .protocol import ProtocolError
 from .shapes import warmup_shape
 from .stats import ModelStats
@@ -37,11 +38,15 @@ class ServedModel:
     package: str                      # base name of the package this graph belongs to
     version: int
     directory: Path
-    graph: str
+    graph: str                        # the package's FP32 graph file this model serves (its INT8 twin may run)
     meta: dict
     backend: Backend
     batcher: DynamicBatcher
     stats: ModelStats = field(default_factory=ModelStats)
+
+    @property
+    def precision(self) -> str:
+        return self.backend.precision
 
     @property
     def num_classes(self) -> int:
@@ -80,8 +85,8 @@ def warm_up(backend: Backend, meta: dict) -> None:
 class Repository:
     def __init__(self, backend_kind: str = "auto", max_batch: int = 8, max_delay_ms: float = 5.0,
                  max_queue: int = 64, on_batch=None, root: str | Path | None = None, max_models: int = 4,
-                 max_work_pixels: float = float("inf")):
-        self.backend_kind, self.max_batch, self.max_delay_ms, self.max_queue = backend_kind, max_batch, max_delay_ms, max_queue
+                 max_work_pixels: float = float("inf"), precision: str = "auto"):
+        self.backend_kind, self.precision, self.max_batch, self.max_delay_ms, self.max_queue = backend_kind, precision, max_batch, max_delay_ms, max_queue
         self.on_batch, self.max_models, self.max_work_pixels = on_batch, max_models, max_work_pixels
         self.root = Path(root).resolve() if root else None
         self.pinned: dict[str, Path] = {}          # packages given at start-up: base name -> folder
@@ -126,7 +131,7 @@ class Repository:
     def _build(self, name: str, package: str, directory: Path, graph: str, version: int) -> ServedModel:
         meta = read_meta(directory)
         try:
-            backend = load_backend(directory, self.backend_kind, graph, check=lambda b: warm_up(b, meta))
+            backend = load_graph(directory, graph, meta, self.backend_kind, self.precision, lambda b: warm_up(b, meta))
         except BackendError:
             raise
         except Exception as err:  # a damaged graph file raises whatever its runtime raises
@@ -164,8 +169,8 @@ class Repository:
             for model in built:
                 model.batcher.start()
                 self.models[model.name] = model
-            log.info("serving %s version %d from %s on %s", ", ".join(m.name for m in built), version, path,
-                     built[0].backend.description)
+            log.info("serving %s version %d from %s on %s", ", ".join(f"{m.name} ({m.precision})" for m in built),
+                     version, path, built[0].backend.description)
         for model in old:
             asyncio.get_running_loop().create_task(model.batcher.drain())
         return built

@@ -62,6 +62,7 @@ class ServeConfig:
     sync_dir: str = ""               # shared by the worker processes when workers > 1
     grpc_port: int = 0               # 0: no gRPC endpoint
     grpc_host: str = "127.0.0.1"
+    precision: str = "auto"          # fp32, int8, or auto: the package's INT8 graphs where they passed their gate
 
     @property
     def model_name(self) -> str:
@@ -151,7 +152,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     metrics = Metrics(cfg.max_batch)
     limits = cfg.limits
     repo = Repository(cfg.backend, cfg.max_batch, cfg.max_delay_ms, cfg.max_queue, on_batch=metrics.batch.observe,
-                      root=cfg.model_repository or None, max_models=cfg.max_models, max_work_pixels=cfg.max_work_pixels)
+                      root=cfg.model_repository or None, max_models=cfg.max_models, max_work_pixels=cfg.max_work_pixels,
+                      precision=cfg.precision)
     metrics.queue.set_function(lambda: repo.waiting)
     sync = WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None
     sync_lock = asyncio.Lock()  # one reconcile or load at a time in this worker
@@ -258,7 +260,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"name": model.name, "versions": [str(model.version)], "platform": PLATFORMS[model.backend.name],
                 "inputs": [tensor_spec(t) for t in model.meta["inputs"]],
                 "outputs": [tensor_spec(t) for t in model.meta["outputs"]],
-                "parameters": {"classes": model.meta["classes"], "backend": model.backend.description}}
+                "parameters": {"classes": model.meta["classes"], "backend": model.backend.description,
+                               "precision": model.precision}}
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -287,7 +290,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 "dynamic_batching": {"max_queue_delay_microseconds": int(cfg.max_delay_ms * 1000)},
                 "version_policy": {"latest": {"num_versions": 1}},
                 "parameters": {"scales": {"string_value": ",".join(f"{s:g}" for s in model.scales)},
-                               "max_work_pixels": {"string_value": str(cfg.max_work_pixels)}}}
+                               "max_work_pixels": {"string_value": str(cfg.max_work_pixels)},
+                               "precision": {"string_value": model.precision}}}
 
     @app.get("/v2/models/stats")
     @app.get("/v2/models/{name}/stats")

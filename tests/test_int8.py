@@ -1,0 +1,170 @@
+"""CPU INT8: `scaleseg export --quantize int8` (ONNX Runtime static quantization) writes gated INT8 graphs and
+refuses below its gate, `scaleseg serve --precision` serves them (tritonclient), the app says which
+precision ran, and the Triton repository gets them as their own models."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from google.protobuf import text_format
+
+from app.predictor import Predictor, RemoteBackend
+from export.quantize import Gate, gate_failures, gate_verdict
+from export.triton import write_repository
+from serving.backends import BackendError, OnnxRuntimeBackend
+from serving.precision import choose_precision, int8_twins, load_graph
+from tests.test_serving import Server, images
+from training.cli import main
+
+
+@pytest.fixture(scope="module")
+def int8_package(checkpoints, tiny_data, tmp_path_factory):
+    """The ScaleMatch checkpoint exported from the CLI with its CIF graph and --quantize int8."""
+    out = tmp_path_factory.mktemp("int8") / "seg"
+    code = main(["export", str(checkpoints["scalematch"]), "--out", str(out), "--cif-scales", "0.5,2.0",
+                 "--data", str(tiny_data), "--quantize", "int8"])
+    assert code == 0
+    return out
+
+
+def test_export_quantize_int8_writes_gated_graphs_and_meta(int8_package, tiny_data, capsys):
+    files = {p.name for p in int8_package.iterdir()}
+    assert {"model.onnx", "model.cif.onnx", "model.int8.onnx", "model.cif.int8.onnx", "meta.json"} <= files
+    meta = json.loads((int8_package / "meta.json").read_text())
+    record = meta["int8"]
+    assert meta["precisions"] == ["fp32", "int8"]
+    assert record["graphs"] == {"model.onnx": "model.int8.onnx", "model.cif.onnx": "model.cif.int8.onnx"}
+    assert record["format"] == "QDQ" and record["activations"] == "int8" and record["weights"] == "int8, per channel"
+    assert record["calibration"]["method"] == "entropy" and record["calibration"]["count"] == 12  # every unlabelled image
+    gate = record["gate"]
+    assert gate["passed"] and gate["min_agreement"] == 0.99 and gate["max_miou_drop"] == 0.5
+    for verdict in gate["graphs"].values():
+        assert verdict["label_agreement"] >= 0.99 and verdict["miou_drop"] <= 0.5 and verdict["images"] == 4
+    # the INT8 graph really is quantized: int8 weights behind DequantizeLinear, and smaller than FP32
+    import onnx
+    graph = onnx.load(str(int8_package / "model.int8.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in graph.graph.node)
+    assert (int8_package / "model.int8.onnx").stat().st_size < 0.5 * (int8_package / "model.onnx").stat().st_size
+    # same I/O contract as the FP32 graph
+    out = OnnxRuntimeBackend(int8_package / "model.int8.onnx").infer(images(1, 37, 50))
+    assert out["labels"].shape == (1, 37, 50) and out["labels"].dtype == np.int32 and out["labels"].max() < 5
+
+
+def test_failed_int8_gate_refuses_and_writes_nothing(checkpoints, tiny_data, tmp_path, capsys):
+    out = tmp_path / "strict"
+    code = main(["export", str(checkpoints["supervised"]), "--out", str(out), "--data", str(tiny_data),
+                 "--quantize", "int8", "--int8-min-agreement", "1.01", "--calib-count", "4"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "INT8 accuracy gate failed, nothing was written" in err and "points below 101.00 %" in err
+    assert "--calib-count" in err  # says what to try
+    assert not out.exists() and not list(tmp_path.glob(".strict.*"))
+
+
+def test_quantize_needs_val_masks(checkpoints, data_copy, tmp_path, capsys):
+    shutil.rmtree(data_copy / "masks")
+    code = main(["export", str(checkpoints["supervised"]), "--out", str(tmp_path / "p"), "--data", str(data_copy),
+                 "--quantize", "int8"])
+    assert code == 2 and "needs val images with masks" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_gate_verdict_and_message():
+    gate = Gate(0.99, 0.5)
+    ok = gate_verdict(0.995, 60.0, 59.8, gate)
+    assert ok["passed"] and ok["agreement_short"] == 0 and ok["drop_excess"] == 0
+    assert gate_verdict(0.99, 60.0, 59.5, gate)["passed"]  # both limits are inclusive
+    low = gate_verdict(0.98, 60.0, 58.9, gate)
+    assert not low["passed"] and low["agreement_short"] == pytest.approx(0.01) and low["drop_excess"] == pytest.approx(0.6)
+    assert not gate_verdict(0.999, 60.0, 59.0, gate)["passed"]  # agreement alone is not enough
+    message = gate_failures({"model.int8.onnx": ok, "model.cif.int8.onnx": low}, gate)
+    assert "model.int8.onnx" not in message
+    assert "model.cif.int8.onnx: label agreement 98.00 % is 1.00 points below 99.00 %" in message
+    assert "mIoU drop 1.10 (60.00 -> 58.90) is 0.60 points over 0.50" in message
+    assert gate_failures({"model.int8.onnx": ok}, gate) == ""
+
+
+@pytest.mark.parametrize("requested,has_int8,gpu,expected", [
+    ("auto", True, False, "int8"), ("auto", False, False, "fp32"), ("auto", True, True, "fp32"),
+    ("fp32", True, False, "fp32"), ("int8", True, False, "int8"), ("int8", True, True, "int8")])
+def test_choose_precision(requested, has_int8, gpu, expected):
+    assert choose_precision(requested, has_int8, gpu, "pkg/model.onnx") == expected
+
+
+def test_choose_precision_refusals(int8_package):
+    with pytest.raises(BackendError, match="no INT8 graph that passed its accuracy gate.*--quantize int8"):
+        choose_precision("int8", False, False, "pkg/model.onnx")
+    with pytest.raises(BackendError, match="unknown precision"):
+        choose_precision("fp16", True, False, "pkg/model.onnx")
+    meta = json.loads((int8_package / "meta.json").read_text())
+    with pytest.raises(BackendError, match="drop --backend tensorrt"):
+        load_graph(int8_package, "model.onnx", meta, kind="tensorrt", requested="int8")
+
+
+def test_int8_twins_only_for_passed_gates_and_present_files(tmp_path):
+    (tmp_path / "model.int8.onnx").write_bytes(b"x")
+    good = {"int8": {"graphs": {"model.onnx": "model.int8.onnx", "model.cif.onnx": "model.cif.int8.onnx"},
+                     "gate": {"passed": True}}}
+    assert int8_twins(good, tmp_path) == {"model.onnx": "model.int8.onnx"}  # the CIF twin's file is missing
+    assert int8_twins({"int8": {**good["int8"], "gate": {"passed": False}}}, tmp_path) == {}
+    assert int8_twins({}, tmp_path) == {}
+    escape = {"int8": {"graphs": {"model.onnx": "../model.int8.onnx"}, "gate": {"passed": True}}}
+    assert int8_twins(escape, tmp_path / "sub") == {}
+
+
+def test_default_precision_is_int8_in_process_and_in_the_app(int8_package, package):
+    meta = json.loads((int8_package / "meta.json").read_text())
+    assert load_graph(int8_package, "model.cif.onnx", meta).precision == "int8"
+    assert load_graph(int8_package, "model.onnx", meta, requested="fp32").precision == "fp32"
+    predictor = Predictor(int8_package)
+    _, single, cif = predictor.snapshot()
+    assert single.precision == "int8" and cif.precision == "int8"
+    assert Predictor(package).snapshot()[1].precision == "fp32"  # a package without INT8 graphs
+
+
+def test_app_predict_says_which_precision_ran(int8_package, data_copy, tmp_path):
+    from app.ui import App
+
+    app = App(int8_package, data_copy, tmp_path / "work")
+    image = str(data_copy / "images" / "synth_00000.png")
+    *_, info, _ = app.predict(image, 0.5, True)
+    assert "CIF multi-scale, INT8" in info
+    *_, info, _ = app.predict(image, 0.5, False)
+    assert "single scale, INT8" in info
+
+
+def test_serve_precision_int8_with_tritonclient(int8_package):
+    with Server(int8_package, "--precision", "int8") as server:
+        client = server.client()
+        meta = client.get_model_metadata("seg")
+        assert meta["parameters"]["precision"] == "int8" and meta["parameters"]["backend"].startswith("onnxruntime")
+        assert client.get_model_config("seg")["parameters"]["precision"]["string_value"] == "int8"
+        x = images(2, 40, 56)
+        result = client.infer("seg", [triton.InferInput("image", list(x.shape), "UINT8").set_data_from_numpy(x)])
+        expected = OnnxRuntimeBackend(int8_package / "model.int8.onnx").infer(x)
+        assert np.array_equal(result.as_numpy("labels"), expected["labels"])
+        assert client.get_model_metadata("seg_cif")["parameters"]["precision"] == "int8"
+        assert RemoteBackend(server.url, "seg").precision == "int8"  # what the app shows with --serving-url
+        server.stop()
+        log = server.proc.stdout.read()
+    assert "seg (int8), seg_cif (int8)" in log
+
+
+def test_serve_precision_int8_refuses_package_without_it(package):
+    with pytest.raises(RuntimeError, match="no INT8 graph that passed its accuracy gate"):
+        Server(package, "--precision", "int8")
+
+
+def test_triton_repository_has_int8_models(int8_package, tmp_path):
+    from tritonclient.grpc import model_config_pb2
+
+    repo = tmp_path / "repo"
+    assert [f.name for f in write_repository(int8_package, repo, "seg")] == ["seg", "seg_int8", "seg_cif", "seg_cif_int8"]
+    for model, graph in [("seg_int8", "model.int8.onnx"), ("seg_cif_int8", "model.cif.int8.onnx")]:
+        config = text_format.Parse((repo / model / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert config.name == model and config.platform == "onnxruntime_onnx"
+        assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        assert (repo / model / "1" / "model.onnx").read_bytes() == (int8_package / graph).read_bytes()
