@@ -164,7 +164,8 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
     for task in client.tasks(project["id"]):  # recover ids pushed before a crash that lost the state file
         image_id = task["data"].get(ID_KEY)
         if image_id and image_id not in state["tasks"]:
-            state["tasks"][image_id] = {"task_id": task["id"], "pushed_at": None, "recovered": True}
+            state["tasks"][image_id] = {"task_id": task["id"], "pushed_at": None, "recovered": True,
+                                        "model_version": task_model_version(task)}
     report = PushReport(project_id=project["id"])
     if delivery == "local":
         client.ensure_local_storage(project["id"], data / "images")
@@ -190,6 +191,13 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
         report.pushed.append(image_id)
     save_state(data, state)
     return report
+
+
+def task_model_version(task: dict) -> str | None:
+    """The model version of a task's pre-annotation in Label Studio (what the state file records on push;
+    read back when that file was lost)."""
+    versions = [p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)]
+    return next((v for v in versions if v), None)
 
 
 @dataclass
@@ -274,7 +282,8 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
         state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"],
                                      "updated_at": annotation.get("updated_at"), "mask_sha256": mask_digest(mask),
                                      "pulled_at": _now(), "effort": effort,
-                                     "model_version": state["tasks"].get(image_id, {}).get("model_version")}
+                                     "model_version": state["tasks"].get(image_id, {}).get("model_version")
+                                     or task_model_version(task)}
         report.written.append(image_id)
         if ours:
             report.updated.append(image_id)
