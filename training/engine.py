@@ -64,7 +64,8 @@ def autocast_dtype(device_type: str, amp: bool, amp_cpu: bool, cpu_bf16: bool) -
 
 
 # oneDNN's bfloat16 weight gradient of a stride-2 3x3 convolution over a 1x1 map is garbage (huge or
-# non-finite values; torch 2.14 here): ResNet's layer3 sees 1x1 maps for inputs under 16 px.
+# non-finite values; torch 2.14 here; pytorch/pytorch#169688 reports other strided bf16 CPU convolutions
+# wrong): ResNet's layer3 sees 1x1 maps for inputs under 16 px.
 MIN_BF16_INPUT = 16
 
 
