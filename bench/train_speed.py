@@ -64,13 +64,14 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
 
 
 def make_step(method_name: str, backbone: str, crop: int, batch: int, device: torch.device,
-              dtype: torch.dtype | None = None, channels_last: bool = False):
+              dtype: torch.dtype | None = None, channels_last: bool = False, **method_overrides):
     """(method, step): one optimiser step on fixed random batches, under autocast when ``dtype`` is given."""
     torch.manual_seed(0)
     cls = get_method(method_name)
+    overrides = {"conf_thresh": 0.0} if hasattr(cls.Config, "conf_thresh") else {}
     cfg = TrainConfig(method=method_name, data=DataConfig(crop_size=crop, batch_size=batch),
                       model=ModelConfig(backbone=backbone), optim=OptimConfig(lr=0.001), run=RunConfig(),
-                      method_cfg=cls.Config(**({"conf_thresh": 0.0} if hasattr(cls.Config, "conf_thresh") else {})))
+                      method_cfg=cls.Config(**overrides, **method_overrides))
     method = build_method(cfg, 21).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     method.to(memory_format=layout)
@@ -102,9 +103,21 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
+def pinned_draws(method, step) -> list:
+    """(step with ScaleMatch's draw pinned to one (v, t) pair, that pair's probability) for every pair."""
+    draws = []
+    for v, t, weight in scale_draws(method):
+        def pinned(v=v, t=t):
+            method.draw_scales = lambda: (v, t)
+            step()
+        draws.append((pinned, weight))
+    return draws
+
+
 def ratio_rows(backbone: str, crop: int, batch: int, rounds: int, device: torch.device) -> dict:
     """Per-round seconds of UniMatch and ScaleMatch (expected over its draw) in float32 and low precision,
-    plus bf16 with channels-last for UniMatch; the ratios between them per round."""
+    ScaleMatch with the official fused-only labelled loss (no plain-path pass) in float32, and bf16 with
+    channels-last for UniMatch; the ratios between them per round."""
     try:
         low = autocast_dtype(device.type, amp=True, amp_cpu=True, cpu_bf16=cpu_has_bf16())
     except ConfigError:
@@ -113,15 +126,11 @@ def ratio_rows(backbone: str, crop: int, batch: int, rounds: int, device: torch.
     for precision, dtype in [("fp32", None)] + ([(str(low).replace("torch.", ""), low)] if low else []):
         _, step = make_step("unimatch", backbone, crop, batch, device, dtype)
         settings[f"unimatch {precision}"] = [(step, 1.0)]
-        method, step = make_step("scalematch", backbone, crop, batch, device, dtype)
-        draws = []
-        for v, t, weight in scale_draws(method):
-            def pinned(v=v, t=t, step=step, method=method):
-                method.draw_scales = lambda: (v, t)
-                step()
-            draws.append((pinned, weight))
-        settings[f"scalematch {precision}"] = draws
-        if dtype is not None:
+        settings[f"scalematch {precision}"] = pinned_draws(*make_step("scalematch", backbone, crop, batch, device, dtype))
+        if dtype is None:
+            settings["scalematch fp32 official"] = pinned_draws(*make_step("scalematch", backbone, crop, batch, device,
+                                                                          plain_sup_weight=0.0))
+        else:
             _, step = make_step("unimatch", backbone, crop, batch, device, dtype, channels_last=True)
             settings[f"unimatch {precision} channels-last"] = [(step, 1.0)]
     for parts in settings.values():  # warm-up: first calls allocate and pick kernels
@@ -139,7 +148,7 @@ def ratio_rows(backbone: str, crop: int, batch: int, rounds: int, device: torch.
             return None
         return {"ratio": f"{num} / {den}", **spread([a / b for a, b in zip(seconds[num], seconds[den])])}
     precision = str(low).replace("torch.", "") if low else None
-    ratios = [r for r in [ratio("scalematch fp32", "unimatch fp32"),
+    ratios = [r for r in [ratio("scalematch fp32", "unimatch fp32"), ratio("scalematch fp32 official", "unimatch fp32"),
                           ratio(f"scalematch {precision}", f"unimatch {precision}"),
                           ratio("unimatch fp32", f"unimatch {precision}"),
                           ratio("scalematch fp32", f"scalematch {precision}"),
@@ -157,7 +166,8 @@ def write_ratios(args, device: torch.device) -> None:
                                                     ("max", "max")])
     note = (f"{args.backbones.split(',')[0]}, crop {args.crop}, batch {args.batch}+{args.batch}, {args.rounds} interleaved "
             "rounds of one optimiser step per setting (random inputs, after one warm-up step each); ScaleMatch's "
-            "s / iter is its expected cost over its (v, t) draw. Ratios are taken per round.")
+            "s / iter is its expected cost over its (v, t) draw; 'official' is --plain-sup-weight 0 (the released code's "
+            "fused-only labelled loss, no extra decoder pass for the plain path). Ratios are taken per round.")
     write_results("train_speed_ratios", {"machine": machine(), "device": str(device), "args": vars(args), **result},
                   rows_table + "\n\n" + ratio_table, note, script="train_speed")
 
