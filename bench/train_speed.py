@@ -3,7 +3,13 @@ the supervised baseline and ScaleMatch, DeepLabV3+ on ResNet-18 and ResNet-50, c
 
 ScaleMatch's cost depends on the image scale v drawn each iteration, so each v in V is timed and the
 mean (the expected cost under the uniform draw) is reported. Images/s counts every image an iteration
-consumes (labelled + unlabelled)."""
+consumes (labelled + unlabelled).
+
+``--ratios`` instead compares, in one run, ScaleMatch with UniMatch at the same crop and batch and float32
+with bfloat16 autocast (``--amp-cpu``; float16 on CUDA): the settings are timed in interleaved rounds, one
+step each per round, so drift in the shared machine's load hits all of them alike; every ratio is taken
+per round and reported as median [min, max]. ScaleMatch's cost per round is its expected cost under its
+own draw: the mean over v in V of the mean over the feature scales t paired with v."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, markdown_table, timed, write_results  # noqa: E402
 from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
-from training.engine import build_method, build_optimizer  # noqa: E402
+from training.config import ConfigError  # noqa: E402
+from training.engine import autocast_dtype, build_method, build_optimizer, cpu_has_bf16  # noqa: E402
 from training.methods import StepContext, get_method  # noqa: E402
 
 
@@ -31,24 +38,11 @@ def fake_batches(b: int, crop: int, k: int, g: torch.Generator):
 
 def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: int, device: torch.device,
                 scales: tuple[float, ...] | None = None) -> dict:
-    torch.manual_seed(0)
-    cls = get_method(method_name)
-    cfg = TrainConfig(method=method_name, data=DataConfig(crop_size=crop, batch_size=batch),
-                      model=ModelConfig(backbone=backbone), optim=OptimConfig(lr=0.001), run=RunConfig(),
-                      method_cfg=cls.Config(conf_thresh=0.0) if method_name == "scalematch" else cls.Config())
-    method = build_method(cfg, 21).to(device).train()
-    opt = build_optimizer(method, cfg)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in fake_batches(batch, crop, 21, torch.Generator().manual_seed(0))]
-    ctx = StepContext(0, 0, 100, 10)
-
-    def step():
-        loss = method(*batches, ctx)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    method, step = make_step(method_name, backbone, crop, batch, device)
+    cls = type(method)
 
     if method_name == "scalematch":
-        scales = scales or tuple(cfg.method_cfg.img_scales)
+        scales = scales or tuple(method.cfg.img_scales)
     else:
         scales = (None,)
     per_scale = {}
@@ -58,7 +52,7 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
             method.draw_scales = lambda v=v, fs=fs: (v, fs)
         step()  # warm-up
         per_scale[v] = statistics.median(timed(step, device) for _ in range(iters))
-    drawn = [t for v, t in per_scale.items() if v is None or v in getattr(cfg.method_cfg, "img_scales", ())]
+    drawn = [t for v, t in per_scale.items() if v is None or v in getattr(method.cfg, "img_scales", ())]
     sec = statistics.mean(drawn)
     images = batch * (2 if cls.uses_unlabeled else 1)
     row = {"method": method_name, "backbone": backbone, "crop": crop, "batch": f"{batch}+{batch}" if cls.uses_unlabeled else str(batch),
@@ -69,6 +63,115 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
     return row
 
 
+def make_step(method_name: str, backbone: str, crop: int, batch: int, device: torch.device,
+              dtype: torch.dtype | None = None, channels_last: bool = False, **method_overrides):
+    """(method, step): one optimiser step on fixed random batches, under autocast when ``dtype`` is given."""
+    torch.manual_seed(0)
+    cls = get_method(method_name)
+    overrides = {"conf_thresh": 0.0} if hasattr(cls.Config, "conf_thresh") else {}
+    cfg = TrainConfig(method=method_name, data=DataConfig(crop_size=crop, batch_size=batch),
+                      model=ModelConfig(backbone=backbone), optim=OptimConfig(lr=0.001), run=RunConfig(),
+                      method_cfg=cls.Config(**overrides, **method_overrides))
+    method = build_method(cfg, 21).to(device).train()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    method.to(memory_format=layout)
+    opt = build_optimizer(method, cfg)
+    batches = [{k: (v.to(device).contiguous(memory_format=layout) if v.dim() == 4 else v.to(device)) for k, v in b.items()}
+               for b in fake_batches(batch, crop, 21, torch.Generator().manual_seed(0))]
+    ctx = StepContext(0, 0, 100, 10)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = method(*batches, ctx)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return method, step
+
+
+def scale_draws(method) -> list[tuple[float, float, float]]:
+    """(v, t, probability) of every pair ScaleMatch's draw_scales can return."""
+    cfg = method.cfg
+    pairs = []
+    for v in cfg.img_scales:
+        pool = cfg.feat_scales_up if v > 1 else cfg.feat_scales_down
+        pairs += [(float(v), float(t), 1 / (len(cfg.img_scales) * len(pool))) for t in pool]
+    return pairs
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def pinned_draws(method, step) -> list:
+    """(step with ScaleMatch's draw pinned to one (v, t) pair, that pair's probability) for every pair."""
+    draws = []
+    for v, t, weight in scale_draws(method):
+        def pinned(v=v, t=t):
+            method.draw_scales = lambda: (v, t)
+            step()
+        draws.append((pinned, weight))
+    return draws
+
+
+def ratio_rows(backbone: str, crop: int, batch: int, rounds: int, device: torch.device) -> dict:
+    """Per-round seconds of UniMatch and ScaleMatch (expected over its draw) in float32 and low precision,
+    ScaleMatch with the official fused-only labelled loss (no plain-path pass) in float32, and bf16 with
+    channels-last for UniMatch; the ratios between them per round."""
+    try:
+        low = autocast_dtype(device.type, amp=True, amp_cpu=True, cpu_bf16=cpu_has_bf16())
+    except ConfigError:
+        low = None  # no native bf16 here: float32 rows only
+    settings = {}  # name -> list of (step, weight) whose weighted sum is one iteration's expected cost
+    for precision, dtype in [("fp32", None)] + ([(str(low).replace("torch.", ""), low)] if low else []):
+        _, step = make_step("unimatch", backbone, crop, batch, device, dtype)
+        settings[f"unimatch {precision}"] = [(step, 1.0)]
+        settings[f"scalematch {precision}"] = pinned_draws(*make_step("scalematch", backbone, crop, batch, device, dtype))
+        if dtype is None:
+            settings["scalematch fp32 official"] = pinned_draws(*make_step("scalematch", backbone, crop, batch, device,
+                                                                          plain_sup_weight=0.0))
+        else:
+            _, step = make_step("unimatch", backbone, crop, batch, device, dtype, channels_last=True)
+            settings[f"unimatch {precision} channels-last"] = [(step, 1.0)]
+    for parts in settings.values():  # warm-up: first calls allocate and pick kernels
+        for fn, _ in parts:
+            fn()
+    seconds = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, parts in settings.items():
+            seconds[name].append(sum(weight * timed(fn, device) for fn, weight in parts))
+    rows = [{"setting": name, "sec_per_iter": spread(ts), "iters_per_sec": 1 / statistics.median(ts)}
+            for name, ts in seconds.items()]
+
+    def ratio(num: str, den: str) -> dict | None:
+        if num not in seconds or den not in seconds:
+            return None
+        return {"ratio": f"{num} / {den}", **spread([a / b for a, b in zip(seconds[num], seconds[den])])}
+    precision = str(low).replace("torch.", "") if low else None
+    ratios = [r for r in [ratio("scalematch fp32", "unimatch fp32"), ratio("scalematch fp32 official", "unimatch fp32"),
+                          ratio(f"scalematch {precision}", f"unimatch {precision}"),
+                          ratio("unimatch fp32", f"unimatch {precision}"),
+                          ratio("scalematch fp32", f"scalematch {precision}"),
+                          ratio(f"unimatch {precision}", f"unimatch {precision} channels-last")] if r]
+    return {"rows": rows, "ratios": ratios, "seconds": seconds}
+
+
+def write_ratios(args, device: torch.device) -> None:
+    result = ratio_rows(args.backbones.split(",")[0], args.crop, args.batch, args.rounds, device)
+    for row in result["rows"]:
+        row.update({f"sec_{k}": v for k, v in row.pop("sec_per_iter").items()})
+    rows_table = markdown_table(result["rows"], [("setting", "setting"), ("sec_median", "s / iter (median)"),
+                                                  ("sec_min", "min"), ("sec_max", "max"), ("iters_per_sec", "it / s")])
+    ratio_table = markdown_table(result["ratios"], [("ratio", "ratio of s / iter"), ("median", "median"), ("min", "min"),
+                                                    ("max", "max")])
+    note = (f"{args.backbones.split(',')[0]}, crop {args.crop}, batch {args.batch}+{args.batch}, {args.rounds} interleaved "
+            "rounds of one optimiser step per setting (random inputs, after one warm-up step each); ScaleMatch's "
+            "s / iter is its expected cost over its (v, t) draw; 'official' is --plain-sup-weight 0 (the released code's "
+            "fused-only labelled loss, no extra decoder pass for the plain path). Ratios are taken per round.")
+    write_results("train_speed_ratios", {"machine": machine(), "device": str(device), "args": vars(args), **result},
+                  rows_table + "\n\n" + ratio_table, note, script="train_speed")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--crop", type=int, default=321)
@@ -76,8 +179,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per setting (median)")
     p.add_argument("--backbones", default="resnet18,resnet50")
     p.add_argument("--methods", default="supervised,scalematch")
+    p.add_argument("--ratios", action="store_true", help="ScaleMatch / UniMatch and fp32 / bf16 ratios instead "
+                   "(first backbone of --backbones; results in train_speed_ratios)")
+    p.add_argument("--rounds", type=int, default=5, help="--ratios: interleaved timing rounds")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.ratios:
+        write_ratios(args, device)
+        return
     rows = [time_method(m, bb, args.crop, args.batch, args.iters, device)
             for bb in args.backbones.split(",") for m in args.methods.split(",")]
     table = markdown_table(rows, [("method", "method"), ("backbone", "backbone"), ("crop", "crop"), ("batch", "batch (l+u)"),

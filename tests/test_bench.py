@@ -120,3 +120,28 @@ def test_active_learning_summary_on_fake_rows(tmp_path):
     assert json.loads((tmp_path / "active_learning.json").read_text())["rows"] == rows
     assert table in (tmp_path / "active_learning.md").read_text()
     assert (tmp_path / "active_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
+    import statistics
+
+    import torch
+
+    from bench.train_speed import ratio_rows, scale_draws
+    from tests.test_methods import make
+
+    draws = scale_draws(make("scalematch"))
+    assert {(v, t) for v, t, _ in draws} == {(0.25, 1.0), (0.25, 1.25), (0.5, 1.0), (0.5, 1.25), (1.5, 0.75), (1.5, 1.0),
+                                            (2.0, 0.75), (2.0, 1.0)}
+    assert sum(p for _, _, p in draws) == pytest.approx(1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = ratio_rows("resnet18", 64, 2, 2, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    sec = result["seconds"]
+    assert all(len(ts) == 2 and min(ts) > 0 for ts in sec.values())
+    first = result["ratios"][0]
+    assert first["ratio"] == "scalematch fp32 / unimatch fp32"
+    assert first["median"] == pytest.approx(statistics.median(a / b for a, b in zip(sec["scalematch fp32"], sec["unimatch fp32"])))

@@ -15,7 +15,8 @@ import torch
 from training import checkpoint as checkpoint_module
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main
-from training.engine import Trainer, poly_lr
+from training.config import ConfigError
+from training.engine import Trainer, autocast_dtype, check_bf16_input_size, cpu_has_bf16, poly_lr
 from training.evaluate import confusion_matrix, metrics_from_confusion
 
 from .conftest import tiny_config
@@ -64,6 +65,51 @@ def assert_killed_run_resumes_exactly(cmd, tmp_path: Path, kill_at: int, total: 
 
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
     assert_killed_run_resumes_exactly(lambda out, *extra: train_cmd(tiny_data, out, *extra), tmp_path, 3, 8)
+
+
+def test_autocast_dtype_per_device():
+    assert autocast_dtype("cuda", amp=True, amp_cpu=False, cpu_bf16=False) == torch.float16
+    assert autocast_dtype("cuda", amp=False, amp_cpu=True, cpu_bf16=True) is None
+    assert autocast_dtype("cpu", amp=True, amp_cpu=True, cpu_bf16=True) == torch.bfloat16
+    assert autocast_dtype("cpu", amp=False, amp_cpu=True, cpu_bf16=True) == torch.bfloat16
+    assert autocast_dtype("cpu", amp=True, amp_cpu=False, cpu_bf16=True) is None  # --amp alone keeps CPUs in float32
+    with pytest.raises(ConfigError, match="--amp-cpu: this CPU has no native bfloat16"):
+        autocast_dtype("cpu", amp=True, amp_cpu=True, cpu_bf16=False)
+
+
+def test_amp_cpu_refuses_images_too_small_for_bfloat16_gradients(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path, method="scalematch")  # crop 32, smallest image scale 0.25: 8 px
+    with pytest.raises(ConfigError, match="smallest training image would be 8 px"):
+        check_bf16_input_size(cfg)
+    cfg.method_cfg.img_scales = (0.5, 2.0)
+    check_bf16_input_size(cfg)
+    check_bf16_input_size(tiny_config(tiny_data, tmp_path))
+
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+
+
+@needs_bf16
+def test_amp_cpu_trains_in_bfloat16_and_validates_in_float32(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.optim.amp_cpu, cfg.run.max_iters = True, 2
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.amp_dtype == torch.bfloat16 and not trainer.scaler.is_enabled()
+    seen = []
+    trainer.method.model.classifier.register_forward_hook(
+        lambda module, args, out: seen.append((module.training, out.dtype)))
+    trainer.fit()
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@needs_bf16
+def test_amp_cpu_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
+    assert_killed_run_resumes_exactly(lambda out, *extra: train_cmd(tiny_data, out, "--amp-cpu", "--img-scales", "0.5,1.5,2.0", *extra),
+                                     tmp_path, 3, 8)
 
 
 @pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "meanteacher", "cps", "scalematch"])

@@ -71,8 +71,8 @@ def test_scalematch_switches_to_fused_labels_at_warmup(monkeypatch, epoch, expec
     seen = {}
     real_forward, real_labels = method.two_scale_forward, scalematch_module.pseudo_labels
 
-    def spy_forward(x, v, fs, plain=0):
-        seen["out"] = real_forward(x, v, fs, plain)
+    def spy_forward(x, v, fs, plain=0, **kw):
+        seen["out"] = real_forward(x, v, fs, plain, **kw)
         return seen["out"]
 
     def spy_labels(logits):
@@ -118,6 +118,62 @@ def test_scalematch_supervises_the_plain_path(feature_scale):
     official.draw_scales = lambda: (2.0, feature_scale)
     losses = official(labeled, unl, partner, CTX)
     assert losses["loss_x_plain"] == 0 and torch.isclose(losses["loss"], losses["loss_x"] / 2)
+
+
+# Losses and per-module sums of |gradient| of one step, produced by main's code (commit f80fd48, before the
+# labelled images' unused FP logits stopped being resized) with OMP_NUM_THREADS=1: the leaner step must
+# compute the same numbers. Cases: (method, image scale v, feature scale t, epoch); epoch 12 is past
+# ScaleMatch's warm-up, so its pseudo-labels come from the CIF-fused prediction.
+STEP_REFERENCE = {
+    ("unimatch", None, None, 0): (
+        {"loss": 1.2176674604415894, "loss_x": 1.448349952697754, "loss_s": 1.1196380853652954,
+         "loss_fp": 0.8543318510055542, "mask_ratio": 0.875},
+        {"encoder": 12016.191696694437, "aspp": 2704.431199907062, "reduce": 6.974399857419485,
+         "fuse": 3111.846796912697, "classifier": 47.32186982932035}),
+    ("scalematch", 2.0, 0.75, 0): (
+        {"loss": 2.006641149520874, "loss_x": 1.4559496641159058, "loss_x_plain": 1.4710566997528076,
+         "loss_s": 1.1707515716552734, "loss_isvc": 1.1068781614303589, "loss_fsvc": 1.0337375402450562,
+         "mask_ratio": 0.875},
+        {"encoder": 27837.969959045262, "aspp": 4224.146042364298, "reduce": 8.3114734250521,
+         "fuse": 3517.3123134392563, "classifier": 24.361940018367022, "cif": 8.595690203602913}),
+    ("scalematch", 0.5, 1.25, 0): (
+        {"loss": 1.9688153266906738, "loss_x": 1.4704601764678955, "loss_x_plain": 1.4710566997528076,
+         "loss_s": 1.1570245027542114, "loss_isvc": 1.069959282875061, "loss_fsvc": 0.8787357211112976,
+         "mask_ratio": 0.875},
+        {"encoder": 80690.67658354845, "aspp": 4311.777402393385, "reduce": 8.930999607437116,
+         "fuse": 3758.8252337044755, "classifier": 38.59509867569432, "cif": 11.817264051912462}),
+    ("scalematch", 1.5, 1.0, 12): (
+        {"loss": 1.909516453742981, "loss_x": 1.445369005203247, "loss_x_plain": 1.448349952697754,
+         "loss_s": 1.1348850727081299, "loss_isvc": 0.8959575295448303, "loss_fsvc": 0.8352065086364746,
+         "mask_ratio": 0.875},
+        {"encoder": 17659.938430739345, "aspp": 3427.6231977421808, "reduce": 8.12262094343896,
+         "fuse": 3748.744086850589, "classifier": 49.35278430208564, "cif": 5.1757085951314785}),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """The reference numbers were computed on one thread; reductions split over more threads round differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case", list(STEP_REFERENCE), ids=lambda c: "-".join(map(str, c)))
+def test_step_losses_and_gradients_equal_mains(case, one_thread):
+    name, v, fs, epoch = case
+    method = make(name, conf_thresh=0.0)
+    if v is not None:
+        method.draw_scales = lambda: (v, fs)
+    torch.manual_seed(3)
+    losses = method(*batches(), StepContext(iteration=0, epoch=epoch, total_iters=10, iters_per_epoch=5))
+    losses["loss"].backward()
+    want_losses, want_grads = STEP_REFERENCE[case]
+    assert {k: float(t.detach()) for k, t in losses.items() if k != "scale"} == pytest.approx(want_losses, rel=1e-6)
+    grads = {part: float(sum(p.grad.double().abs().sum() for p in getattr(method.model, part).parameters()))
+             for part in want_grads}
+    assert grads == pytest.approx(want_grads, rel=1e-5)
 
 
 def test_unimatch_loss_weights_and_normalisation():

@@ -49,7 +49,9 @@ class OptimConfig:
     weight_decay: float = hp(1e-4, "weight decay")
     poly_power: float = hp(0.9, "poly schedule: lr * (1 - it/total)^power, stepped every iteration")
     clip_grad_norm: float = hp(0.0, "clip the gradient norm to this value; 0 disables")
-    amp: bool = hp(True, "mixed precision on CUDA (ScaleMatch default); ignored on CPU")
+    amp: bool = hp(True, "float16 mixed precision with loss scaling on CUDA (ScaleMatch default); see --amp-cpu for CPUs")
+    amp_cpu: bool = hp(False, "bfloat16 autocast on a CPU with native bf16 (AVX512-BF16 or AMX); off by default until its "
+                              "effect on accuracy is measured; evaluation and export stay float32")
     ohem: bool = hp(False, "OHEM supervised loss (Cityscapes: keep pixels with p_gt < 0.7, at least 200k per batch)")
     ohem_thresh: float = hp(0.7, "OHEM: pixels whose ground-truth probability is below this are kept")
     ohem_min_kept: int = hp(200000, "OHEM: minimum number of pixels kept per batch")

@@ -40,6 +40,46 @@ def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles). Without it oneDNN emulates
+    bf16 and autocast is slower than float32. torch has no public check; these are the ones its own CPU
+    tests use (torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def autocast_dtype(device_type: str, amp: bool, amp_cpu: bool, cpu_bf16: bool) -> torch.dtype | None:
+    """The training forward's autocast dtype, None for float32. CUDA: float16 with loss scaling (--amp). CPU:
+    bfloat16 (--amp-cpu), the only low-precision dtype CPU autocast supports
+    (https://pytorch.org/docs/stable/amp.html#cpu-ops-that-can-autocast-to-bfloat16); bfloat16 keeps float32's
+    exponent range, so it needs no GradScaler."""
+    if device_type == "cuda":
+        return torch.float16 if amp else None
+    if device_type == "cpu" and amp_cpu:
+        if not cpu_bf16:
+            raise ConfigError("--amp-cpu: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bf16 would be "
+                              "emulated and slower than float32; drop --amp-cpu.")
+        return torch.bfloat16
+    return None
+
+
+# oneDNN's bfloat16 weight gradient of a stride-2 3x3 convolution over a 1x1 map is garbage (huge or
+# non-finite values; torch 2.14 here; pytorch/pytorch#169688 reports other strided bf16 CPU convolutions
+# wrong): ResNet's layer3 sees 1x1 maps for inputs under 16 px.
+MIN_BF16_INPUT = 16
+
+
+def check_bf16_input_size(cfg: TrainConfig) -> None:
+    """Refuse --amp-cpu when a training pass would feed the encoder an image under MIN_BF16_INPUT px (a small
+    crop, or ScaleMatch's smallest image scale of it)."""
+    smallest_scale = min(getattr(cfg.method_cfg, "img_scales", None) or (1.0,))
+    smallest = int(cfg.data.crop_size * min(smallest_scale, 1.0))
+    if smallest < MIN_BF16_INPUT:
+        raise ConfigError(f"--amp-cpu: the smallest training image would be {smallest} px (--crop-size "
+                          f"{cfg.data.crop_size} x scale {min(smallest_scale, 1.0)}); bfloat16 convolution gradients on "
+                          f"CPU are wrong below {MIN_BF16_INPUT} px. Use a larger --crop-size, or drop --amp-cpu.")
+
+
 def build_method(cfg: TrainConfig, num_classes: int) -> Method:
     method_cls = get_method(cfg.method)
     o = cfg.optim
@@ -126,8 +166,11 @@ class Trainer:
         seed_everything(process_seed(cfg.run.seed, self.dist.rank))
         self.optimizer = build_optimizer(self.method, cfg)
         self.extra_optimizers = self.method.extra_optimizers()
-        self.amp = cfg.optim.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = autocast_dtype(self.device.type, cfg.optim.amp, cfg.optim.amp_cpu,
+                                        cfg.optim.amp_cpu and cpu_has_bf16())
+        if self.amp_dtype == torch.bfloat16:
+            check_bf16_input_size(cfg)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
         b, world = cfg.data.batch_size, self.dist.world
         if b < 2 and not (self.device_kind == "cuda" and world > 1):
@@ -289,7 +332,7 @@ class Trainer:
         optimizers = (self.optimizer, *self.extra_optimizers)
         for opt in self.extra_optimizers:
             poly_lr(opt, it, self.total_iters, cfg.optim.poly_power)
-        with torch.autocast(self.device.type, enabled=self.amp):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses = self.ddp(labeled, unlabeled, partner, ctx)
         loss = losses["loss"]
         if not torch.isfinite(loss):

@@ -51,10 +51,12 @@ class ScaleMatch(Method):
         pool = cfg.feat_scales_up if v > 1 else cfg.feat_scales_down
         return v, float(pool[int(torch.randint(len(pool), (1,)))])
 
-    def two_scale_forward(self, x: torch.Tensor, v: float, fs: float, plain: int = 0) -> dict[str, torch.Tensor]:
-        """{'joint': CIF-fused logits, 'ori': original-size logits, 'fp': FSVC logits, 'size': x v logits
-        resized back, 'plain': unscaled-feature logits of the first ``plain`` images}, all at x's size."""
-        p_o, f_o, p_fp, p_plain = self.model.forward_fp(x, fs, p=self.cfg.fp_dropout, plain=plain)
+    def two_scale_forward(self, x: torch.Tensor, v: float, fs: float, plain: int = 0, fp_from: int = 0
+                          ) -> dict[str, torch.Tensor]:
+        """{'joint': CIF-fused logits, 'ori': original-size logits, 'fp': FSVC logits of the images from
+        ``fp_from`` on, 'size': x v logits resized back, 'plain': unscaled-feature logits of the first
+        ``plain`` images}, all at x's size."""
+        p_o, f_o, p_fp, p_plain = self.model.forward_fp(x, fs, p=self.cfg.fp_dropout, plain=plain, fp_from=fp_from)
         xv = F.interpolate(x, scale_factor=v, mode="bilinear", align_corners=True)
         p_v, f_v = self.model.forward_features(xv)
         p_v = F.interpolate(p_v, size=x.shape[-2:], mode="bilinear", align_corners=True)
@@ -75,7 +77,7 @@ class ScaleMatch(Method):
         strong = paste(unlabeled["box1"], partner["strong1"], unlabeled["strong1"])
 
         plain = n if cfg.plain_sup_weight > 0 else 0
-        out = self.two_scale_forward(torch.cat([labeled["image"], unlabeled["weak"]]), v, fs, plain)
+        out = self.two_scale_forward(torch.cat([labeled["image"], unlabeled["weak"]]), v, fs, plain, fp_from=n)
         logits_s = self.model(strong)
 
         source = out["joint"] if self.use_fused_labels(ctx) else out["ori"]
@@ -87,7 +89,7 @@ class ScaleMatch(Method):
         loss_plain = self.sup_loss(out["plain"], labeled["mask"]) if plain else torch.zeros((), device=loss_x.device)
         loss_s = pseudo_label_loss(logits_s, label_m, conf_m, ign_m, cfg.conf_thresh)
         loss_isvc = pseudo_label_loss(out["size"][n:], label, conf, ign, cfg.conf_thresh)
-        loss_fsvc = pseudo_label_loss(out["fp"][n:], label, conf, ign, cfg.conf_thresh)
+        loss_fsvc = pseudo_label_loss(out["fp"], label, conf, ign, cfg.conf_thresh)
         loss = (loss_x + cfg.plain_sup_weight * loss_plain + cfg.strong_weight * loss_s + cfg.isvc_weight * loss_isvc
                 + cfg.fsvc_weight * loss_fsvc) / 2
         return {"loss": loss, "loss_x": loss_x.detach(), "loss_x_plain": loss_plain.detach(), "loss_s": loss_s.detach(),

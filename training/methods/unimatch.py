@@ -34,9 +34,10 @@ class UniMatch(Method):
         p_conf, p_label = partner_pseudo_labels(self.model, partner)
         s1 = paste(unlabeled["box1"], partner["strong1"], unlabeled["strong1"])
         s2 = paste(unlabeled["box2"], partner["strong2"], unlabeled["strong2"])
-        logits, _, logits_fp, _ = self.model.forward_fp(torch.cat([labeled["image"], unlabeled["weak"]]), p=self.cfg.fp_dropout)
+        logits, _, logits_fp, _ = self.model.forward_fp(torch.cat([labeled["image"], unlabeled["weak"]]), p=self.cfg.fp_dropout,
+                                                        fp_from=n)
         logits_s1, logits_s2 = self.model(torch.cat([s1, s2])).chunk(2)
-        return {"x": logits[:n], "w": logits[n:], "fp": logits_fp[n:], "s1": logits_s1, "s2": logits_s2,
+        return {"x": logits[:n], "w": logits[n:], "fp": logits_fp, "s1": logits_s1, "s2": logits_s2,
                 "p_conf": p_conf, "p_label": p_label}
 
     def unimatch_losses(self, out: dict, labeled, unlabeled, partner) -> dict[str, torch.Tensor]:

@@ -81,14 +81,16 @@ class DeepLabV3Plus(nn.Module):
         logits, feat = self.decode(*self.encode(x))
         return resize(logits, x.shape[-2:]), feat
 
-    def forward_fp(self, x: torch.Tensor, feature_scale: float = 1.0, p: float = 0.5, plain: int = 0
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def forward_fp(self, x: torch.Tensor, feature_scale: float = 1.0, p: float = 0.5, plain: int = 0,
+                   fp_from: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """UniMatch's feature perturbation (ScaleMatch FSVC when feature_scale != 1): the encoder runs
         once; the decoder runs on [(c1, c4); (Dropout2d(c1), Dropout2d(c4))] in one batch, both
         optionally rescaled by feature_scale first. The clean half is decoded from the rescaled features
         too, exactly as the official code does. Returns (clean logits, clean feature, FP logits, plain
-        logits), logits at the input's size; plain logits are the unscaled-feature prediction (the path
-        single-scale inference runs) of the first ``plain`` images, None when plain is 0."""
+        logits), logits at the input's size; FP logits only of the images from ``fp_from`` on (the
+        labelled images' FP output is decoded, for the official BatchNorm batch, but never used, so it is
+        not resized); plain logits are the unscaled-feature prediction (the path single-scale inference
+        runs) of the first ``plain`` images, None when plain is 0."""
         c1, c4 = self.encode(x)
         scaled = feature_scale != 1.0
         plain_logits = resize(self.decode(c1[:plain], c4[:plain])[0], x.shape[-2:]) if plain and scaled else None
@@ -98,10 +100,10 @@ class DeepLabV3Plus(nn.Module):
         n = x.shape[0]
         logits, feat = self.decode(torch.cat([c1, F.dropout2d(c1, p, training=True)]),
                                    torch.cat([c4, F.dropout2d(c4, p, training=True)]))
-        logits = resize(logits, x.shape[-2:])
+        clean, fp = resize(logits[:n], x.shape[-2:]), resize(logits[n + fp_from:], x.shape[-2:])
         if plain and not scaled:  # the clean half already is the plain path
-            plain_logits = logits[:plain]
-        return logits[:n], feat[:n], logits[n:], plain_logits
+            plain_logits = clean[:plain]
+        return clean, feat[:n], fp, plain_logits
 
     # --- CIF ---------------------------------------------------------------------------------------
     def cif_fuse(self, p_lo: torch.Tensor, f_lo: torch.Tensor, p_hi: torch.Tensor, f_hi: torch.Tensor,
