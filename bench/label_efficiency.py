@@ -35,7 +35,7 @@ from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E4
 from training.data.folder import read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
-           "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct"]
+           "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "unimatch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
@@ -62,11 +62,14 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
 
 
 def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, lr: float, epochs_total: float) -> list[str]:
-    argv = [str(data), "--method", method, "--backbone", "resnet18", "--crop-size", str(args.crop),
+    base, _, aux = method.partition("+")  # "unimatch+contextrast": a method with an auxiliary loss (--aux)
+    argv = [str(data), "--method", base, "--backbone", "resnet18", "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
             "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
-    if method == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
+    if aux:
+        argv += ["--aux", aux]
+    if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
     return argv
 
@@ -214,7 +217,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", default="synthetic,textures")
     p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. unimatch+contextrast")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
     p.add_argument("--eval-every", type=int, default=250)

@@ -145,3 +145,15 @@ def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
     first = result["ratios"][0]
     assert first["ratio"] == "scalematch fp32 / unimatch fp32"
     assert first["median"] == pytest.approx(statistics.median(a / b for a, b in zip(sec["scalematch fp32"], sec["unimatch fp32"])))
+
+
+def test_label_efficiency_method_with_aux_loss_trains_the_base_method_with_aux():
+    from argparse import Namespace
+
+    from bench.label_efficiency import METHODS, train_argv
+    args = Namespace(crop=64, batch=4, eval_every=100)
+    argv = train_argv(args, "unimatch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert argv[argv.index("--method") + 1] == "unimatch" and argv[argv.index("--aux") + 1] == "contextrast"
+    assert "--aux" not in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
+    assert {"supervised+contextrast", "unimatch+contextrast"} <= set(METHODS)
