@@ -69,6 +69,8 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
+    if getattr(args, "amp_cpu", False):
+        argv.append("--amp-cpu")
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
     return argv
@@ -235,6 +237,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON, Markdown and PNG results")
     p.add_argument("--name", default="label_efficiency", help="results file name (NAME.json, NAME.md, NAME_curves.png)")
+    p.add_argument("--amp-cpu", action="store_true", help="train every run (warm-up included) in bfloat16 autocast")
     p.add_argument("--publish-only", action="store_true", help="write the results of the runs finished so far, train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with cores/jobs threads "
                    "(one thread per run is much faster than two when the cores are shared)")
@@ -244,6 +247,8 @@ def main() -> None:
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
     if args.warm_start:
         budget.update(warm_start=args.warm_start, warm_lr=args.warm_lr)
+    if args.amp_cpu:
+        budget.update(amp_cpu=True)
     if args.publish_only:
         if not settings.is_file():
             raise SystemExit(f"{work}: no study there to publish.")
@@ -283,7 +288,8 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
     start = (f"from a supervised run of {warm} iterations (SGD lr {budget['warm_lr']}, same data and labelled subset) "
              "that every method of a seed shares, supervised included; the curves show that run, then each method"
              if warm else "from random init")
-    note = (f"ResNet-18 DeepLabV3+ {start}, CPU. Pool of {budget['pool']} training images of {budget['size']} px "
+    precision = "bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32"
+    note = (f"ResNet-18 DeepLabV3+ {start}, CPU, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
             "(head x10; CPS x1), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "

@@ -147,7 +147,7 @@ def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
     assert first["median"] == pytest.approx(statistics.median(a / b for a, b in zip(sec["scalematch fp32"], sec["unimatch fp32"])))
 
 
-def test_label_efficiency_method_with_aux_loss_trains_the_base_method_with_aux():
+def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training_command():
     from argparse import Namespace
 
     from bench.label_efficiency import METHODS, train_argv
@@ -157,3 +157,6 @@ def test_label_efficiency_method_with_aux_loss_trains_the_base_method_with_aux()
     assert "--aux" not in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
     assert {"supervised+contextrast", "unimatch+contextrast"} <= set(METHODS)
+    assert "--amp-cpu" not in argv
+    args.amp_cpu = True
+    assert "--amp-cpu" in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)

@@ -42,7 +42,7 @@ from ..config import hp
 from ..data.folder import IGNORE
 from ..models import build_model
 from ..models.deeplabv3plus import resize
-from .base import Method, StepContext
+from .base import Method, StepContext, sigmoid_rampup  # PixelSSL's func.sigmoid_rampup
 from .critics import critic_adam, frozen_call, one_hot, upsample_to_min_side
 
 # Four stride-2 and three shrinking stride-1 4x4 convolutions then a stride-2 classifier: 60 px in give one cell
@@ -165,13 +165,6 @@ class FlawDetector(nn.Module):
     def forward(self, image: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
         x = upsample_to_min_side(torch.cat([image, prob.to(image.dtype)], 1), FLAW_DETECTOR_MIN_SIDE)
         return resize(self.classifier(self.features(x)), prob.shape[-2:])
-
-
-def sigmoid_rampup(t: float, length: float) -> float:
-    """exp(-5 (1 - t/T)^2), 1 from T on (PixelSSL func.sigmoid_rampup)."""
-    if length <= 0:
-        return 1.0
-    return math.exp(-5.0 * (1.0 - min(t, length) / length) ** 2)
 
 
 class GCT(Method):
