@@ -5,8 +5,11 @@ The recipe follows ONNX Runtime's "Quantize ONNX Models" guide
 (https://github.com/microsoft/onnxruntime-inference-examples/blob/main/quantization/image_classification/cpu/ReadMe.md):
 - ``quant_pre_process`` first: shape inference and ONNX Runtime's graph optimisation, so that operators the
   quantizer cannot handle alone (a BatchNormalization after a Conv) are fused before Q/DQ pairs go in;
-- ``quantize_static`` in QDQ format with S8S8 (QInt8 activations and weights; the guide's default and first
-  choice on x86-64) and per-channel weights;
+- ``quantize_static`` in QDQ format with U8S8 (QUInt8 activations, QInt8 per-channel weights). The guide's
+  "Data type selection" makes S8S8 the default and names U8S8 the fast x86-64 path (VPMADDUBSW), whose
+  saturation AVX512-VNNI avoids. Measured on this machine's VNNI cores (ResNet-18, 512x512, batch 1):
+  57 ms against 108 ms for S8S8, where ONNX Runtime left 20 of 30 convolutions unfused in float;
+  the accuracy gate below decides per model whether the graph ships;
 - calibration on the dataset's unlabelled images, each at its own size with the longer side capped;
 - only the convolution-type operators are quantized (``QUANTIZED_OP_TYPES``): the rest measurably lose accuracy.
 
@@ -146,7 +149,7 @@ class _Reader:
 
 def quantize_graph(src: Path, dst: Path, calibration: Sequence[np.ndarray], method: str = DEFAULT_METHOD,
                    op_types: Sequence[str] = QUANTIZED_OP_TYPES) -> None:
-    """``src`` (FP32) -> ``dst`` (QDQ, S8S8, per-channel weights), calibrated on ``calibration``."""
+    """``src`` (FP32) -> ``dst`` (QDQ, U8S8, per-channel weights), calibrated on ``calibration``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     if method not in METHODS:
@@ -161,7 +164,7 @@ def quantize_graph(src: Path, dst: Path, calibration: Sequence[np.ndarray], meth
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print a line per image
                 quantize_static(str(prepared), str(dst), _Reader(calibration), quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                                 op_types_to_quantize=list(op_types),
                                 calibrate_method=calib_method, calibration_providers=["CPUExecutionProvider"],
                                 # One image per collect_data call: the calibrator keeps only that image's
@@ -199,7 +202,7 @@ def quantize_package(folder: Path, graphs: Sequence[str], calibration: Sequence[
     verdicts, written = {}, {}
     for graph in graphs:
         twin = GRAPHS[graph]
-        progress(f"quantizing {graph} -> {twin} (QDQ S8S8, per-channel, {method} calibration on {len(calibration)} images)")
+        progress(f"quantizing {graph} -> {twin} (QDQ U8S8, per-channel, {method} calibration on {len(calibration)} images)")
         quantize_graph(folder / graph, folder / twin, calibration, method)
         verdicts[twin] = measure(folder / graph, folder / twin, samples, num_classes, gate)
         written[graph] = twin
@@ -209,7 +212,7 @@ def quantize_package(folder: Path, graphs: Sequence[str], calibration: Sequence[
     refusal = gate_failures(verdicts, gate)
     if refusal:
         raise ExportError(refusal)
-    return {"graphs": written, "format": "QDQ", "activations": "int8", "weights": "int8, per channel",
+    return {"graphs": written, "format": "QDQ", "activations": "uint8", "weights": "int8, per channel",
             "quantized_op_types": list(QUANTIZED_OP_TYPES),
             "calibration": {"method": method, "count": len(calibration), "images": calib_source,
                             "max_side": CALIB_MAX_SIDE},

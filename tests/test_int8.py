@@ -37,7 +37,7 @@ def test_export_quantize_int8_writes_gated_graphs_and_meta(int8_package, tiny_da
     record = meta["int8"]
     assert meta["precisions"] == ["fp32", "int8"]
     assert record["graphs"] == {"model.onnx": "model.int8.onnx", "model.cif.onnx": "model.cif.int8.onnx"}
-    assert record["format"] == "QDQ" and record["activations"] == "int8" and record["weights"] == "int8, per channel"
+    assert record["format"] == "QDQ" and record["activations"] == "uint8" and record["weights"] == "int8, per channel"
     assert record["calibration"]["method"] == "entropy" and record["calibration"]["count"] == 12  # every unlabelled image
     gate = record["gate"]
     assert gate["passed"] and gate["min_agreement"] == 0.99 and gate["max_miou_drop"] == 0.5
