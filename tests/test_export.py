@@ -121,3 +121,20 @@ def test_graph_stays_in_eval_mode_after_export(checkpoints, tmp_path):
     assert not graph.training and not model.training
     labels, _ = graph(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))  # batch 1 would fail in training mode
     assert labels.shape == (1, 32, 32)
+
+
+def test_graph_without_probs_gives_the_same_labels_and_confidence_without_a_softmax(checkpoints, tmp_path):
+    from export.onnx_export import export_graph
+
+    model, _, _ = load_inference_model(load_checkpoint(checkpoints["supervised"]))
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 40, 56), dtype=np.uint8))
+    with torch.no_grad():
+        labels, conf, probs = SegmentationGraph(model, with_probs=True)(images)
+        lean_labels, lean_conf = SegmentationGraph(model)(images)
+    assert torch.equal(lean_labels, labels) and torch.allclose(lean_conf, probs.max(1).values, atol=1e-6)
+    onnx_model = export_graph(SegmentationGraph(model), tmp_path / "m.onnx")
+    # the full softmax cost 29 % of a 512x512 ONNX Runtime pass; only --with-probs graphs may carry one
+    assert "Softmax" not in {n.op_type for n in onnx_model.graph.node}
+    got = OnnxRuntimeBackend(tmp_path / "m.onnx", providers=["CPUExecutionProvider"]).infer(images.numpy())
+    assert (got["labels"] == lean_labels.numpy()).mean() >= 0.999
+    assert np.abs(got["confidence"] - lean_conf.numpy()).max() < 1e-5
