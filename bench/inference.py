@@ -102,7 +102,7 @@ def main() -> None:
                                                 ("cif_over_single", "CIF graph latency / single-scale")])
     write_results("inference", {"machine": machine(), "args": vars(args), "rows": rows, "speedups": speedups,
                                 "cif_cost": cif_cost}, table,
-                  f"{args.size}x{args.size} uint8 input, graph includes normalisation, upsampling, softmax and argmax; "
+                  f"{args.size}x{args.size} uint8 input, graph includes normalisation, upsampling, argmax and max-softmax confidence; "
                   f"{args.threads} threads for both engines; p50 over {args.repeats} runs at batch 1 "
                   f"({max(2, args.repeats // 2)} at batch 8) after one warm-up.")
 

@@ -26,7 +26,7 @@ class ExportError(Exception):
 
 
 class SegmentationGraph(nn.Module):
-    """uint8 images -> (labels, confidence[, probs]) with normalisation, resizing, softmax and argmax."""
+    """uint8 images -> (labels, confidence[, probs]) with normalisation, resizing, argmax and max-softmax confidence."""
 
     def __init__(self, model: nn.Module, cif_scales: Sequence[float] | None = None, with_probs: bool = False):
         super().__init__()
