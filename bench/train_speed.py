@@ -3,7 +3,9 @@ the supervised baseline and ScaleMatch, DeepLabV3+ on ResNet-18 and ResNet-50, c
 
 ScaleMatch's cost depends on the image scale v drawn each iteration, so each v in V is timed and the
 mean (the expected cost under the uniform draw) is reported. Images/s counts every image an iteration
-consumes (labelled + unlabelled).
+consumes (labelled + unlabelled). Each row runs in a fresh process, so its peak RSS (the child's ru_maxrss:
+weights, optimiser state, activations of the step) is that row's alone. ``METHOD+AUX`` adds an auxiliary
+loss (e.g. ``fixmatch+contextrast``).
 
 ``--ratios`` instead compares, in one run, ScaleMatch with UniMatch at the same crop and batch and float32
 with bfloat16 autocast (``--amp-cpu``; float16 on CUDA): the settings are timed in interleaved rounds, one
@@ -13,8 +15,11 @@ own draw: the mean over v in V of the mean over the feature scales t paired with
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import machine, markdown_table, timed, write_results  # noqa: E402
-from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
+from training.config import AuxConfig, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig  # noqa: E402
 from training.config import ConfigError  # noqa: E402
 from training.engine import autocast_dtype, build_method, build_optimizer, cpu_has_bf16  # noqa: E402
 from training.methods import StepContext, get_method  # noqa: E402
@@ -41,7 +46,7 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
     method, step = make_step(method_name, backbone, crop, batch, device)
     cls = type(method)
 
-    if method_name == "scalematch":
+    if method_name.partition("+")[0] == "scalematch":
         scales = scales or tuple(method.cfg.img_scales)
     else:
         scales = (None,)
@@ -59,19 +64,28 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
            "sec_per_iter": sec, "images_per_sec": images / sec}
     if v is not None:
         row["sec_per_iter_by_scale"] = {str(k): t for k, t in per_scale.items()}
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(row, flush=True)
     return row
 
 
+def time_method_alone(*args) -> dict:
+    """time_method in a fresh process, so that the peak RSS it reports belongs to this row only."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(time_method, *args).result()
+
+
 def make_step(method_name: str, backbone: str, crop: int, batch: int, device: torch.device,
               dtype: torch.dtype | None = None, channels_last: bool = False, **method_overrides):
-    """(method, step): one optimiser step on fixed random batches, under autocast when ``dtype`` is given."""
+    """(method, step): one optimiser step on fixed random batches, under autocast when ``dtype`` is given.
+    ``method_name`` may be METHOD+AUX."""
     torch.manual_seed(0)
-    cls = get_method(method_name)
+    base, _, aux = method_name.partition("+")
+    cls = get_method(base)
     overrides = {"conf_thresh": 0.0} if hasattr(cls.Config, "conf_thresh") else {}
-    cfg = TrainConfig(method=method_name, data=DataConfig(crop_size=crop, batch_size=batch),
+    cfg = TrainConfig(method=base, data=DataConfig(crop_size=crop, batch_size=batch),
                       model=ModelConfig(backbone=backbone), optim=OptimConfig(lr=0.001), run=RunConfig(),
-                      method_cfg=cls.Config(**overrides, **method_overrides))
+                      method_cfg=cls.Config(**overrides, **method_overrides), aux=AuxConfig(aux=aux))
     method = build_method(cfg, 21).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format
     method.to(memory_format=layout)
@@ -178,7 +192,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2, help="labelled images per step (unlabelled: the same)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per setting (median)")
     p.add_argument("--backbones", default="resnet18,resnet50")
-    p.add_argument("--methods", default="supervised,scalematch")
+    p.add_argument("--methods", default="supervised,scalematch", help="comma-separated; METHOD+AUX adds an "
+                   "auxiliary loss, e.g. fixmatch+contextrast")
+    p.add_argument("--name", default="train_speed", help="results file name in bench/results/")
     p.add_argument("--ratios", action="store_true", help="ScaleMatch / UniMatch and fp32 / bf16 ratios instead "
                    "(first backbone of --backbones; results in train_speed_ratios)")
     p.add_argument("--rounds", type=int, default=5, help="--ratios: interleaved timing rounds")
@@ -187,13 +203,15 @@ def main() -> None:
     if args.ratios:
         write_ratios(args, device)
         return
-    rows = [time_method(m, bb, args.crop, args.batch, args.iters, device)
+    rows = [time_method_alone(m, bb, args.crop, args.batch, args.iters, device)
             for bb in args.backbones.split(",") for m in args.methods.split(",")]
     table = markdown_table(rows, [("method", "method"), ("backbone", "backbone"), ("crop", "crop"), ("batch", "batch (l+u)"),
-                                  ("sec_per_iter", "s / iter"), ("images_per_sec", "images / s")])
-    write_results("train_speed", {"machine": machine(), "device": str(device), "args": vars(args), "rows": rows}, table,
+                                  ("sec_per_iter", "s / iter"), ("images_per_sec", "images / s"),
+                                  ("peak_rss_mib", "peak RSS MiB")])
+    write_results(args.name, {"machine": machine(), "device": str(device), "args": vars(args), "rows": rows}, table,
                   "One optimiser step per iteration (forward + backward + SGD), random inputs, median of timed "
-                  "iterations; ScaleMatch averaged over its four image scales.")
+                  "iterations; ScaleMatch averaged over its four image scales. Each row ran in a fresh process; "
+                  "peak RSS is that process's maximum resident set.", script="train_speed")
 
 
 if __name__ == "__main__":

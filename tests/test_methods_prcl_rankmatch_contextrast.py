@@ -2,6 +2,7 @@
 finite losses on tiny inputs, prototypes that survive --resume, torchrun and export."""
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -137,6 +138,38 @@ def test_prcl_losses_finite_with_virtual_negatives_and_teacher_exported():
     groups = method.param_groups(0.01, 1.0)
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in method.parameters() if p.requires_grad)
     assert groups[-1]["lr"] == pytest.approx(0.01 * 5e-5 / 3.2e-3)
+
+
+def held_tensor_bytes() -> int:
+    """Bytes of the distinct tensor storages Python objects reference now."""
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def test_prcl_keeps_no_candidate_tensors_between_forward_and_backward():
+    """Every class's Q x (1 + N + V) x D candidates were kept for backward (9 GB at 21 classes, crop 48):
+    what the forward leaves behind must not grow with the number of negatives beyond their indices."""
+    held = {}
+    for n in (16, 256):
+        method = make("prcl", num_queries=32, num_negatives=n, num_virtual=2, rep_dim=64)
+        g = torch.Generator().manual_seed(0)
+        k = method.proto_mu.shape[0]
+        mu = torch.randn(2, 64, 12, 12, generator=g, requires_grad=True)
+        var = (torch.rand(2, 64, 12, 12, generator=g) + 0.1).requires_grad_()
+        labels, prob = torch.randint(0, k, (2, 12, 12), generator=g), torch.full((2, k, 12, 12), 0.1)
+        method.prcl_loss(mu, var, labels, prob)  # GDPs first, so the second call has virtual negatives too
+        before = held_tensor_bytes()
+        loss = method.prcl_loss(mu, var, labels, prob)
+        held[n] = held_tensor_bytes() - before
+        loss.backward()
+        assert torch.isfinite(mu.grad).all() and mu.grad.abs().sum() > 0
+    index_bytes = k * 32 * (256 - 16) * 8
+    assert held[256] - held[16] < 2 * index_bytes, held
 
 
 def test_prcl_exact_resume_restores_the_prototypes(tiny_data, tmp_path, monkeypatch):

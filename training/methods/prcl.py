@@ -24,8 +24,9 @@ times the per-pixel CE, averaged over pixels with non-zero loss), plus the contr
 The GDPs are buffers of this module: saved in every checkpoint and restored exactly on --resume. Under
 DDP the per-class precision sums are all-reduced, so every process holds the same GDPs (the code
 all-gathers every pixel instead). The teacher (the plain network) is evaluated and exported. Memory: the
-code keeps every class's MLS tensors (Q x 513 x 256 each) for backward, several GB; here each class's are
-recomputed in backward (activation checkpointing), so one class's are alive at a time.
+code keeps every class's MLS tensors (Q x 513 x 256 each) for backward, several GB; here each class's
+candidates and MLS tensors are rebuilt in backward from pixel indices (activation checkpointing), so one
+class's are alive at a time.
 
 Decided here, where the sources leave it open or our pipeline differs: the strong view is the loader's
 CutMix with a partner image instead of the code's in-batch ClassMix; the teacher runs in eval mode with
@@ -226,20 +227,26 @@ class PRCL(MeanTeacher):
             if hard.numel() == 0:
                 continue
             anchors = hard[torch.randint(hard.numel(), (cfg.num_queries,), device=hard.device)]
-            with torch.no_grad():
-                cand_mu, cand_var = self.contrast_candidates(c, [cl for cl in classes if cl != c],
-                                                             [p for j, p in enumerate(pools) if j != i], mu, var)
-            # Recomputed in backward rather than kept: one class's Q x candidates x D tensors at a time.
-            total = total + checkpoint(anchor_loss, mu[anchors], var[anchors], cand_mu, cand_var, cfg.temperature,
-                                       use_reentrant=False)
+            negatives = self.negative_pixels(c, [cl for cl in classes if cl != c],
+                                             [p for j, p in enumerate(pools) if j != i])
+            # Checkpointed on indices: backward rebuilds this class's Q x candidates x D tensors (the
+            # virtual negatives from the restored RNG state) instead of keeping them, so one class's are
+            # alive at a time.
+            total = total + checkpoint(self.class_loss, c, anchors, negatives, mu, var, use_reentrant=False)
         return total / len(classes)
 
-    def contrast_candidates(self, c: int, others: list[int], pools: list[torch.Tensor], mu: torch.Tensor,
-                            var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[Q, 1 + N + V, D] means and variances: class c's GDP, N pixel negatives (class by prototype
-        similarity, then a uniform pixel of it) and V virtual negatives drawn from the other GDPs."""
+    def class_loss(self, c: int, anchors: torch.Tensor, negatives: torch.Tensor, mu: torch.Tensor,
+                   var: torch.Tensor) -> torch.Tensor:
+        """Class c's anchor loss; no gradient reaches the candidates, as in the code."""
+        cand_mu, cand_var = self.contrast_candidates(c, negatives, mu.detach(), var.detach())
+        return anchor_loss(mu[anchors], var[anchors], cand_mu, cand_var, self.cfg.temperature)
+
+    @torch.no_grad()
+    def negative_pixels(self, c: int, others: list[int], pools: list[torch.Tensor]) -> torch.Tensor:
+        """[Q, N] pixel indices: per negative a class drawn by prototype similarity to c, then a uniform
+        valid pixel of it."""
         cfg, q = self.cfg, self.cfg.num_queries
-        device = mu.device
+        device = pools[0].device
         others_t = torch.tensor(others, device=device)
         sim = mutual_likelihood_score(self.proto_mu[c][None], self.proto_mu[others_t], self.proto_var[c][None],
                                       self.proto_var[others_t])
@@ -247,13 +254,19 @@ class PRCL(MeanTeacher):
         counts = torch.tensor([p.numel() for p in pools], device=device)
         offsets = torch.cumsum(counts, 0) - counts
         pick = offsets[cls] + (torch.rand(cls.shape, device=device) * counts[cls]).long().clamp(max=counts[cls] - 1)
-        neg = torch.cat(pools)[pick].reshape(q, cfg.num_negatives)
-        parts_mu = [self.proto_mu[c].expand(q, 1, -1), mu[neg]]
-        parts_var = [self.proto_var[c].expand(q, 1, -1), var[neg]]
+        return torch.cat(pools)[pick].reshape(q, cfg.num_negatives)
+
+    def contrast_candidates(self, c: int, negatives: torch.Tensor, mu: torch.Tensor,
+                            var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[Q, 1 + N + V, D] means and variances: class c's GDP, the N pixel negatives and V virtual
+        negatives drawn from the other GDPs."""
+        cfg, q = self.cfg, self.cfg.num_queries
+        parts_mu = [self.proto_mu[c].expand(q, 1, -1), mu[negatives]]
+        parts_var = [self.proto_var[c].expand(q, 1, -1), var[negatives]]
         virtual = [j for j in range(self.proto_mu.shape[0]) if j != c and bool(self.proto_seen[j])]
         if virtual and cfg.num_virtual > 0:
             g_mu, g_var = self.proto_mu[virtual], self.proto_var[virtual]  # [J, D]
-            eps = torch.randn(q, len(virtual), cfg.num_virtual, g_mu.shape[1], device=device)
+            eps = torch.randn(q, len(virtual), cfg.num_virtual, g_mu.shape[1], device=mu.device)
             samples = g_mu[None, :, None] + g_var.sqrt()[None, :, None] * eps
             parts_mu.append(samples.reshape(q, -1, g_mu.shape[1]))
             parts_var.append(torch.zeros_like(parts_mu[-1]))
