@@ -35,7 +35,8 @@ from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E4
 from training.data.folder import read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
-           "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "unimatch+contextrast"]
+           "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
+           "scalematch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
@@ -220,7 +221,7 @@ def main() -> None:
     p.add_argument("--benchmarks", default="synthetic,textures")
     p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. unimatch+contextrast")
+                   help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. fixmatch+contextrast")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
     p.add_argument("--eval-every", type=int, default=250)

@@ -156,7 +156,7 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert argv[argv.index("--method") + 1] == "unimatch" and argv[argv.index("--aux") + 1] == "contextrast"
     assert "--aux" not in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
-    assert {"supervised+contextrast", "unimatch+contextrast"} <= set(METHODS)
+    assert {"supervised+contextrast", "fixmatch+contextrast", "scalematch+contextrast"} <= set(METHODS)
     assert "--amp-cpu" not in argv
     args.amp_cpu = True
     assert "--amp-cpu" in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
