@@ -59,7 +59,11 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("-k", "--top-k", type=int, default=8, help="images labelled per round")
     sim.add_argument("--rounds", type=int, default=4, help="selection rounds")
     sim.add_argument("--method", default="supervised", help="training method of every round")
-    sim.add_argument("--iters", type=int, default=200, help="training iterations per round")
+    sim.add_argument("--iters", type=int, default=200, help="fine-tuning iterations per round after round 0")
+    sim.add_argument("--initial-iters", type=int, default=None,
+                     help="round 0's iterations, trained once and shared by every strategy (default: --iters)")
+    sim.add_argument("--init-from", type=Path, default=None,
+                     help="start round 0 from this checkpoint (e.g. a supervised run on other data) instead of random init")
     sim.add_argument("--crop-size", type=int, default=96)
     sim.add_argument("--batch-size", type=int, default=4)
     sim.add_argument("--backbone", default="resnet18")
@@ -75,6 +79,8 @@ def simulate_main(args: argparse.Namespace) -> int:
 
     settings = {"strategies": [s.strip() for s in args.strategies.split(",") if s.strip()], "initial": args.initial,
                 "k": args.top_k, "rounds": args.rounds, "method": args.method, "iters": args.iters,
+                "initial_iters": args.iters if args.initial_iters is None else args.initial_iters,
+                "init_from": str(args.init_from.resolve()) if args.init_from else "",
                 "crop_size": args.crop_size, "batch_size": args.batch_size, "backbone": args.backbone, "lr": args.lr,
                 "balance": args.balance, "seed": args.seed, "device": args.device}
     try:

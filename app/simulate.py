@@ -2,15 +2,16 @@
 one's own data before paying annotators.
 
 Every image of DATA's labelled and unlabelled splits that has a mask is the pool. All strategies start from
-the same ``initial`` images drawn from it (``seed``). Each round trains (round 0 from scratch, later rounds
-fine-tuned from the round before, with the app's training code), scores val, exports the model as the app's
-retraining does, selects ``k`` of the remaining pool with the strategy (the app's scoring and selection
-code; ``random`` draws them), reveals their masks (the oracle) and records the labelling effort their
-pre-annotations would have cost. Results: OUT/simulation.{json,md,png}, mIoU against labelled images, one
-curve per strategy.
+the same ``initial`` images drawn from it (``seed``), so round 0 (``initial_iters`` iterations from random
+init, or from ``init_from``) is trained once, in OUT/initial, and shared: every strategy's curve starts from
+the same model. Each round then scores val, exports the model as the app's retraining does, selects ``k``
+of the remaining pool with the strategy (the app's scoring and selection code; ``random`` draws them),
+reveals their masks (the oracle) and records the labelling effort their pre-annotations would have cost;
+the next round fine-tunes ``iters`` iterations from the round before, with the app's training code.
+Results: OUT/simulation.{json,md,png}, mIoU against labelled images, one curve per strategy.
 
-OUT/<strategy>/data is the simulation's own dataset folder (DATA's images and masks linked, its own splits),
-so DATA is never written. Each finished round is recorded (OUT/<strategy>/round<r>/row.json, atomically);
+OUT/initial/data and OUT/<strategy>/data are the simulation's own dataset folders (DATA's images and masks
+linked, their own splits), so DATA is never written. Each finished round is recorded (OUT/<strategy>/round<r>/row.json, atomically);
 running the same command again continues after the last finished round, and a round killed half-way starts
 over from the round before, with the same seeds, so the curve is the one an uninterrupted run draws.
 """
@@ -56,8 +57,11 @@ def check_settings(data: Path, settings: dict) -> list[str]:
     if "scale_disagreement" in settings["strategies"] and settings["method"] != "scalematch":
         raise SimulationError("scale_disagreement compares single-scale and CIF multi-scale predictions, which only a "
                               "ScaleMatch model has: pass --method scalematch or leave scale_disagreement out")
-    if min(settings["initial"], settings["k"], settings["rounds"], settings["iters"]) < 1:
-        raise SimulationError("--initial, -k, --rounds and --iters must each be at least 1")
+    if min(settings["initial"], settings["k"], settings["rounds"], settings["iters"], settings["initial_iters"]) < 1:
+        raise SimulationError("--initial, -k, --rounds, --iters and --initial-iters must each be at least 1")
+    if settings["init_from"] and not Path(settings["init_from"]).is_file():
+        raise SimulationError(f"--init-from {settings['init_from']}: no such checkpoint; give a scaleseg checkpoint "
+                              "(RUN/last.pt) or leave it out to start round 0 from random init")
     pool = oracle_pool(data)
     needed = settings["initial"] + settings["k"] * settings["rounds"]
     if len(pool) < needed:
@@ -98,16 +102,44 @@ def simulation_data(folder: Path, data: Path) -> Path:
     return folder
 
 
-def train_config(settings: dict, data: Path, out: Path, round_: int, init_from: Path | None) -> TrainConfig:
+def train_config(settings: dict, data: Path, out: Path, round_: int, init_from: Path | str) -> TrainConfig:
     method = get_method(settings["method"])
+    iters = settings["iters"] if round_ else settings["initial_iters"]
     return TrainConfig(
         method=method.name,
         data=DataConfig(root=str(data), crop_size=settings["crop_size"], batch_size=settings["batch_size"], num_workers=0),
-        model=ModelConfig(backbone=settings["backbone"], init_from=str(init_from or "")),
+        model=ModelConfig(backbone=settings["backbone"], init_from=str(init_from)),
         optim=OptimConfig(**{**method.optim_defaults, "lr": settings["lr"]}),
-        run=RunConfig(out=str(out), max_iters=settings["iters"], eval_every=settings["iters"], save_every=settings["iters"],
+        run=RunConfig(out=str(out), max_iters=iters, eval_every=iters, save_every=iters,
                       seed=settings["seed"] * 1000 + round_, device=settings["device"], force=True),
         method_cfg=method.Config())
+
+
+def write_splits(folder: Path, labeled: list[str], pool: list[str]) -> None:
+    write_split(folder, "labeled", labeled)
+    write_split(folder, "unlabeled", [i for i in pool if i not in set(labeled)])
+
+
+def initial_round(settings: dict, data: Path, out: Path, pool: list[str], progress=print) -> dict:
+    """Round 0, shared by every strategy: trained once on the initial images, scored and exported;
+    {labeled, miou, package}."""
+    from export.package import export_package
+    from training.engine import Trainer
+
+    here = out / "initial"
+    row_path = here / "row.json"
+    if not row_path.is_file():
+        sim_data = simulation_data(here / "data", data)
+        write_split(sim_data, "val", read_split(data, "val"))
+        write_splits(sim_data, sorted(random.Random(settings["seed"]).sample(pool, settings["initial"])), pool)
+        progress(f"round 0 (every strategy): training on {settings['initial']} labelled images")
+        result = Trainer(train_config(settings, sim_data, here / "train", 0, settings["init_from"]), progress=False).fit()
+        export_package(here / "train" / "last.pt", here / "package", with_probs=True, force=True, data=sim_data,
+                       cif_scales=CIF_SCALES if settings["method"] == "scalematch" else None, progress=lambda m: None)
+        write_text(row_path, json.dumps({"labeled": settings["initial"],
+                                         "miou": result["metrics"]["scales"]["1.0"]["miou"]}, indent=1))
+    return {**json.loads(row_path.read_text()), "package": here / "package", "data": here / "data",
+            "checkpoint": here / "train" / "last.pt"}
 
 
 def select_round(strategy: str, settings: dict, package: Path, data: Path, round_: int) -> list[tuple[str, np.ndarray]]:
@@ -120,41 +152,45 @@ def select_round(strategy: str, settings: dict, package: Path, data: Path, round
     return [(s.image_id, s.labels) for s in picks]
 
 
-def run_strategy(strategy: str, settings: dict, data: Path, out: Path, pool: list[str], progress=print) -> list[dict]:
+def run_strategy(strategy: str, settings: dict, initial: dict, out: Path, pool: list[str], progress=print) -> list[dict]:
     """Every round of one strategy, continuing after the last recorded one; the rows, one per round."""
     from export.package import export_package
     from training.engine import Trainer
 
     folder = out / strategy
-    sim_data = simulation_data(folder / "data", data)
-    labeled = sorted(random.Random(settings["seed"]).sample(pool, settings["initial"]))
+    sim_data = simulation_data(folder / "data", Path(initial["data"]))
+    labeled = read_split(Path(initial["data"]), "labeled")
     rows = []
     while (folder / f"round{len(rows)}" / "row.json").is_file():
         rows.append(json.loads((folder / f"round{len(rows)}" / "row.json").read_text()))
         labeled += rows[-1]["picks"]
-    write_split(sim_data, "val", read_split(data, "val"))
+    write_split(sim_data, "val", read_split(Path(initial["data"]), "val"))
     for round_ in range(len(rows), settings["rounds"] + 1):
-        write_split(sim_data, "labeled", labeled)
-        write_split(sim_data, "unlabeled", [i for i in pool if i not in set(labeled)])
+        write_splits(sim_data, labeled, pool)
         here = folder / f"round{round_}"
-        before = folder / f"round{round_ - 1}" / "train" / "last.pt" if round_ else None
-        progress(f"{strategy} round {round_}: training on {len(labeled)} labelled images")
-        result = Trainer(train_config(settings, sim_data, here / "train", round_, before), progress=False).fit()
-        row = {"strategy": strategy, "round": round_, "labeled": len(labeled),
-               "miou": result["metrics"]["scales"]["1.0"]["miou"], "picks": [], "effort": None}
+        if round_:
+            before = folder / f"round{round_ - 1}" / "train" / "last.pt" if round_ > 1 else initial["checkpoint"]
+            progress(f"{strategy} round {round_}: training on {len(labeled)} labelled images")
+            result = Trainer(train_config(settings, sim_data, here / "train", round_, before), progress=False).fit()
+            miou, package = result["metrics"]["scales"]["1.0"]["miou"], here / "package"
+        else:
+            miou, package = initial["miou"], initial["package"]
+        row = {"strategy": strategy, "round": round_, "labeled": len(labeled), "miou": miou, "picks": [], "effort": None}
         if round_ < settings["rounds"]:
-            export_package(here / "train" / "last.pt", here / "package", with_probs=True, force=True, data=sim_data,
-                           cif_scales=CIF_SCALES if settings["method"] == "scalematch" else None, progress=lambda m: None)
-            picks = select_round(strategy, settings, here / "package", sim_data, round_)
+            if round_:
+                export_package(here / "train" / "last.pt", package, with_probs=True, force=True, data=sim_data,
+                               cif_scales=CIF_SCALES if settings["method"] == "scalematch" else None,
+                               progress=lambda m: None)
+            picks = select_round(strategy, settings, package, sim_data, round_)
             efforts = [labeling_effort(pre, np.array(Image.open(mask_path(sim_data, i)))) for i, pre in picks]
             efforts = [e for e in efforts if e is not None]
             row.update(picks=[i for i, _ in picks], effort=float(np.mean(efforts)) if efforts else None)
         write_text(here / "row.json", json.dumps(row, indent=1))
         progress(f"{strategy} round {round_}: mIoU {row['miou']:.2f} with {row['labeled']} labelled"
                  + (f", labelling effort {100 * row['effort']:.1f} %" if row["effort"] is not None else ""))
-        if before is not None:  # only the latest checkpoint is needed to go on
-            shutil.rmtree(before.parent.parent / "package", ignore_errors=True)
-            shutil.rmtree(before.parent, ignore_errors=True)
+        if round_ > 1:  # only the latest checkpoint is needed to go on; the shared round 0 stays
+            shutil.rmtree(folder / f"round{round_ - 1}" / "package", ignore_errors=True)
+            shutil.rmtree(folder / f"round{round_ - 1}" / "train", ignore_errors=True)
         labeled += row["picks"]
         rows.append(row)
     return rows
@@ -167,7 +203,8 @@ def simulate(data: Path, out: Path, settings: dict, progress=print) -> dict:
     pool = check_settings(data, settings)
     out.mkdir(parents=True, exist_ok=True)
     settings = start_or_resume(out, settings)
-    curves = {s: run_strategy(s, settings, data, out, pool, progress) for s in settings["strategies"]}
+    initial = initial_round(settings, data, out, pool, progress)
+    curves = {s: run_strategy(s, settings, initial, out, pool, progress) for s in settings["strategies"]}
     payload = {"settings": settings, "curves": curves}
     write_text(out / "simulation.json", json.dumps(payload, indent=1))
     write_text(out / "simulation.md", markdown(payload))

@@ -23,7 +23,8 @@ from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E4
 from bench.label_efficiency import make_data, mean_std  # noqa: E402
 
 STRATEGIES = ["random", "entropy", "margin", "least_confidence", "scale_disagreement", "coreset", "combined"]
-BUDGET_KEYS = ("method", "initial", "k", "rounds", "iters", "crop_size", "batch_size", "lr", "pool", "size", "n_val")
+BUDGET_KEYS = ("method", "initial", "k", "rounds", "iters", "initial_iters", "crop_size", "batch_size", "lr", "pool", "size",
+               "n_val")
 
 
 def rows_of(benchmark: str, seed: int, payload: dict) -> list[dict]:
@@ -109,6 +110,8 @@ def main() -> None:
     p.add_argument("-k", type=int, default=8, help="images labelled per round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iters", type=int, default=40, help="fine-tuning iterations per round")
+    p.add_argument("--initial-iters", type=int, default=200, help="round 0's iterations, trained once per seed and shared "
+                   "by every strategy")
     p.add_argument("--crop-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.01)
@@ -125,7 +128,8 @@ def main() -> None:
                          args.size, 0)
         for seed in map(int, args.seeds.split(",")):
             settings = {"strategies": args.strategies.split(","), "initial": args.initial, "k": args.k,
-                        "rounds": args.rounds, "method": args.method, "iters": args.iters, "crop_size": args.crop_size,
+                        "rounds": args.rounds, "method": args.method, "iters": args.iters,
+                        "initial_iters": args.initial_iters, "init_from": "", "crop_size": args.crop_size,
                         "batch_size": args.batch_size, "backbone": "resnet18", "lr": args.lr, "balance": 1.0,
                         "seed": seed, "device": "cpu"}
             payload = simulate(data, Path(args.work) / bench / f"seed{seed}", settings,
@@ -140,7 +144,8 @@ def publish(rows: list[dict], budget: dict, results: Path) -> None:
     plot_curves(summary, results / "active_learning_curves.png")
     note = (f"`scaleseg label simulate` on both benchmarks: ResNet-18 DeepLabV3+ trained with {budget['method']}, "
             f"{budget['initial']} labelled images to start, {budget['k']} more per round for {budget['rounds']} rounds, "
-            f"each round fine-tuned {budget['iters']} iterations from the one before (crop {budget['crop_size']}, batch "
+            f"round 0 trained {budget['initial_iters']} iterations once per seed and shared by every strategy, each "
+            f"later round fine-tuned {budget['iters']} iterations from the one before (crop {budget['crop_size']}, batch "
             f"{budget['batch_size']}, lr {budget['lr']}), pool of {budget['pool']} images of {budget['size']} px, "
             f"{budget['n_val']} val images. mIoU x1.0 on val, mean ± std over seeds; labels to reach random's final mIoU "
             "read off the mean curves (the fraction is of random's labels); labelling effort: share of pre-annotated "

@@ -80,12 +80,12 @@ def test_labeling_effort_on_a_hand_made_case():
 
 # --- the simulation -------------------------------------------------------------------------------------------
 TINY = ["--strategies", "random,coreset", "--initial", "2", "-k", "2", "--rounds", "1", "--iters", "2",
-        "--crop-size", "32", "--batch-size", "2"]
+        "--initial-iters", "3", "--crop-size", "32", "--batch-size", "2"]
 
 
 def settings(**changes) -> dict:
     base = {"strategies": ["random", "coreset"], "initial": 2, "k": 2, "rounds": 1, "method": "supervised", "iters": 2,
-            "crop_size": 32, "batch_size": 2, "backbone": "resnet18", "lr": 0.01, "balance": 1.0, "seed": 0,
+            "initial_iters": 3, "init_from": "", "crop_size": 32, "batch_size": 2, "backbone": "resnet18", "lr": 0.01, "balance": 1.0, "seed": 0,
             "device": "cpu"}
     return {**base, **changes}
 
@@ -94,10 +94,21 @@ def test_simulation_curve_and_resume(tiny_data, tmp_path, monkeypatch, capsys):
     from training.engine import Trainer
 
     splits = {s: read_split(tiny_data, s) for s in ("labeled", "unlabeled", "val")}
+    real_fit, trained = Trainer.fit, []
+
+    def recorded(trainer):
+        trained.append((trainer.out.relative_to(tmp_path / "whole").parts[0], trainer.total_iters))
+        return real_fit(trainer)
+
+    monkeypatch.setattr(Trainer, "fit", recorded)
     assert label_main(["simulate", str(tiny_data), "--out", str(tmp_path / "whole"), *TINY]) == 0
+    monkeypatch.setattr(Trainer, "fit", real_fit)
     assert "simulation.png" in capsys.readouterr().out
+    # round 0 is the same for every strategy: trained once, for --initial-iters; later rounds for --iters
+    assert trained == [("initial", 3), ("random", 2), ("coreset", 2)]
     whole = json.loads((tmp_path / "whole" / "simulation.json").read_text())
     assert list(whole["curves"]) == ["random", "coreset"]
+    assert whole["curves"]["random"][0]["miou"] == whole["curves"]["coreset"][0]["miou"]
     pool = set(splits["labeled"]) | set(splits["unlabeled"])
     for strategy, rows in whole["curves"].items():
         assert [r["labeled"] for r in rows] == [2, 4] and [r["round"] for r in rows] == [0, 1]
@@ -113,8 +124,6 @@ def test_simulation_curve_and_resume(tiny_data, tmp_path, monkeypatch, capsys):
     assert (tmp_path / "whole" / "simulation.png").read_bytes()[:4] == b"\x89PNG"
 
     # killed while training round 1, after round 0 and its selection were recorded
-    real_fit = Trainer.fit
-
     def killed(trainer):
         if "round1" in str(trainer.out):
             raise KeyboardInterrupt
@@ -138,6 +147,8 @@ def test_simulation_refuses_what_it_cannot_run(tiny_data, tmp_path, capsys):
         simulate(tiny_data, tmp_path / "a", settings(strategies=["scale_disagreement"]), progress=lambda m: None)
     with pytest.raises(SimulationError, match="unknown strategies"):
         simulate(tiny_data, tmp_path / "a", settings(strategies=["psychic"]), progress=lambda m: None)
+    with pytest.raises(SimulationError, match="no such checkpoint"):
+        simulate(tiny_data, tmp_path / "a", settings(init_from=str(tmp_path / "none.pt")), progress=lambda m: None)
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "settings.json").write_text(json.dumps({**settings(iters=5), "data": str(tiny_data.resolve())}))
