@@ -63,13 +63,19 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
 
 
 def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, lr: float, epochs_total: float) -> list[str]:
-    base, _, aux = method.partition("+")  # "unimatch+contextrast": a method with an auxiliary loss (--aux)
+    spec, *overrides = method.split(":")  # "prcl:num-queries=32": a method with its own hyper-parameters
+    base, _, aux = spec.partition("+")  # "unimatch+contextrast": a method with an auxiliary loss (--aux)
     argv = [str(data), "--method", base, "--backbone", "resnet18", "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
             "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
+    for override in overrides:
+        flag, sep, value = override.partition("=")
+        if not sep or not flag:
+            raise SystemExit(f"--methods {method!r}: write hyper-parameters as METHOD:flag=value, e.g. prcl:num-queries=32")
+        argv += [f"--{flag}", value]
     if getattr(args, "amp_cpu", False):
         argv.append("--amp-cpu")
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
@@ -221,7 +227,8 @@ def main() -> None:
     p.add_argument("--benchmarks", default="synthetic,textures")
     p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16")
     p.add_argument("--methods", default=",".join(METHODS),
-                   help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. fixmatch+contextrast")
+                   help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. fixmatch+contextrast; "
+                   "METHOD:flag=value[:flag=value] sets the method's hyper-parameters, e.g. prcl:num-queries=32")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
     p.add_argument("--eval-every", type=int, default=250)

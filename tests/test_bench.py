@@ -158,5 +158,11 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
     assert {"supervised+contextrast", "fixmatch+contextrast", "scalematch+contextrast"} <= set(METHODS)
     assert "--amp-cpu" not in argv
+    argv = train_argv(args, "prcl:num-queries=32:num-negatives=64", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert argv[argv.index("--method") + 1] == "prcl" and argv[-4:] == ["--num-queries", "32", "--num-negatives", "64"]
+    argv = train_argv(args, "fixmatch+contextrast:aux-weight=0.2", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert argv[argv.index("--aux") + 1] == "contextrast" and argv[-2:] == ["--aux-weight", "0.2"]
+    with pytest.raises(SystemExit, match="METHOD:flag=value"):
+        train_argv(args, "prcl:num-queries", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     args.amp_cpu = True
     assert "--amp-cpu" in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
