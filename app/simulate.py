@@ -208,7 +208,8 @@ def simulate(data: Path, out: Path, settings: dict, progress=print) -> dict:
     payload = {"settings": settings, "curves": curves}
     write_text(out / "simulation.json", json.dumps(payload, indent=1))
     write_text(out / "simulation.md", markdown(payload))
-    plot(curves, out / "simulation.png", f"{data.name}: {settings['method']}, {settings['iters']} iterations per round")
+    plot(curves, out / "simulation.png", f"{data.name}: {settings['method']}, round 0 {settings['initial_iters']} "
+                                         f"iterations, then {settings['iters']} per round")
     return payload
 
 

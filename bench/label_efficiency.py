@@ -62,25 +62,41 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     return path
 
 
+def method_parts(method: str) -> tuple[str, str, list[str]]:
+    """(method, auxiliary loss, flags) of "METHOD[+AUX][:flag=value...]", e.g. "fixmatch+contextrast" or
+    "prcl:num-queries=32" (a method with its own hyper-parameters, in its own run folder and row)."""
+    spec, *overrides = method.split(":")
+    base, _, aux = spec.partition("+")
+    flags = []
+    for override in overrides:
+        flag, sep, value = override.partition("=")
+        if not sep or not flag:
+            raise SystemExit(f"--methods {method!r}: write hyper-parameters as METHOD:flag=value, e.g. prcl:num-queries=32")
+        flags += [f"--{flag}", value]
+    return base, aux, flags
+
+
+def ordered(methods) -> list[str]:
+    """The study's methods in METHODS order, variants (METHOD+AUX, METHOD:flag=value) after their method."""
+    def key(m):
+        base = method_parts(m)[0]
+        return (METHODS.index(base) if base in METHODS else len(METHODS), METHODS.index(m) if m in METHODS else len(METHODS), m)
+    return sorted(set(methods), key=key)
+
+
 def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, lr: float, epochs_total: float) -> list[str]:
-    spec, *overrides = method.split(":")  # "prcl:num-queries=32": a method with its own hyper-parameters
-    base, _, aux = spec.partition("+")  # "unimatch+contextrast": a method with an auxiliary loss (--aux)
+    base, aux, flags = method_parts(method)
     argv = [str(data), "--method", base, "--backbone", "resnet18", "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
             "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
-    for override in overrides:
-        flag, sep, value = override.partition("=")
-        if not sep or not flag:
-            raise SystemExit(f"--methods {method!r}: write hyper-parameters as METHOD:flag=value, e.g. prcl:num-queries=32")
-        argv += [f"--{flag}", value]
     if getattr(args, "amp_cpu", False):
         argv.append("--amp-cpu")
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
-    return argv
+    return argv + flags  # last, so that a flag given here wins over the defaults above
 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
@@ -149,7 +165,7 @@ def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict
     row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
            "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss}
-    if method == "scalematch":
+    if method_parts(method)[0] == "scalematch":  # only ScaleMatch trains CIF
         report = out / "eval_cif.json"
         run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
              "--scales", "1", "--device", "cpu", "--json", str(report)], out / "train.log", args.threads)
@@ -195,8 +211,8 @@ def markdown(summary: list[dict]) -> str:
             lines += [f"### {bench}, {frac} labelled", "",
                       "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | s / iter | peak RSS MiB |",
                       "|---|---|---|---|---|---|---|---|---|"]
-            for s in sorted((s for s in summary if s["benchmark"] == bench and s["fraction"] == frac),
-                            key=lambda s: METHODS.index(s["method"]) if s["method"] in METHODS else 99):
+            here = {s["method"]: s for s in summary if s["benchmark"] == bench and s["fraction"] == frac}
+            for s in (here[m] for m in ordered(here)):
                 rss = s.get("peak_rss_mib")
                 spi = s.get("sec_per_iter")
                 lines.append(f"| {s['method']} | {len(s['seeds'])} | {cell(s.get('miou_x0.5'))} | {cell(s.get('miou_x1.0'))} | "
@@ -210,7 +226,7 @@ def plot_curves(rows: list[dict], path: Path, warm_start: int = 0) -> None:
     panels = []
     for bench, frac in sorted({(r["benchmark"], r["fraction"]) for r in rows}):
         curves = []
-        for method in METHODS:
+        for method in ordered(r["method"] for r in rows):
             runs = [r["curve"] for r in rows if (r["benchmark"], r["fraction"], r["method"]) == (bench, frac, method)]
             if not runs:
                 continue

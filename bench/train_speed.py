@@ -65,6 +65,8 @@ def time_method(method_name: str, backbone: str, crop: int, batch: int, iters: i
     if v is not None:
         row["sec_per_iter_by_scale"] = {str(k): t for k, t in per_scale.items()}
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
     print(row, flush=True)
     return row
 
@@ -207,11 +209,12 @@ def main() -> None:
             for bb in args.backbones.split(",") for m in args.methods.split(",")]
     table = markdown_table(rows, [("method", "method"), ("backbone", "backbone"), ("crop", "crop"), ("batch", "batch (l+u)"),
                                   ("sec_per_iter", "s / iter"), ("images_per_sec", "images / s"),
-                                  ("peak_rss_mib", "peak RSS MiB")])
+                                  ("peak_rss_mib", "peak RSS MiB")] + ([("peak_gpu_mib", "peak GPU MiB")] if device.type == "cuda" else []))
     write_results(args.name, {"machine": machine(), "device": str(device), "args": vars(args), "rows": rows}, table,
                   "One optimiser step per iteration (forward + backward + SGD), random inputs, median of timed "
                   "iterations; ScaleMatch averaged over its four image scales. Each row ran in a fresh process; "
-                  "peak RSS is that process's maximum resident set.", script="train_speed")
+                  "peak RSS is that process's maximum resident set (on CUDA, peak GPU memory is PyTorch's maximum allocated).",
+                  script="train_speed")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
 def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training_command():
     from argparse import Namespace
 
-    from bench.label_efficiency import METHODS, train_argv
+    from bench.label_efficiency import METHODS, ordered, train_argv
     args = Namespace(crop=64, batch=4, eval_every=100)
     argv = train_argv(args, "unimatch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert argv[argv.index("--method") + 1] == "unimatch" and argv[argv.index("--aux") + 1] == "contextrast"
@@ -162,6 +162,10 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert argv[argv.index("--method") + 1] == "prcl" and argv[-4:] == ["--num-queries", "32", "--num-negatives", "64"]
     argv = train_argv(args, "fixmatch+contextrast:aux-weight=0.2", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert argv[argv.index("--aux") + 1] == "contextrast" and argv[-2:] == ["--aux-weight", "0.2"]
+    argv = train_argv(args, "scalematch:warmup-epochs=3", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
+    assert argv[len(argv) - argv[::-1].index("--warmup-epochs")] == "3"  # the given flag is the last one, so it wins
+    assert ordered(["prcl:num-queries=32", "fixmatch+contextrast", "prcl", "supervised", "fixmatch"]) == \
+        ["supervised", "fixmatch", "fixmatch+contextrast", "prcl", "prcl:num-queries=32"]
     with pytest.raises(SystemExit, match="METHOD:flag=value"):
         train_argv(args, "prcl:num-queries", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     args.amp_cpu = True

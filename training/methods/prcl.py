@@ -221,6 +221,8 @@ class PRCL(MeanTeacher):
         if len(classes) < 2:
             return zero
         pools = [torch.nonzero(valid & (labels == c)).squeeze(1) for c in classes]
+        # This step's GDPs, passed to the checkpointed loss so that backward rebuilds from the same ones.
+        gdp = (self.proto_mu.clone(), self.proto_var.clone(), self.proto_seen.tolist())
         total = zero
         for i, c in enumerate(classes):
             hard = pools[i][prob[pools[i], c] < cfg.strong_threshold]
@@ -232,13 +234,13 @@ class PRCL(MeanTeacher):
             # Checkpointed on indices: backward rebuilds this class's Q x candidates x D tensors (the
             # virtual negatives from the restored RNG state) instead of keeping them, so one class's are
             # alive at a time.
-            total = total + checkpoint(self.class_loss, c, anchors, negatives, mu, var, use_reentrant=False)
+            total = total + checkpoint(self.class_loss, c, anchors, negatives, mu, var, gdp, use_reentrant=False)
         return total / len(classes)
 
     def class_loss(self, c: int, anchors: torch.Tensor, negatives: torch.Tensor, mu: torch.Tensor,
-                   var: torch.Tensor) -> torch.Tensor:
+                   var: torch.Tensor, gdp: tuple) -> torch.Tensor:
         """Class c's anchor loss; no gradient reaches the candidates, as in the code."""
-        cand_mu, cand_var = self.contrast_candidates(c, negatives, mu.detach(), var.detach())
+        cand_mu, cand_var = self.contrast_candidates(c, negatives, mu.detach(), var.detach(), *gdp)
         return anchor_loss(mu[anchors], var[anchors], cand_mu, cand_var, self.cfg.temperature)
 
     @torch.no_grad()
@@ -256,16 +258,17 @@ class PRCL(MeanTeacher):
         pick = offsets[cls] + (torch.rand(cls.shape, device=device) * counts[cls]).long().clamp(max=counts[cls] - 1)
         return torch.cat(pools)[pick].reshape(q, cfg.num_negatives)
 
-    def contrast_candidates(self, c: int, negatives: torch.Tensor, mu: torch.Tensor,
-                            var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def contrast_candidates(self, c: int, negatives: torch.Tensor, mu: torch.Tensor, var: torch.Tensor,
+                            proto_mu: torch.Tensor, proto_var: torch.Tensor,
+                            seen: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
         """[Q, 1 + N + V, D] means and variances: class c's GDP, the N pixel negatives and V virtual
         negatives drawn from the other GDPs."""
         cfg, q = self.cfg, self.cfg.num_queries
-        parts_mu = [self.proto_mu[c].expand(q, 1, -1), mu[negatives]]
-        parts_var = [self.proto_var[c].expand(q, 1, -1), var[negatives]]
-        virtual = [j for j in range(self.proto_mu.shape[0]) if j != c and bool(self.proto_seen[j])]
+        parts_mu = [proto_mu[c].expand(q, 1, -1), mu[negatives]]
+        parts_var = [proto_var[c].expand(q, 1, -1), var[negatives]]
+        virtual = [j for j, s in enumerate(seen) if j != c and s]
         if virtual and cfg.num_virtual > 0:
-            g_mu, g_var = self.proto_mu[virtual], self.proto_var[virtual]  # [J, D]
+            g_mu, g_var = proto_mu[virtual], proto_var[virtual]  # [J, D]
             eps = torch.randn(q, len(virtual), cfg.num_virtual, g_mu.shape[1], device=mu.device)
             samples = g_mu[None, :, None] + g_var.sqrt()[None, :, None] * eps
             parts_mu.append(samples.reshape(q, -1, g_mu.shape[1]))
