@@ -114,11 +114,12 @@ def test_active_learning_summary_on_fake_rows(tmp_path):
     table = markdown(summarise(rows))
     assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | - | - |" in table
     assert "| random | 2 |" in table and "35.0 ± 19.1" in table
-    budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "crop_size": 64, "batch_size": 2,
-              "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
+    budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "initial_iters": 200, "crop_size": 64,
+              "batch_size": 2, "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
     publish(rows, budget, tmp_path)
     assert json.loads((tmp_path / "active_learning.json").read_text())["rows"] == rows
-    assert table in (tmp_path / "active_learning.md").read_text()
+    md = (tmp_path / "active_learning.md").read_text()
+    assert table in md and "round 0 trained 200 iterations once per seed" in md
     assert (tmp_path / "active_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
