@@ -158,13 +158,13 @@ def run_strategy(strategy: str, settings: dict, initial: dict, out: Path, pool: 
     from training.engine import Trainer
 
     folder = out / strategy
-    sim_data = simulation_data(folder / "data", Path(initial["data"]))
-    labeled = read_split(Path(initial["data"]), "labeled")
+    sim_data = simulation_data(folder / "data", initial["data"])
+    labeled = read_split(initial["data"], "labeled")
     rows = []
     while (folder / f"round{len(rows)}" / "row.json").is_file():
         rows.append(json.loads((folder / f"round{len(rows)}" / "row.json").read_text()))
         labeled += rows[-1]["picks"]
-    write_split(sim_data, "val", read_split(Path(initial["data"]), "val"))
+    write_split(sim_data, "val", read_split(initial["data"], "val"))
     for round_ in range(len(rows), settings["rounds"] + 1):
         write_splits(sim_data, labeled, pool)
         here = folder / f"round{round_}"
