@@ -11,8 +11,8 @@ the next round fine-tunes ``iters`` iterations from the round before, with the a
 Results: OUT/simulation.{json,md,png}, mIoU against labelled images, one curve per strategy.
 
 OUT/initial/data and OUT/<strategy>/data are the simulation's own dataset folders (DATA's images and masks
-linked, their own splits), so DATA is never written. Each finished round is recorded (OUT/<strategy>/round<r>/row.json, atomically);
-running the same command again continues after the last finished round, and a round killed half-way starts
+linked, DATA's val split, their own training splits), so DATA is never written. Each finished round is
+recorded (OUT/<strategy>/round<r>/row.json, atomically); running the same command again continues after the last finished round, and a round killed half-way starts
 over from the round before, with the same seeds, so the curve is the one an uninterrupted run draws.
 """
 from __future__ import annotations
@@ -92,13 +92,15 @@ def start_or_resume(out: Path, settings: dict) -> dict:
 
 
 def simulation_data(folder: Path, data: Path) -> Path:
-    """The strategy's dataset folder: DATA's classes, images and masks (linked, never written), its own splits."""
+    """A dataset folder of the simulation: DATA's classes, val split, images and masks (linked, never written);
+    the training splits are its own."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(data / "classes.json", folder / "classes.json")
     for name in ("images", "masks"):
         link = folder / name
         if not link.is_symlink():
             link.symlink_to((data / name).resolve(), target_is_directory=True)
+    write_split(folder, "val", read_split(data, "val"))
     return folder
 
 
@@ -122,7 +124,7 @@ def write_splits(folder: Path, labeled: list[str], pool: list[str]) -> None:
 
 def initial_round(settings: dict, data: Path, out: Path, pool: list[str], progress=print) -> dict:
     """Round 0, shared by every strategy: trained once on the initial images, scored and exported;
-    {labeled, miou, package}."""
+    {labeled, miou, package, data, checkpoint}."""
     from export.package import export_package
     from training.engine import Trainer
 
@@ -130,7 +132,6 @@ def initial_round(settings: dict, data: Path, out: Path, pool: list[str], progre
     row_path = here / "row.json"
     if not row_path.is_file():
         sim_data = simulation_data(here / "data", data)
-        write_split(sim_data, "val", read_split(data, "val"))
         write_splits(sim_data, sorted(random.Random(settings["seed"]).sample(pool, settings["initial"])), pool)
         progress(f"round 0 (every strategy): training on {settings['initial']} labelled images")
         result = Trainer(train_config(settings, sim_data, here / "train", 0, settings["init_from"]), progress=False).fit()
@@ -164,7 +165,6 @@ def run_strategy(strategy: str, settings: dict, initial: dict, out: Path, pool: 
     while (folder / f"round{len(rows)}" / "row.json").is_file():
         rows.append(json.loads((folder / f"round{len(rows)}" / "row.json").read_text()))
         labeled += rows[-1]["picks"]
-    write_split(sim_data, "val", read_split(initial["data"], "val"))
     for round_ in range(len(rows), settings["rounds"] + 1):
         write_splits(sim_data, labeled, pool)
         here = folder / f"round{round_}"
