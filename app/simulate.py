@@ -12,8 +12,9 @@ Results: OUT/simulation.{json,md,png}, mIoU against labelled images, one curve p
 
 OUT/initial/data and OUT/<strategy>/data are the simulation's own dataset folders (DATA's images and masks
 linked, DATA's val split, their own training splits), so DATA is never written. Each finished round is
-recorded (OUT/<strategy>/round<r>/row.json, atomically); running the same command again continues after the last finished round, and a round killed half-way starts
-over from the round before, with the same seeds, so the curve is the one an uninterrupted run draws.
+recorded (OUT/<strategy>/round<r>/row.json, atomically); running the same command again continues after the
+last finished round, and a round killed half-way starts over from the round before, with the same seeds, so
+the curve is the one an uninterrupted run draws.
 """
 from __future__ import annotations
 
