@@ -115,6 +115,20 @@ def scale_draws(method) -> list[tuple[float, float, float]]:
     return pairs
 
 
+def expected_flops(parts: list) -> float:
+    """FLOPs of one iteration, forward and backward, counted by PyTorch's FlopCounterMode (convolutions and
+    matrix products, the arithmetic that dominates), as the probability-weighted sum over ``parts``: one
+    (step, weight) for a fixed-cost method, one per (v, t) pair for ScaleMatch. Unlike seconds, this does not
+    depend on the machine's load, so it says how much of a time ratio is arithmetic and how much is waste."""
+    from torch.utils.flop_counter import FlopCounterMode
+    total = 0.0
+    for fn, weight in parts:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        total += weight * counter.get_total_flops()
+    return total
+
+
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -156,20 +170,22 @@ def ratio_rows(backbone: str, crop: int, batch: int, rounds: int, device: torch.
     for _ in range(rounds):
         for name, parts in settings.items():
             seconds[name].append(sum(weight * timed(fn, device) for fn, weight in parts))
-    rows = [{"setting": name, "sec_per_iter": spread(ts), "iters_per_sec": 1 / statistics.median(ts)}
-            for name, ts in seconds.items()]
+    flops = {name: expected_flops(parts) for name, parts in settings.items()}
+    rows = [{"setting": name, "sec_per_iter": spread(ts), "iters_per_sec": 1 / statistics.median(ts),
+             "gflop_per_iter": flops[name] / 1e9} for name, ts in seconds.items()]
 
     def ratio(num: str, den: str) -> dict | None:
         if num not in seconds or den not in seconds:
             return None
-        return {"ratio": f"{num} / {den}", **spread([a / b for a, b in zip(seconds[num], seconds[den])])}
+        return {"ratio": f"{num} / {den}", **spread([a / b for a, b in zip(seconds[num], seconds[den])]),
+                "flop_ratio": flops[num] / flops[den]}
     precision = str(low).replace("torch.", "") if low else None
     ratios = [r for r in [ratio("scalematch fp32", "unimatch fp32"), ratio("scalematch fp32 official", "unimatch fp32"),
                           ratio(f"scalematch {precision}", f"unimatch {precision}"),
                           ratio("unimatch fp32", f"unimatch {precision}"),
                           ratio("scalematch fp32", f"scalematch {precision}"),
                           ratio(f"unimatch {precision}", f"unimatch {precision} channels-last")] if r]
-    return {"rows": rows, "ratios": ratios, "seconds": seconds}
+    return {"rows": rows, "ratios": ratios, "seconds": seconds, "flops": flops}
 
 
 def write_ratios(args, device: torch.device) -> None:
@@ -177,13 +193,16 @@ def write_ratios(args, device: torch.device) -> None:
     for row in result["rows"]:
         row.update({f"sec_{k}": v for k, v in row.pop("sec_per_iter").items()})
     rows_table = markdown_table(result["rows"], [("setting", "setting"), ("sec_median", "s / iter (median)"),
-                                                  ("sec_min", "min"), ("sec_max", "max"), ("iters_per_sec", "it / s")])
+                                                  ("sec_min", "min"), ("sec_max", "max"), ("iters_per_sec", "it / s"),
+                                                  ("gflop_per_iter", "GFLOP / iter")])
     ratio_table = markdown_table(result["ratios"], [("ratio", "ratio of s / iter"), ("median", "median"), ("min", "min"),
-                                                    ("max", "max")])
+                                                    ("max", "max"), ("flop_ratio", "ratio of FLOPs")])
     note = (f"{args.backbones.split(',')[0]}, crop {args.crop}, batch {args.batch}+{args.batch}, {args.rounds} interleaved "
             "rounds of one optimiser step per setting (random inputs, after one warm-up step each); ScaleMatch's "
             "s / iter is its expected cost over its (v, t) draw; 'official' is --plain-sup-weight 0 (the released code's "
-            "fused-only labelled loss, no extra decoder pass for the plain path). Ratios are taken per round.")
+            "fused-only labelled loss, no extra decoder pass for the plain path). Ratios are taken per round. GFLOP / iter: "
+            "forward and backward, counted by torch.utils.flop_counter (expected over ScaleMatch's draw); a time ratio "
+            "below the FLOP ratio means the extra passes run at least as efficiently as UniMatch's.")
     write_results("train_speed_ratios", {"machine": machine(), "device": str(device), "args": vars(args), **result},
                   rows_table + "\n\n" + ratio_table, note, script="train_speed")
 

@@ -146,6 +146,24 @@ def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
     first = result["ratios"][0]
     assert first["ratio"] == "scalematch fp32 / unimatch fp32"
     assert first["median"] == pytest.approx(statistics.median(a / b for a, b in zip(sec["scalematch fp32"], sec["unimatch fp32"])))
+    flops = result["flops"]
+    assert first["flop_ratio"] == pytest.approx(flops["scalematch fp32"] / flops["unimatch fp32"])
+    # the plain path's extra decoder pass is the only FLOP difference from the official (fused-only) step
+    assert flops["scalematch fp32"] > flops["scalematch fp32 official"] > flops["unimatch fp32"] > 0
+
+
+def test_expected_flops_weigh_each_draw_and_count_the_backward_pass():
+    import torch
+
+    from bench.train_speed import expected_flops
+
+    layer = torch.nn.Linear(8, 4, bias=False)
+
+    def step(n):
+        return lambda: layer(torch.randn(n, 8)).sum().backward()
+    # forward 2*n*8*4; backward: the weight's gradient only (the input needs none), as much again
+    assert expected_flops([(step(3), 1.0)]) == 2 * (2 * 3 * 8 * 4)
+    assert expected_flops([(step(3), 0.25), (step(5), 0.75)]) == pytest.approx(0.25 * 384 + 0.75 * 640)
 
 
 def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training_command():

@@ -9,15 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training import checkpoint as checkpoint_module
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.cli import main
 from training.config import ConfigError
+from training.data.folder import class_pixel_counts, read_split
 from training.engine import Trainer, autocast_dtype, check_bf16_input_size, cpu_has_bf16, poly_lr
 from training.evaluate import confusion_matrix, metrics_from_confusion
+from training.losses import balanced_class_weights
 
 from .conftest import tiny_config
 
@@ -84,6 +88,28 @@ def test_amp_cpu_refuses_images_too_small_for_bfloat16_gradients(tiny_data, tmp_
     cfg.method_cfg.img_scales = (0.5, 2.0)
     check_bf16_input_size(cfg)
     check_bf16_input_size(tiny_config(tiny_data, tmp_path))
+
+
+def test_balanced_class_weights_come_from_the_labelled_masks_and_reach_the_loss(tiny_data, tmp_path):
+    ids = read_split(tiny_data, "labeled")
+    counts = np.zeros(5, np.int64)
+    for i in ids:
+        mask = np.array(Image.open(tiny_data / "masks" / f"{i}.png"))
+        counts += np.bincount(mask[mask != 255].ravel(), minlength=5)
+    assert class_pixel_counts(tiny_data, ids, 5).tolist() == counts.tolist()
+
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.optim.class_weights = "balanced"
+    trainer = Trainer(cfg, progress=False)
+    assert torch.equal(trainer.class_weights, balanced_class_weights(counts))
+    logits, target = torch.randn(2, 5, 4, 4), torch.randint(0, 5, (2, 4, 4))
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=trainer.class_weights)
+    assert trainer.method.sup_loss(logits, target) == pytest.approx(float(expected))
+    assert Trainer(tiny_config(tiny_data, tmp_path / "plain"), progress=False).class_weights is None
+
+    cfg.optim.class_weights = "inverse"
+    with pytest.raises(ConfigError, match="--class-weights must be none or balanced, got 'inverse'"):
+        Trainer(cfg, progress=False)
 
 
 needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")

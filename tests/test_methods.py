@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from training.config import ModelConfig
-from training.losses import cross_entropy, ohem_cross_entropy, pseudo_label_loss
+from training.losses import balanced_class_weights, cross_entropy, ohem_cross_entropy, pseudo_label_loss
 from training.methods import METHODS, StepContext, get_method
 from training.methods import scalematch as scalematch_module
 from training.methods.base import mixed_targets, paste
@@ -198,6 +198,28 @@ def test_ohem_keeps_hard_pixels():
     logits[0, 0, 0, :2] = 10  # easy pixels (class 0 confident and correct)
     target = torch.zeros(1, 1, 4, dtype=torch.long)
     assert ohem_cross_entropy(logits, target, thresh=0.7, min_kept=1) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-4)
+
+
+def test_balanced_class_weights_by_hand():
+    # shares 0.9 / 0.1 / 0: 1/sqrt(share) = 1.054, 3.162; their pixel-weighted mean 1.265 becomes 1
+    w = balanced_class_weights([900, 100, 0])
+    assert w[:2].tolist() == pytest.approx([0.8333, 2.5], abs=1e-4)
+    assert float(0.9 * w[0] + 0.1 * w[1]) == pytest.approx(1.0)
+    assert w[2] == w[1]  # a class with no labelled pixel gets the largest weight
+    assert balanced_class_weights([5, 5]).tolist() == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one labelled pixel"):
+        balanced_class_weights([0, 0])
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean_over_valid_pixels():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).T.reshape(1, 2, 1, 3)
+    target = torch.tensor([[[0, 1, 255]]])
+    weight = torch.tensor([1.0, 3.0])
+    ce = -torch.log_softmax(logits, 1)[0, :, 0]  # [class, pixel]
+    expected = (1.0 * ce[0, 0] + 3.0 * ce[1, 1]) / (1.0 + 3.0)
+    assert cross_entropy(logits, target, weight) == pytest.approx(float(expected))
+    assert ohem_cross_entropy(logits, target, min_kept=10, weight=weight) == pytest.approx(float(expected))
+    assert cross_entropy(logits, target) == pytest.approx(float((ce[0, 0] + ce[1, 1]) / 2))
 
 
 def test_cutmix_mixing_of_targets():

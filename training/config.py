@@ -55,6 +55,8 @@ class OptimConfig:
     ohem: bool = hp(False, "OHEM supervised loss (Cityscapes: keep pixels with p_gt < 0.7, at least 200k per batch)")
     ohem_thresh: float = hp(0.7, "OHEM: pixels whose ground-truth probability is below this are kept")
     ohem_min_kept: int = hp(200000, "OHEM: minimum number of pixels kept per batch")
+    class_weights: str = hp("none", "supervised CE class weights: none, or balanced (1/sqrt of each class's share of the "
+                                    "labelled pixels, mean weight 1) for classes that are rare or confused with a common one")
 
 
 @dataclass

@@ -18,11 +18,11 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ConfigError, TrainConfig, dataclass_from_dict
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
-from .data.folder import DatasetError, fingerprint, load_classes, read_split
+from .data.folder import DatasetError, class_pixel_counts, fingerprint, load_classes, read_split
 from .data.validate import check_dataset
 from .distributed import DistInfo, all_gather_objects, average_buffers, barrier, init_distributed, process_seed
 from .evaluate import evaluate
-from .losses import cross_entropy, ohem_cross_entropy
+from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, build_aux, get_method
 from .run_settings import check_out_dir, check_resume, start_out_dir
 from .tensorboard import TensorBoard
@@ -80,14 +80,24 @@ def check_bf16_input_size(cfg: TrainConfig) -> None:
                           f"CPU are wrong below {MIN_BF16_INPUT} px. Use a larger --crop-size, or drop --amp-cpu.")
 
 
-def build_method(cfg: TrainConfig, num_classes: int) -> Method:
+def supervised_class_weights(kind: str, root: Path, labeled_ids: list[str], num_classes: int) -> torch.Tensor | None:
+    """--class-weights: None for 'none'; for 'balanced', weights from the labelled masks' pixel counts."""
+    if kind == "none":
+        return None
+    if kind != "balanced":
+        raise ConfigError(f"--class-weights must be none or balanced, got {kind!r}")
+    return balanced_class_weights(class_pixel_counts(root, labeled_ids, num_classes))
+
+
+def build_method(cfg: TrainConfig, num_classes: int, class_weights: torch.Tensor | None = None) -> Method:
     method_cls = get_method(cfg.method)
     o = cfg.optim
     if o.ohem:
         def sup_loss(logits, target):
-            return ohem_cross_entropy(logits, target, o.ohem_thresh, o.ohem_min_kept)
+            return ohem_cross_entropy(logits, target, o.ohem_thresh, o.ohem_min_kept, class_weights)
     else:
-        sup_loss = cross_entropy
+        def sup_loss(logits, target):
+            return cross_entropy(logits, target, class_weights)
     # On --resume the checkpoint replaces the encoder's initial weights, so their file is not needed.
     model_cfg = replace(cfg.model, pretrained="") if cfg.run.resume else cfg.model
     method = method_cls(cfg.method_cfg, model_cfg, num_classes, sup_loss)
@@ -154,8 +164,14 @@ class Trainer:
         self.val_ids = read_split(self.root, "val")
         self.data_fingerprint = fingerprint(self.root)
 
+        self.class_weights = supervised_class_weights(cfg.optim.class_weights, self.root, self.labeled_ids,
+                                                      len(self.classes))
+        if self.class_weights is not None and self.progress:
+            print("class weights: " + ", ".join(f"{c.name} {w:.2f}" for c, w in zip(self.classes, self.class_weights.tolist())),
+                  flush=True)
+
         seed_everything(cfg.run.seed)
-        self.method = build_method(cfg, len(self.classes)).to(self.device)
+        self.method = build_method(cfg, len(self.classes), self.class_weights).to(self.device)
         if self.method.uses_unlabeled and not self.unlabeled_ids:
             raise DatasetError(f"{self.root / 'splits' / 'unlabeled.txt'}: method {cfg.method!r} needs unlabelled images; "
                                "list some there or use --method supervised.")

@@ -183,6 +183,15 @@ def check_mask(path: str | Path, size: tuple[int, int], values: list[int], num_c
             "Fix the mask or add the classes.")
 
 
+def class_pixel_counts(root: str | Path, ids: list[str], num_classes: int) -> np.ndarray:
+    """int64 [num_classes]: how many pixels of each class the masks of ``ids`` hold (255 not counted)."""
+    counts = np.zeros(num_classes, np.int64)
+    for image_id in ids:
+        mask = read_mask(mask_path(root, image_id))
+        counts += np.bincount(mask[mask != IGNORE].ravel(), minlength=num_classes)[:num_classes]
+    return counts
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Write through a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
