@@ -41,7 +41,8 @@ def labels_to_reach(curve: list[tuple[int, float]], target: float) -> int | None
 def summarise(rows: list[dict]) -> list[dict]:
     """One line per (benchmark, strategy): the mean +- std curve over seeds, the final mIoU, the mean labelling
     effort, the labels its mean curve needs to reach random's final mean mIoU (and that as a fraction of
-    random's labels), and, for scale disagreement, its mean mIoU gain over entropy paired by seed and round."""
+    random's labels), its final mIoU gain over random paired by seed (the seeds' shared start cancels), and, for
+    scale disagreement, its mean mIoU gain over entropy paired by seed and round."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["benchmark"], r["strategy"]), []).append(r)
@@ -61,6 +62,14 @@ def summarise(rows: list[dict]) -> list[dict]:
         line["labels_to_random_final"] = needed
         line["label_fraction_of_random"] = None if needed is None else needed / random_labels
     for line in out:
+        if line["strategy"] == "random":
+            continue
+        final = {r["seed"]: r["miou"] for r in groups.get((line["benchmark"], "random"), [])
+                 if r["labeled"] == line["curve"][-1]["labeled"]}
+        gains = [r["miou"] - final[r["seed"]] for r in groups[(line["benchmark"], line["strategy"])]
+                 if r["labeled"] == line["curve"][-1]["labeled"] and r["seed"] in final]
+        line["final_gain_over_random"] = mean_std(gains) if gains else None
+    for line in out:
         if line["strategy"] == "scale_disagreement":
             by = {(r["seed"], r["labeled"]): r["miou"] for r in groups.get((line["benchmark"], "entropy"), [])}
             gains = [r["miou"] - by[(r["seed"], r["labeled"])] for r in groups[(line["benchmark"], "scale_disagreement")]
@@ -78,8 +87,9 @@ def markdown(summary: list[dict]) -> str:
         counts = [p["labeled"] for p in lines_b[0]["curve"]]
         lines += [f"### {bench}", "",
                   "| strategy | seeds | " + " | ".join(f"mIoU @{n}" for n in counts)
-                  + " | labels to reach random's final mIoU | labelling effort % | gain over entropy |",
-                  "|---|---|" + "---|" * len(counts) + "---|---|---|"]
+                  + " | labels to reach random's final mIoU | final gain over random | labelling effort % "
+                  "| gain over entropy |",
+                  "|---|---|" + "---|" * len(counts) + "---|---|---|---|"]
         for s in lines_b:
             by_n = {p["labeled"]: p["miou"] for p in s["curve"]}
             needed = s.get("labels_to_random_final")
@@ -87,7 +97,8 @@ def markdown(summary: list[dict]) -> str:
             reach = "-" if "labels_to_random_final" not in s else (
                 "not reached" if needed is None else f"{needed} ({100 * fraction:.0f} %)")
             lines.append(f"| {s['strategy']} | {len(s['seeds'])} | " + " | ".join(cell(by_n.get(n)) for n in counts)
-                         + f" | {reach} | {cell(s['effort'], 100)} | {cell(s.get('gain_over_entropy'))} |")
+                         + f" | {reach} | {cell(s.get('final_gain_over_random'))} | {cell(s['effort'], 100)} "
+                         f"| {cell(s.get('gain_over_entropy'))} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -149,7 +160,8 @@ def publish(rows: list[dict], budget: dict, results: Path) -> None:
             f"later round fine-tuned {budget['iters']} iterations from the one before (crop {budget['crop_size']}, batch "
             f"{budget['batch_size']}, lr {budget['lr']}), pool of {budget['pool']} images of {budget['size']} px, "
             f"{budget['n_val']} val images. mIoU x1.0 on val, mean ± std over seeds; labels to reach random's final mIoU "
-            "read off the mean curves (the fraction is of random's labels); labelling effort: share of pre-annotated "
+            "read off the mean curves (the fraction is of random's labels); final gain over random: the last "
+            "round's mIoU minus random's, paired by seed; labelling effort: share of pre-annotated "
             "pixels the oracle's masks correct; gain over entropy: scale disagreement minus entropy, paired by seed and "
             "round.\n\n![curves](active_learning_curves.png)")
     write_results("active_learning", {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},

@@ -112,7 +112,10 @@ def test_active_learning_summary_on_fake_rows(tmp_path):
     assert scale["gain_over_entropy"] == (pytest.approx(1 / 3), pytest.approx(2.4221, abs=1e-4))
     assert "gain_over_entropy" not in entropy
     table = markdown(summarise(rows))
-    assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | - | - |" in table
+    # last round, paired by seed: entropy 40 - 30 and 38 - 34
+    assert entropy["final_gain_over_random"] == (7.0, pytest.approx(18 ** 0.5))
+    assert "final_gain_over_random" not in random
+    assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | 7.0 ± 4.2 | - | - |" in table
     assert "| random | 2 |" in table and "35.0 ± 19.1" in table
     budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "initial_iters": 200, "crop_size": 64,
               "batch_size": 2, "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
