@@ -166,6 +166,8 @@ class Trainer:
 
         self.class_weights = supervised_class_weights(cfg.optim.class_weights, self.root, self.labeled_ids,
                                                       len(self.classes))
+        if self.class_weights is not None:
+            self.class_weights = self.class_weights.to(self.device)  # once, not a copy per loss call
         if self.class_weights is not None and self.progress:
             print("class weights: " + ", ".join(f"{c.name} {w:.2f}" for c, w in zip(self.classes, self.class_weights.tolist())),
                   flush=True)

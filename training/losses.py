@@ -13,8 +13,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     valid = target != IGNORE
     if not valid.any():
         return logits.sum() * 0.0
-    if weight is not None:
-        weight = weight.to(logits.device)
     return F.cross_entropy(logits.float(), target, weight=weight, ignore_index=IGNORE)
 
 
