@@ -192,3 +192,23 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
         train_argv(args, "prcl:num-queries", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     args.amp_cpu = True
     assert "--amp-cpu" in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+
+
+def test_demo_recipe_summary_checks_every_class_on_every_seed(tmp_path):
+    from bench.demo_recipe import run_result, summarise
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"iter": 1, "sec_per_iter": 0.5}, {"iter": 2, "sec_per_iter": 0.25},
+             {"iter": 2, "val": {"miou": 70.0, "iou": {"background": 95.0, "disc": 45.0}}}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert run_result(run) == {"miou": 70.0, "iou": {"background": 95.0, "disc": 45.0}, "train_s": 0.75}
+
+    def row(recipe, seed, disc, minutes):
+        return {"recipe": recipe, "seed": seed, "miou": (90 + disc) / 2, "iou": {"background": 90.0, "disc": disc},
+                "train_s": minutes * 60}
+    rows = [row("a", 0, 60.0, 9), row("a", 1, 49.0, 9), row("b", 0, 60.0, 9), row("b", 1, 70.0, 11), row("c", 0, 55.0, 9),
+            row("c", 1, 50.0, 10)]
+    a, b, c = summarise(rows)
+    assert (a["meets_target"], b["meets_target"], c["meets_target"]) == (False, False, True)
+    assert a["weakest"] == {"iou": 49.0, "class": "disc", "seed": 1}
+    assert a["iou"]["disc"][0] == pytest.approx(54.5) and b["minutes"][0] == pytest.approx(10.0)

@@ -38,6 +38,19 @@ def test_synth_is_deterministic_and_multiscale(tmp_path):
     assert min(areas) < 0.005 and max(areas) > 0.2
 
 
+def test_synth_max_objects_sets_scene_density(tmp_path):
+    classes = load_classes(synthesize(tmp_path / "k", n_labeled=1, n_unlabeled=0, n_val=1, size=32, progress=False))
+    def foreground(max_objects):
+        return np.mean([(render(i, 0, 64, classes, max_objects=max_objects)[1] > 0).mean() for i in range(40)])
+    assert foreground(8) > 1.3 * foreground(5) > 1.3 * foreground(1)
+    assert render(3, 0, 64, classes)[0].tobytes() == render(3, 0, 64, classes, max_objects=5)[0].tobytes()
+    assert main(["data", "synth", str(tmp_path / "m"), "--max-objects", "8", "--n-labeled", "2", "--n-unlabeled", "0",
+                 "--n-val", "1", "--size", "32"]) == 0
+    with pytest.raises(SystemExit, match="--max-objects >= 1"):
+        main(["data", "synth", str(tmp_path / "z"), "--max-objects", "0"])
+    assert not (tmp_path / "z").exists()
+
+
 def test_synth_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "d"
     out.mkdir()

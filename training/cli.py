@@ -36,9 +36,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # --- data -------------------------------------------------------------------------------------------
 def cmd_data_synth(args) -> int:
     from .data.synth import synthesize
-    if min(args.n_labeled, args.n_val) < 1 or args.n_unlabeled < 0 or args.size < 16:
-        raise SystemExit("scaleseg data synth: need --n-labeled >= 1, --n-val >= 1, --n-unlabeled >= 0 and --size >= 16")
-    out = synthesize(args.out, args.classes, args.n_labeled, args.n_unlabeled, args.n_val, args.size, args.seed, args.force)
+    if min(args.n_labeled, args.n_val, args.max_objects) < 1 or args.n_unlabeled < 0 or args.size < 16:
+        raise SystemExit("scaleseg data synth: need --n-labeled >= 1, --n-val >= 1, --max-objects >= 1, --n-unlabeled >= 0 "
+                         "and --size >= 16")
+    out = synthesize(args.out, args.classes, args.n_labeled, args.n_unlabeled, args.n_val, args.size, args.seed, args.force,
+                     max_objects=args.max_objects)
     print(f"wrote {out}: {args.n_labeled} labelled, {args.n_unlabeled} unlabelled, {args.n_val} val images, {args.classes} classes")
     return 0
 
@@ -186,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-unlabeled", type=int, default=240)
     s.add_argument("--n-val", type=int, default=40)
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.add_argument("--max-objects", type=int, default=5, help="each image holds 1 to this many objects")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
     s.set_defaults(func=cmd_data_synth)

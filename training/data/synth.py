@@ -106,13 +106,14 @@ def render(index: int, seed: int, size: int, classes: list[ClassInfo],
 
 def synthesize(out: str | Path, num_classes: int = 5, n_labeled: int = 16, n_unlabeled: int = 240,
                n_val: int = 40, size: int = 128, seed: int = 0, force: bool = False,
-               progress: bool = True) -> Path:
-    """Write the dataset folder; built in a temp folder beside ``out`` and renamed, so never half-written."""
+               progress: bool = True, max_objects: int = 5) -> Path:
+    """Write the dataset folder; built in a temp folder beside ``out`` and renamed, so never half-written.
+    Each image holds 1..max_objects objects."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: folder exists and is not empty. Choose another folder or pass --force to replace it.")
-    if min(n_labeled, n_val) < 1 or n_unlabeled < 0 or size < 16:
-        raise ValueError("need --n-labeled >= 1, --n-val >= 1, --n-unlabeled >= 0 and --size >= 16")
+    if min(n_labeled, n_val, max_objects) < 1 or n_unlabeled < 0 or size < 16:
+        raise ValueError("need --n-labeled >= 1, --n-val >= 1, --max-objects >= 1, --n-unlabeled >= 0 and --size >= 16")
     classes = class_table(num_classes)
     with staged_folder(out) as tmp:
         write_classes(tmp, classes)
@@ -123,7 +124,7 @@ def synthesize(out: str | Path, num_classes: int = 5, n_labeled: int = 16, n_unl
             ids = []
             for _ in range(count):
                 image_id = f"synth_{index:05d}"
-                img, mask = render(index, seed, size, classes)
+                img, mask = render(index, seed, size, classes, max_objects=max_objects)
                 write_image(tmp / "images" / f"{image_id}.png", img)
                 if split != "unlabeled":
                     write_mask(tmp / "masks" / f"{image_id}.png", mask)
