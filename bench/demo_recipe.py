@@ -63,7 +63,7 @@ def table(summary: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(REPO / "runs" / "demo_recipe"))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--supervised-iters", type=int, default=1500)
     p.add_argument("--iters", type=int, default=250, help="ScaleMatch stage iterations")
     p.add_argument("--scalematch-lrs", type=float, nargs="+", default=[0.005, 0.0025])

@@ -36,11 +36,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # --- data -------------------------------------------------------------------------------------------
 def cmd_data_synth(args) -> int:
     from .data.synth import synthesize
-    if min(args.n_labeled, args.n_val, args.max_objects) < 1 or args.n_unlabeled < 0 or args.size < 16:
-        raise SystemExit("scaleseg data synth: need --n-labeled >= 1, --n-val >= 1, --max-objects >= 1, --n-unlabeled >= 0 "
-                         "and --size >= 16")
-    out = synthesize(args.out, args.classes, args.n_labeled, args.n_unlabeled, args.n_val, args.size, args.seed, args.force,
-                     max_objects=args.max_objects)
+    try:
+        out = synthesize(args.out, args.classes, args.n_labeled, args.n_unlabeled, args.n_val, args.size, args.seed,
+                         args.force, max_objects=args.max_objects)
+    except ValueError as err:  # synthesize checks the counts and sizes before it writes anything
+        raise SystemExit(f"scaleseg data synth: {err}") from None
     print(f"wrote {out}: {args.n_labeled} labelled, {args.n_unlabeled} unlabelled, {args.n_val} val images, {args.classes} classes")
     return 0
 
