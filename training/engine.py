@@ -168,9 +168,9 @@ class Trainer:
                                                       len(self.classes))
         if self.class_weights is not None:
             self.class_weights = self.class_weights.to(self.device)  # once, not a copy per loss call
-        if self.class_weights is not None and self.progress:
-            print("class weights: " + ", ".join(f"{c.name} {w:.2f}" for c, w in zip(self.classes, self.class_weights.tolist())),
-                  flush=True)
+            if self.progress:
+                print("class weights: " + ", ".join(f"{c.name} {w:.2f}" for c, w in zip(self.classes, self.class_weights.tolist())),
+                      flush=True)
 
         seed_everything(cfg.run.seed)
         self.method = build_method(cfg, len(self.classes), self.class_weights).to(self.device)
