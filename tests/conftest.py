@@ -39,7 +39,7 @@ def tiny_config(root: Path, out: Path, method: str = "supervised", **method_over
     return TrainConfig(
         method=method,
         data=DataConfig(root=str(root), crop_size=32, batch_size=2, num_workers=0),
-        model=ModelConfig(backbone="resnet18"),
+        model=ModelConfig(backbone="resnet18", pretrained="none"),
         optim=OptimConfig(lr=0.01),
         run=RunConfig(out=str(out), max_iters=4, eval_every=2, save_every=1, seed=0, device="cpu"),
         method_cfg=method_cls.Config(**method_overrides),

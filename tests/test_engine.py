@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", "scalematch", "--backbone", "resnet18",
+    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", "scalematch", "--backbone", "resnet18", "--pretrained", "none",
             "--crop-size", "32", "--batch-size", "2", "--max-iters", "8", "--save-every", "1", "--eval-every", "4",
             "--num-workers", "1", "--lr", "0.01", "--warmup-epochs", "1", "--conf-thresh", "0.5", "--device", "cpu",
             "--out", str(out), *extra]
@@ -142,7 +142,7 @@ def test_amp_cpu_killed_and_resumed_run_ends_with_identical_weights(tiny_data, t
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path, method):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(tiny_data), "--method", method, "--backbone", "resnet18",
+           "-m", "training.cli", "train", str(tiny_data), "--method", method, "--backbone", "resnet18", "--pretrained", "none",
            "--crop-size", "32", "--batch-size", "2", "--max-iters", "3", "--eval-every", "3", "--num-workers", "0",
            "--device", "cpu", "--out", str(out)]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
@@ -237,7 +237,7 @@ def test_eval_refuses_other_class_set_and_non_checkpoints(tiny_data, data_copy, 
 
 def test_train_cli_reports_corrupt_image_by_name(data_copy, tmp_path, capsys):
     (data_copy / "images" / "synth_00003.png").write_bytes(b"\x89PNG broken")
-    code = main(["train", str(data_copy), "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+    code = main(["train", str(data_copy), "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "--batch-size", "2",
                  "--max-iters", "2", "--num-workers", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert code == 2
     err = capsys.readouterr().err
@@ -283,7 +283,7 @@ def test_torchrun_ranks_draw_independently_and_share_batchnorm_statistics(tiny_d
     probe, out = tmp_path / "probe.py", tmp_path / "run"
     probe.write_text(DDP_PROBE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe), str(tmp_path),
-           str(tiny_data), "--method", "scalematch", "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+           str(tiny_data), "--method", "scalematch", "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "--batch-size", "2",
            "--max-iters", "3", "--eval-every", "3", "--num-workers", "0", "--device", "cpu", "--out", str(out)]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -31,7 +31,7 @@ def batches(seed: int = 0):
 def make(name: str, **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    return cls(cls.Config(**overrides), ModelConfig(backbone="resnet18"), K, cross_entropy).train()
+    return cls(cls.Config(**overrides), ModelConfig(backbone="resnet18", pretrained="none"), K, cross_entropy).train()
 
 
 CTX = StepContext(iteration=0, epoch=0, total_iters=10, iters_per_epoch=5)

@@ -41,7 +41,7 @@ def batches(seed: int = 0, side: int = S):
 def make(name: str, **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    return cls(cls.Config(**{**SMALL[name], **overrides}), ModelConfig(backbone="resnet18"), K, cross_entropy).train()
+    return cls(cls.Config(**{**SMALL[name], **overrides}), ModelConfig(backbone="resnet18", pretrained="none"), K, cross_entropy).train()
 
 
 def ctx(iteration: int = 5, total: int = 10) -> StepContext:
@@ -235,7 +235,7 @@ def test_export_keeps_the_plain_segmenter(tiny_data, checkpoints, tmp_path, name
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path, name):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(tiny_data), "--method", name, "--backbone", "resnet18",
+           "-m", "training.cli", "train", str(tiny_data), "--method", name, "--backbone", "resnet18", "--pretrained", "none",
            "--crop-size", "32", "--batch-size", "2", "--max-iters", "3", "--eval-every", "3", "--num-workers", "0",
            "--device", "cpu", "--out", str(out), "--d-channels" if name == "advsemseg" else "--fd-channels", "8"]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=1800)

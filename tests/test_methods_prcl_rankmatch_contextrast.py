@@ -303,7 +303,7 @@ DDP_RUNS = {
 def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(tiny_data), *DDP_RUNS[run], "--backbone", "resnet18", "--crop-size", "32",
+           "-m", "training.cli", "train", str(tiny_data), *DDP_RUNS[run], "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32",
            "--batch-size", "2", "--max-iters", "2", "--eval-every", "2", "--num-workers", "0", "--device", "cpu",
            "--out", str(out)]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
@@ -313,7 +313,7 @@ def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run
     state = ckpt["method_state"]
     heads = [k for k in state if k.startswith(("aux.", "rep_head.", "unc_head.", "proto_"))]
     assert bool(heads) == (run != "rankmatch"), "the training-only parts are trained and saved (RankMatch has none)"
-    plain = build_model(ModelConfig(backbone="resnet18"), 5, cif=run.startswith("scalematch"))
+    plain = build_model(ModelConfig(backbone="resnet18", pretrained="none"), 5, cif=run.startswith("scalematch"))
     assert ckpt["inference"]["state_dict"].keys() == plain.state_dict().keys()  # export: the plain network
     if run == "prcl":
         assert state["proto_seen"].sum() >= 2

@@ -138,7 +138,7 @@ def test_export_is_the_plain_network_and_passes_parity(tiny_data, tmp_path, meth
     cfg.run.max_iters = 1
     Trainer(cfg, progress=False).fit()
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
-    plain = build_model(ModelConfig(backbone="resnet18"), 5)
+    plain = build_model(ModelConfig(backbone="resnet18", pretrained="none"), 5)
     assert set(ckpt["inference"]["state_dict"]) == set(plain.state_dict())
     meta = export_package(tmp_path / "run" / "last.pt", tmp_path / "pkg", data=tiny_data, progress=lambda m: None)
     assert meta["parity"]["passed"] and meta["method"] == method
@@ -155,7 +155,7 @@ def test_export_is_the_plain_network_and_passes_parity(tiny_data, tmp_path, meth
 
 
 def train_cmd(data, out, method: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--backbone", "resnet18",
+    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--backbone", "resnet18", "--pretrained", "none",
             "--crop-size", "32", "--batch-size", "2", "--max-iters", "6", "--save-every", "1", "--eval-every", "3",
             "--num-workers", "1", "--lr", "0.01", "--device", "cpu", "--out", str(out), *extra]
 

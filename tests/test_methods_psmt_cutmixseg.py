@@ -235,7 +235,7 @@ def test_psmt_trains_every_group_at_one_lr(tiny_data):
 
 
 def _train_cmd(data, out, method: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--backbone", "resnet18",
+    return [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--backbone", "resnet18", "--pretrained", "none",
             "--crop-size", "32", "--batch-size", "2", "--max-iters", "8", "--save-every", "1", "--eval-every", "4",
             "--num-workers", "1", "--lr", "0.01", "--device", "cpu", "--out", str(out), *extra]
 

@@ -71,7 +71,7 @@ def test_q_shift_moves_each_quarter_one_pixel():
 
 @pytest.mark.parametrize("backbone,os_", [("resnet18", 16), ("resnet18", 8), ("resnet50", 16)])
 def test_deeplab_shapes_and_strides(backbone, os_):
-    model = build_model(ModelConfig(backbone=backbone, output_stride=os_), num_classes=3).eval()
+    model = build_model(ModelConfig(backbone=backbone, output_stride=os_, pretrained="none"), num_classes=3).eval()
     x = torch.randn(1, 3, 64, 64)
     c1, c4 = model.encode(x)
     assert c1.shape[-1] == 16 and c4.shape[-1] == 64 // os_
@@ -81,7 +81,7 @@ def test_deeplab_shapes_and_strides(backbone, os_):
 
 
 def test_feature_perturbation_and_scaling():
-    model = build_model(ModelConfig(backbone="resnet18"), 3).train()
+    model = build_model(ModelConfig(backbone="resnet18", pretrained="none"), 3).train()
     x = torch.randn(2, 3, 64, 64)
     clean, feat, fp, _ = model.forward_fp(x, feature_scale=0.75)
     assert clean.shape == fp.shape == (2, 3, 64, 64)
@@ -90,7 +90,7 @@ def test_feature_perturbation_and_scaling():
 
 
 def test_cif_gate_and_multiscale_inference():
-    model = build_model(ModelConfig(backbone="resnet18"), 4, cif=True).eval()
+    model = build_model(ModelConfig(backbone="resnet18", pretrained="none"), 4, cif=True).eval()
     x = torch.randn(1, 3, 48, 64)
     s = model.cif(torch.randn(1, 256, 12, 16), torch.randn(1, 256, 12, 16))
     assert s.shape == (1, 1, 12, 16) and (s > 0).all() and (s < 1).all()

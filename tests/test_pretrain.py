@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training.cli import main
-from training.models.backbones import ResNetEncoder
+from training.models.encoders.resnet import ResNetEncoder
 from training.pretrain import DenseBYOL, PretrainConfig, correspondence, sample_crop, target_momentum
 
 

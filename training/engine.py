@@ -173,7 +173,14 @@ class Trainer:
                       flush=True)
 
         seed_everything(cfg.run.seed)
-        self.method = build_method(cfg, len(self.classes), self.class_weights).to(self.device)
+        # A resumed or --init-from run overwrites the encoder at once, so its published weights are not read.
+        fresh = cfg.run.resume or cfg.model.init_from
+        build_cfg = replace(cfg, model=replace(cfg.model, pretrained="none")) if fresh else cfg
+        self.method = build_method(build_cfg, len(self.classes), self.class_weights).to(self.device)
+        if self.progress:
+            source = f"from {cfg.model.init_from}" if cfg.model.init_from and not cfg.run.resume else (
+                "from the checkpoint" if cfg.run.resume else self.method.model.encoder.weights_source)
+            print(f"encoder: {cfg.model.backbone}, weights {source}", flush=True)
         if self.method.uses_unlabeled and not self.unlabeled_ids:
             raise DatasetError(f"{self.root / 'splits' / 'unlabeled.txt'}: method {cfg.method!r} needs unlabelled images; "
                                "list some there or use --method supervised.")

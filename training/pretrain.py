@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .config import ConfigError, hp
 from .data import transforms as T
 from .data.folder import atomic_write, image_path, load_image, read_split
-from .models.backbones import RESNETS, ResNetEncoder
+from .models.encoders.resnet import CHANNELS, ResNetEncoder
 
 
 @dataclass
@@ -135,7 +135,7 @@ class Branch(nn.Module):
     def __init__(self, backbone: str, hidden: int, proj: int):
         super().__init__()
         self.encoder = ResNetEncoder(backbone, output_stride=16)
-        channels = RESNETS[backbone][1]
+        channels = CHANNELS[backbone][3]
         self.global_proj = _mlp(channels, hidden, proj, dense=False)
         self.dense_proj = _mlp(channels, hidden, proj, dense=True)
 
@@ -221,8 +221,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     """Train and write ``OUT/encoder.pth`` (torchvision layout) and ``OUT/metrics.jsonl``; returns the weights path."""
     from .engine import resolve_device, seed_everything
     root, out = Path(cfg.data), Path(cfg.out)
-    if cfg.backbone not in RESNETS:
-        raise ConfigError(f"--backbone {cfg.backbone}: not available; choose {', '.join(RESNETS)}.")
+    if cfg.backbone not in CHANNELS:
+        raise ConfigError(f"--backbone {cfg.backbone}: not available; choose {', '.join(CHANNELS)}.")
     if cfg.iters < 1 or cfg.crop < 32 or cfg.batch_size < 2:
         raise ConfigError("scaleseg pretrain: needs --iters >= 1, --crop >= 32 and --batch-size >= 2 "
                           "(BatchNorm in the projector needs two images).")

@@ -110,9 +110,7 @@ class Contextrast(nn.Module):
             raise ConfigError(f"--contrast-level-weights needs {len(LEVELS)} values (layer1..layer4), "
                              f"got {len(cfg.contrast_level_weights)}")
         self.cfg = cfg
-        encoder = model.encoder
-        channels = [_out_channels(getattr(encoder, name)) for name in LEVELS]
-        self.heads = nn.ModuleList(projection_head(c, cfg.contrast_dim) for c in channels)
+        self.heads = nn.ModuleList(projection_head(c, cfg.contrast_dim) for c in model.encoder.level_channels)
         self.register_buffer("bank", torch.zeros(len(LEVELS), num_classes, cfg.contrast_dim))
         self.register_buffer("bank_seen", torch.zeros(len(LEVELS), num_classes, dtype=torch.bool))
 
@@ -241,8 +239,3 @@ class Contextrast(nn.Module):
             if terms:
                 total = total + weight * torch.stack(terms).mean()
         return total
-
-
-def _out_channels(stage: nn.Sequential) -> int:
-    """Output channels of a ResNet stage: its last block's last BatchNorm."""
-    return [m for m in stage[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features

@@ -118,9 +118,9 @@ class PseudoSeg(Method):
 
     def __init__(self, cfg, model_cfg, num_classes, supervised_loss):
         super().__init__(cfg, model_cfg, num_classes, supervised_loss)
-        high = self.model.encoder.high_channels
-        self.classifier = nn.Linear(high, num_classes - 1)
-        self.attention = SelfAttentionPropagation(high + high // 2, num_classes, cfg.attention_dim)
+        encoder = self.model.encoder
+        self.classifier = nn.Linear(encoder.high_channels, num_classes - 1)
+        self.attention = SelfAttentionPropagation(encoder.high_channels + encoder.mid_channels, num_classes, cfg.attention_dim)
 
     def training_heads(self):
         return [self.classifier, self.attention]

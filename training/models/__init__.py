@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .backbones import RESNETS
+from .encoders import ENCODERS
 from .deeplabv3plus import DeepLabV3Plus
 
-BACKBONES = tuple(RESNETS)
+BACKBONES = tuple(ENCODERS)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, cif: bool = False) -> DeepLabV3Plus:
-    """DeepLabV3+ on the configured ResNet; ``cif`` adds ScaleMatch's fusion module."""
+    """DeepLabV3+ on the configured encoder; ``cif`` adds ScaleMatch's fusion module."""
     return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.aspp_dilations, cif=cif)
 
 
