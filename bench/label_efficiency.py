@@ -1,10 +1,12 @@
 """Label efficiency: every method on the same data, budget and seeds, on two benchmarks.
 
 - ``synthetic``: the multi-scale shapes set of ``scaleseg data synth``;
-- ``textures``: real photographic textures from scikit-image's bundled images (bench/texture_scenes.py).
+- ``textures``: real photographic textures from scikit-image's bundled images (bench/texture_scenes.py);
+- ``photos``: the same scenes widened (several photographs per class, recoloured, turned, unevenly lit), so
+  that a few labels no longer cover a class: the label-bound benchmark.
 
 One run is (benchmark, labelled fraction, method, seed). Each trains in its own process (`scaleseg train`,
-ResNet-18 DeepLabV3+ from random init, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
+DeepLabV3+ on ``--backbone`` with ``--pretrained`` weights, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
 (the curves), and is scored at the end on val at those scales (and ScaleMatch with CIF multi-scale
 inference). All methods of one seed train on the same dataset and labelled subset; seeds change both the
 subset and the training randomness. With ``--warm-start N``
@@ -50,11 +52,12 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     if benchmark == "synthetic":
         from training.data.synth import synthesize
         synthesize(path, 5, pool_size, 0, n_val, size, POOL_SEED, force=True, progress=False)
-    elif benchmark == "textures":
+    elif benchmark in ("textures", "photos"):
         from bench.texture_scenes import synthesize_textures
-        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True)
+        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True,
+                            variety="wide" if benchmark == "photos" else "narrow")
     else:
-        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic or textures")
+        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, textures or photos")
     pool = read_split(path, "labeled")
     random.Random(seed).shuffle(pool)
     write_split(path, "labeled", sorted(pool[:n_labeled]))
@@ -86,7 +89,7 @@ def ordered(methods) -> list[str]:
 
 def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, lr: float, epochs_total: float) -> list[str]:
     base, aux, flags = method_parts(method)
-    argv = [str(data), "--method", base, "--backbone", "resnet18", "--crop-size", str(args.crop),
+    argv = [str(data), "--method", base, "--backbone", args.backbone, "--pretrained", args.pretrained, "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
             "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
@@ -198,6 +201,11 @@ def summarise(rows: list[dict]) -> list[dict]:
             gains = [r["miou_x1.0"] - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed]
             if gains:
                 line["gain_x1.0"] = mean_std(gains)
+        full = groups.get((bench, "1", "supervised"))
+        if sup and full and frac != "1":
+            # share of the gap between supervised at this fraction and supervised on every image, in percent
+            low, high = mean_std([r["miou_x1.0"] for r in sup])[0], mean_std([r["miou_x1.0"] for r in full])[0]
+            line["gap_closed"] = 100 * (line["miou_x1.0"][0] - low) / (high - low) if high > low else None
         out.append(line)
     return out
 
@@ -205,18 +213,22 @@ def summarise(rows: list[dict]) -> list[dict]:
 def markdown(summary: list[dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
+
+    def gap(v):
+        return "-" if v is None else f"{v:.0f}"
     lines = []
     for bench in sorted({s["benchmark"] for s in summary}):
         for frac in sorted({s["fraction"] for s in summary if s["benchmark"] == bench}, key=Fraction):
             lines += [f"### {bench}, {frac} labelled", "",
-                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | s / iter | peak RSS MiB |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | gap closed % | s / iter | peak RSS MiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             here = {s["method"]: s for s in summary if s["benchmark"] == bench and s["fraction"] == frac}
             for s in (here[m] for m in ordered(here)):
                 rss = s.get("peak_rss_mib")
                 spi = s.get("sec_per_iter")
                 lines.append(f"| {s['method']} | {len(s['seeds'])} | {cell(s.get('miou_x0.5'))} | {cell(s.get('miou_x1.0'))} | "
                              f"{cell(s.get('miou_x2.0'))} | {cell(s.get('miou_cif'))} | {cell(s.get('gain_x1.0'))} | "
+                             f"{gap(s.get('gap_closed'))} | "
                              f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if rss is None else f'{rss[0]:.0f}'} |")
             lines.append("")
     return "\n".join(lines)
@@ -241,7 +253,10 @@ def plot_curves(rows: list[dict], path: Path, warm_start: int = 0) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmarks", default="synthetic,textures")
-    p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16")
+    p.add_argument("--fractions", default="1/32", help="labelled fractions of the pool, e.g. 1/64,1/32,1/16; 1 labels "
+                   "every pool image (supervised only: the upper bound that gap_closed is measured against)")
+    p.add_argument("--backbone", default="resnet18", help="encoder of every run")
+    p.add_argument("--pretrained", default="none", help="encoder weights of every run: none (random init) or imagenet")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. fixmatch+contextrast; "
                    "METHOD:flag=value[:flag=value] sets the method's hyper-parameters, e.g. prcl:num-queries=32")
@@ -269,6 +284,8 @@ def main() -> None:
     work = Path(args.work)
     settings = work / "settings.json"
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
+    if (args.backbone, args.pretrained) != ("resnet18", "none"):  # studies from before encoders were a choice
+        budget.update(backbone=args.backbone, pretrained=args.pretrained)
     if args.warm_start:
         budget.update(warm_start=args.warm_start, warm_lr=args.warm_lr)
     if args.amp_cpu:
@@ -311,13 +328,17 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
     warm = budget.get("warm_start", 0)
     start = (f"from a supervised run of {warm} iterations (SGD lr {budget['warm_lr']}, same data and labelled subset) "
              "that every method of a seed shares, supervised included; the curves show that run, then each method"
-             if warm else "from random init")
+             if warm else "without a warm start")
     precision = "bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32"
-    note = (f"ResNet-18 DeepLabV3+ {start}, CPU, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
+    encoder = (f"{budget['backbone']} ({budget['pretrained']} weights)" if "backbone" in budget
+               else "ResNet-18 (random init)")
+    note = (f"DeepLabV3+ on {encoder} {start}, CPU, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
             "(head x10; CPS x1), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
-            "the gain is paired by seed (same data and labelled subset). s / iter is the median logged step time, "
+            "the gain is paired by seed (same data and labelled subset); gap closed is the share of the distance from "
+            "supervised at that fraction to supervised with every pool image labelled (fraction 1) that the method "
+            "covers, in percent. s / iter is the median logged step time, "
             "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
             f"![curves]({name}_curves.png)")
     write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},

@@ -9,6 +9,14 @@ further away: the same class looks different at different scales, the regime Sca
 Photometric noise (per-object gain and contrast, per-image brightness, Gaussian noise, blur) keeps
 brightness from giving the classes away; the grey textures (grass, brick, gravel) and the grey
 backgrounds can only be told apart by their texture.
+
+``variety="wide"`` (the ``photos`` benchmark) widens every class, because with one texture per class a
+handful of labelled images already covers it and a few labels do nearly as well as all of them: each class
+draws from several photographs (brick or printed text, gravel or a pile of coins, stained tissue or a cell
+culture), a texture is sampled at 0.5-2x its zoom and turned by a multiple of 90 degrees, half the objects
+and backgrounds are recoloured by a random hue rotation (colour varies within a class, as in natural
+photos, so a method's colour jitter does not contradict the labels), and the light falls off across the
+image in a random direction.
 """
 from __future__ import annotations
 
@@ -22,7 +30,10 @@ from training.data.folder import (ClassInfo, _default_color, staged_folder, writ
                                   write_split)
 
 CLASS_SOURCES = {"grass": "grass", "brick": "brick", "gravel": "gravel", "fur": "chelsea", "tissue": "immunohistochemistry"}
+WIDE_CLASS_SOURCES = {"grass": ("grass", "retina"), "brick": ("brick", "page", "text"), "gravel": ("gravel", "coins"),
+                      "fur": ("chelsea", "cat"), "tissue": ("immunohistochemistry", "cell")}
 BACKGROUND_SOURCES = ("moon", "camera", "coffee", "rocket", "hubble_deep_field", "astronaut")
+WIDE_BACKGROUND_SOURCES = BACKGROUND_SOURCES + ("clock", "colorwheel", "microaneurysms")
 RADIUS_RANGE = (0.06, 0.48)   # object radius as a fraction of the image side: an 8x range
 TEXTURE_PATCH = 56            # source pixels across an object, whatever its size (texture scales with it)
 
@@ -39,6 +50,10 @@ def _photo(name: str) -> np.ndarray:
     img = np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0
     if name == "chelsea":
         img = img[40:260, 60:300]  # the cat's fur, not the room behind it
+    elif name == "cat":
+        img = img[30:270, 40:300]
+    elif name == "retina":
+        img = img[300:1100, 300:1100]  # the vessels, not the black frame
     return np.repeat(img[..., None], 3, axis=2) if img.ndim == 2 else img[..., :3]
 
 
@@ -84,11 +99,29 @@ def _blob(n: int, rng: np.random.Generator) -> np.ndarray:
     return rad <= np.clip(edge, 0.3, 1.0)
 
 
-def render(index: int, seed: int, size: int, max_objects: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """One RGB uint8 image and its uint8 mask, a pure function of (index, seed, size)."""
+def _hue_rotate(img: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate the chroma of float RGB by ``angle`` radians in YIQ space (luminance kept)."""
+    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
+    return img @ (np.linalg.inv(yiq) @ rot @ yiq).T.astype(np.float32)
+
+
+def _vary(tex: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The wide variety's per-texture changes: a quarter turn or more, and half the time a new hue."""
+    tex = np.rot90(tex, int(rng.integers(4)))
+    return _hue_rotate(tex, rng.uniform(0, 2 * np.pi)) if rng.random() < 0.5 else tex
+
+
+def render(index: int, seed: int, size: int, max_objects: int = 4, variety: str = "narrow") -> tuple[np.ndarray, np.ndarray]:
+    """One RGB uint8 image and its uint8 mask, a pure function of (index, seed, size, variety)."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index, 0x7E47])))
-    bg_src = _photo(BACKGROUND_SOURCES[int(rng.integers(len(BACKGROUND_SOURCES)))])
+    wide = variety == "wide"
+    backgrounds = WIDE_BACKGROUND_SOURCES if wide else BACKGROUND_SOURCES
+    bg_src = _photo(backgrounds[int(rng.integers(len(backgrounds)))])
     img = _patch(bg_src, int(rng.integers(size // 2, 2 * size)), size, rng)
+    if wide:
+        img = _vary(img, rng)
     img = img * rng.uniform(0.7, 1.2) + rng.uniform(-0.1, 0.1)
     mask = np.zeros((size, size), np.uint8)
     n = int(rng.integers(1, max_objects + 1))
@@ -97,7 +130,12 @@ def render(index: int, seed: int, size: int, max_objects: int = 4) -> tuple[np.n
         cid = int(rng.integers(1, len(CLASS_SOURCES) + 1))
         side = max(3, int(2 * r))
         shape = _blob(side, rng)
-        tex = _patch(_photo(list(CLASS_SOURCES.values())[cid - 1]), int(TEXTURE_PATCH * rng.uniform(0.8, 1.25)), side, rng)
+        if wide:
+            sources = list(WIDE_CLASS_SOURCES.values())[cid - 1]
+            tex = _patch(_photo(sources[int(rng.integers(len(sources)))]), int(TEXTURE_PATCH * np.exp(rng.uniform(-0.7, 0.7))), side, rng)
+            tex = _vary(tex, rng)
+        else:
+            tex = _patch(_photo(list(CLASS_SOURCES.values())[cid - 1]), int(TEXTURE_PATCH * rng.uniform(0.8, 1.25)), side, rng)
         mean = tex.mean((0, 1), keepdims=True)
         tex = (tex - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.75, 1.25) * rng.uniform(0.92, 1.08, 3)
         y0, x0 = int(rng.integers(-side // 4, size - side + side // 4 + 1)), int(rng.integers(-side // 4, size - side + side // 4 + 1))
@@ -107,6 +145,10 @@ def render(index: int, seed: int, size: int, max_objects: int = 4) -> tuple[np.n
             continue
         img[ys, xs][sub] = tex[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0][sub]
         mask[ys, xs][sub] = cid
+    if wide:  # light falling off across the scene in a random direction
+        yy, xx = np.mgrid[0:size, 0:size] / size - 0.5
+        angle = rng.uniform(0, 2 * np.pi)
+        img = img * (1 + rng.uniform(0.2, 0.6) * (np.cos(angle) * xx + np.sin(angle) * yy))[..., None]
     img = img + rng.normal(0, rng.uniform(0.01, 0.05), img.shape)
     out = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
     if rng.random() < 0.3:
@@ -115,7 +157,7 @@ def render(index: int, seed: int, size: int, max_objects: int = 4) -> tuple[np.n
 
 
 def synthesize_textures(out: str | Path, n_labeled: int, n_unlabeled: int, n_val: int, size: int = 128,
-                        seed: int = 0, force: bool = False) -> Path:
+                        seed: int = 0, force: bool = False, variety: str = "narrow") -> Path:
     """Write the dataset folder (built in a temp folder and renamed, so never half-written)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
@@ -127,7 +169,7 @@ def synthesize_textures(out: str | Path, n_labeled: int, n_unlabeled: int, n_val
             ids = []
             for _ in range(count):
                 image_id = f"tex_{index:05d}"
-                img, mask = render(index, seed, size)
+                img, mask = render(index, seed, size, variety=variety)
                 write_image(tmp / "images" / f"{image_id}.png", img)
                 if split != "unlabeled":
                     write_mask(tmp / "masks" / f"{image_id}.png", mask)

@@ -16,7 +16,7 @@ from training.config import ConfigError, ModelConfig
 from training.data.transforms import MEAN, STD
 from training.models import build_model
 from training.models.encoders import ENCODERS, build_encoder
-from training.models.encoders.efficientnet_lite import (WEIGHTS_MEAN, WEIGHTS_STD, _same_pad, fold_normalisation,
+from training.models.encoders.efficientnet_lite import (WEIGHTS_MEAN, WEIGHTS_STD, SamePad, fold_normalisation,
                                                         package_weights)
 from training.models.encoders.weights import read_state_dict
 
@@ -139,15 +139,54 @@ def test_normalisation_fold_is_exact_away_from_the_border():
     conv2, bn2 = nn.Conv2d(3, 8, 3, 2, 0, bias=False), nn.BatchNorm2d(8, eps=1e-3)
     conv2.load_state_dict(conv.state_dict()), bn2.load_state_dict(bn.state_dict())
     fold_normalisation(conv2, bn2)
-    x = torch.rand(1, 3, 17, 17)
+    x = torch.rand(1, 3, 17, 18)
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    pad = _same_pad(3)
+    pad = SamePad(3)
     with torch.no_grad():
         want = bn.eval()(conv(pad((x - WEIGHTS_MEAN) / WEIGHTS_STD)))
         got = bn2.eval()(conv2(pad((x - mean) / std)))
     assert torch.allclose(want[..., 1:-1, 1:-1], got[..., 1:-1, 1:-1], atol=1e-5)
 
 
+@pytest.mark.parametrize("side,before", [(8, 0), (7, 1), (1, 1)])
+def test_same_padding_follows_tensorflow(side, before):
+    """TF SAME for a 3x3 stride-2 convolution: an even side pads 0 before and 1 after, an odd side 1 and 1,
+    so the output has ceil(side / 2) rows however small the input."""
+    x = torch.ones(1, 1, side, side)
+    padded = SamePad(3)(x)
+    assert padded.shape[-1] == side + before + 1 and padded[0, 0, 0, :].sum() == (side if before == 0 else 0)
+    assert nn.Conv2d(1, 1, 3, 2)(padded).shape[-1] == -(-side // 2)
+
+
 def test_lite_weights_file_for_another_variant_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not fit --backbone efficientnet_lite0"):
         build_encoder("efficientnet_lite0", 16, str(package_weights("efficientnet_lite2")))
+
+
+def test_lite0_run_exports_cif_and_int8_graphs_with_parity(tiny_data, tmp_path):
+    """A ScaleMatch run on the ImageNet Lite0 encoder goes through export: single-scale and CIF graphs at
+    parity with PyTorch on dynamic shapes, and INT8 graphs that ONNX Runtime runs (a two-step model says
+    nothing about INT8 accuracy, so the gate is opened here; tests/test_int8.py tests the gate)."""
+    import json
+
+    from export.package import export_package
+    from export.quantize import Gate
+    from serving.backends import OnnxRuntimeBackend
+    from training.engine import Trainer
+
+    from .conftest import tiny_config
+
+    cfg = tiny_config(tiny_data, tmp_path / "run", method="scalematch")
+    cfg.model = ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet")
+    cfg.run.max_iters, cfg.run.eval_every = 2, 2
+    Trainer(cfg, progress=False).fit()
+    meta = export_package(tmp_path / "run" / "last.pt", tmp_path / "pkg", cif_scales=(0.5, 2.0), data=tiny_data,
+                          quantize="int8", int8_gate=Gate(min_agreement=0.0, max_miou_drop=100.0),
+                          progress=lambda *a, **k: None)
+    assert meta["backbone"] == "efficientnet_lite0" and meta["parity"]["passed"]
+    for runs in meta["parity"]["graphs"].values():
+        assert runs[0]["label_agreement"] >= 0.999
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 45, 62), dtype=np.uint8)
+    for graph in ("model.onnx", "model.cif.onnx", *json.loads((tmp_path / "pkg" / "meta.json").read_text())["int8"]["graphs"].values()):
+        out = OnnxRuntimeBackend(tmp_path / "pkg" / graph, providers=["CPUExecutionProvider"]).infer(images)
+        assert out["labels"].shape == (2, 45, 62)

@@ -28,18 +28,19 @@ def batches(seed: int = 0):
     return labeled, unl(), unl()
 
 
-def make(name: str, **overrides):
+def make(name: str, backbone: str = "resnet18", **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    return cls(cls.Config(**overrides), ModelConfig(backbone="resnet18", pretrained="none"), K, cross_entropy).train()
+    return cls(cls.Config(**overrides), ModelConfig(backbone=backbone, pretrained="none"), K, cross_entropy).train()
 
 
 CTX = StepContext(iteration=0, epoch=0, total_iters=10, iters_per_epoch=5)
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
 @pytest.mark.parametrize("name", list(METHODS))
-def test_one_step_returns_finite_named_losses(name):
-    method = make(name)
+def test_one_step_returns_finite_named_losses(name, backbone):
+    method = make(name, backbone)
     losses = method(*batches(), CTX)
     assert "loss" in losses and losses["loss"].requires_grad
     assert all(torch.isfinite(v).all() for v in losses.values())
