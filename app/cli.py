@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
                      help="start round 0 from this checkpoint (e.g. a supervised run on other data) instead of random init")
     sim.add_argument("--crop-size", type=int, default=96)
     sim.add_argument("--batch-size", type=int, default=4)
-    sim.add_argument("--backbone", default="resnet18")
+    sim.add_argument("--backbone", default="efficientnet_lite0", help="encoder of every round")
+    sim.add_argument("--pretrained", default="imagenet", help="round 0's encoder weights: imagenet, none or a .pth file")
     sim.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (head x10)")
     sim.add_argument("--balance", type=float, default=1.0, help="class balancing of the uncertainty strategies")
     sim.add_argument("--seed", type=int, default=0, help="initial labelled set, random picks and training")
@@ -81,7 +82,8 @@ def simulate_main(args: argparse.Namespace) -> int:
                 "k": args.top_k, "rounds": args.rounds, "method": args.method, "iters": args.iters,
                 "initial_iters": args.iters if args.initial_iters is None else args.initial_iters,
                 "init_from": str(args.init_from.resolve()) if args.init_from else "",
-                "crop_size": args.crop_size, "batch_size": args.batch_size, "backbone": args.backbone, "lr": args.lr,
+                "crop_size": args.crop_size, "batch_size": args.batch_size, "backbone": args.backbone,
+                "pretrained": args.pretrained, "lr": args.lr,
                 "balance": args.balance, "seed": args.seed, "device": args.device}
     try:
         simulate(args.data, args.out, settings)

@@ -111,7 +111,7 @@ def train_config(settings: dict, data: Path, out: Path, round_: int, init_from: 
     return TrainConfig(
         method=method.name,
         data=DataConfig(root=str(data), crop_size=settings["crop_size"], batch_size=settings["batch_size"], num_workers=0),
-        model=ModelConfig(backbone=settings["backbone"], init_from=str(init_from)),
+        model=ModelConfig(backbone=settings["backbone"], pretrained=settings["pretrained"], init_from=str(init_from)),
         optim=OptimConfig(**{**method.optim_defaults, "lr": settings["lr"]}),
         run=RunConfig(out=str(out), max_iters=iters, eval_every=iters, save_every=iters,
                       seed=settings["seed"] * 1000 + round_, device=settings["device"], force=True),

@@ -164,7 +164,7 @@ class Retrainer:
                 cmd = [sys.executable, "-m", "training.cli", "train", str(self.data), "--method", job.method,
                        "--max-iters", str(job.iterations), "--eval-every", str(job.iterations), "--crop-size",
                        str(self.crop_size), "--batch-size", str(self.batch_size), "--backbone",
-                       json.loads((Path(current["dir"]) / "meta.json").read_text())["backbone"] if current else "resnet18",
+                       json.loads((Path(current["dir"]) / "meta.json").read_text())["backbone"] if current else "efficientnet_lite0",
                        "--lr", "0.01", "--num-workers", "1", "--out", str(job.run_dir), "--device", "cpu"]
                 cmd.append("--force")  # a failed job's folder is reused: the next version gets its name
                 if job.from_current and current:

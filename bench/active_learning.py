@@ -142,7 +142,7 @@ def main() -> None:
             settings = {"strategies": args.strategies.split(","), "initial": args.initial, "k": args.k,
                         "rounds": args.rounds, "method": args.method, "iters": args.iters,
                         "initial_iters": args.initial_iters, "init_from": "", "crop_size": args.crop_size,
-                        "batch_size": args.batch_size, "backbone": "resnet18", "lr": args.lr, "balance": 1.0,
+                        "batch_size": args.batch_size, "backbone": "resnet18", "pretrained": "none", "lr": args.lr, "balance": 1.0,
                         "seed": seed, "device": "cpu"}
             payload = simulate(data, Path(args.work) / bench / f"seed{seed}", settings,
                                progress=lambda m, b=bench, s=seed: print(f"[{b} seed {s}] {m}", flush=True))

@@ -50,7 +50,7 @@ def main() -> None:
     rows, work = [], Path(tempfile.mkdtemp(prefix="scaleseg-infer-"))
     for backbone in args.backbones.split(","):
         torch.manual_seed(0)
-        model = build_model(ModelConfig(backbone=backbone), 21, cif=True).eval()
+        model = build_model(ModelConfig(backbone=backbone, pretrained="none"), 21, cif=True).eval()
         graphs = {"single": SegmentationGraph(model), "cif 0.5,1,2": SegmentationGraph(model, (0.5, 2.0))}
         for name, graph in graphs.items():
             path = work / f"{backbone}-{name.split()[0]}.onnx"

@@ -88,7 +88,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         model = str(Path(tempfile.mkdtemp(prefix="scaleseg-mem-")) / "resnet18.onnx")
-        export_graph(SegmentationGraph(build_model(ModelConfig(backbone="resnet18"), 21).eval()), Path(model))
+        export_graph(SegmentationGraph(build_model(ModelConfig(backbone="resnet18", pretrained="none"), 21).eval()), Path(model))
     rows, traces = [], {}
     for name in SETTINGS:
         out = subprocess.run([sys.executable, __file__, "--model", model, "--runs", str(args.runs), "--max-side",

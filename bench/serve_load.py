@@ -37,7 +37,7 @@ def build_package(work: Path) -> Path:
     from training.engine import Trainer
 
     data = synthesize(work / "data", n_labeled=4, n_unlabeled=0, n_val=2, size=64, progress=False)
-    cfg = parse_train_args([str(data), "--backbone", "resnet18", "--crop-size", "64", "--max-iters", "1",
+    cfg = parse_train_args([str(data), "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "64", "--max-iters", "1",
                             "--num-workers", "0", "--device", "cpu", "--out", str(work / "run")])
     Trainer(cfg, progress=False).fit()
     export_package(work / "run" / "last.pt", work / "model", data=data, progress=lambda m: None)

@@ -86,7 +86,7 @@ def make_step(method_name: str, backbone: str, crop: int, batch: int, device: to
     cls = get_method(base)
     overrides = {"conf_thresh": 0.0} if hasattr(cls.Config, "conf_thresh") else {}
     cfg = TrainConfig(method=base, data=DataConfig(crop_size=crop, batch_size=batch),
-                      model=ModelConfig(backbone=backbone), optim=OptimConfig(lr=0.001), run=RunConfig(),
+                      model=ModelConfig(backbone=backbone, pretrained="none"), optim=OptimConfig(lr=0.001), run=RunConfig(),
                       method_cfg=cls.Config(**overrides, **method_overrides), aux=AuxConfig(aux=aux))
     method = build_method(cfg, 21).to(device).train()
     layout = torch.channels_last if channels_last else torch.contiguous_format

@@ -85,7 +85,7 @@ TINY = ["--strategies", "random,coreset", "--initial", "2", "-k", "2", "--rounds
 
 def settings(**changes) -> dict:
     base = {"strategies": ["random", "coreset"], "initial": 2, "k": 2, "rounds": 1, "method": "supervised", "iters": 2,
-            "initial_iters": 3, "init_from": "", "crop_size": 32, "batch_size": 2, "backbone": "resnet18", "lr": 0.01, "balance": 1.0, "seed": 0,
+            "initial_iters": 3, "init_from": "", "crop_size": 32, "batch_size": 2, "backbone": "resnet18", "pretrained": "none", "lr": 0.01, "balance": 1.0, "seed": 0,
             "device": "cpu"}
     return {**base, **changes}
 
