@@ -190,3 +190,14 @@ def test_lite0_run_exports_cif_and_int8_graphs_with_parity(tiny_data, tmp_path):
     for graph in ("model.onnx", "model.cif.onnx", *json.loads((tmp_path / "pkg" / "meta.json").read_text())["int8"]["graphs"].values()):
         out = OnnxRuntimeBackend(tmp_path / "pkg" / graph, providers=["CPUExecutionProvider"]).infer(images)
         assert out["labels"].shape == (2, 45, 62)
+
+
+def test_frozen_encoder_bn_keeps_running_statistics_and_learns_affine():
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet", encoder_bn="frozen"), 3).train()
+    bn = model.encoder.layer3[0]._bn1
+    before = bn.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert torch.equal(bn.running_mean, before) and bn.weight.grad is not None and bn.weight.grad.abs().sum() > 0
+    assert model.aspp.project[1].training  # the decoder's BatchNorm still trains
+    with pytest.raises(ConfigError, match="--encoder-bn"):
+        build_model(ModelConfig(backbone="resnet18", pretrained="none", encoder_bn="fixed"), 3)

@@ -40,6 +40,8 @@ class ModelConfig:
                                      "or a local .pth file")
     init_from: str = hp("", "checkpoint whose network weights start this run (fine-tuning); same classes required")
     output_stride: int = hp(16, "encoder output stride, 16 (layer4 dilated) or 8 (layer3+4 dilated)")
+    encoder_bn: str = hp("train", "encoder BatchNorm: train (batch statistics, as the papers) or frozen (the pretrained "
+                                  "running statistics are kept, scale and shift still learn; for small batches)")
     aspp_dilations: tuple = hp((6, 12, 18), "ASPP atrous rates for output stride 16")
 
 

@@ -10,7 +10,8 @@ BACKBONES = tuple(ENCODERS)
 
 def build_model(cfg: ModelConfig, num_classes: int, cif: bool = False) -> DeepLabV3Plus:
     """DeepLabV3+ on the configured encoder; ``cif`` adds ScaleMatch's fusion module."""
-    return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.aspp_dilations, cif=cif)
+    return DeepLabV3Plus(num_classes, cfg.backbone, cfg.output_stride, cfg.pretrained, cfg.aspp_dilations, cif=cif,
+                         encoder_bn=cfg.encoder_bn)
 
 
 __all__ = ["BACKBONES", "DeepLabV3Plus", "build_model"]

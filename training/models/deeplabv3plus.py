@@ -41,9 +41,10 @@ class DeepLabV3Plus(nn.Module):
     FEATURE_CHANNELS = 256
 
     def __init__(self, num_classes: int, backbone: str = "resnet101", output_stride: int = 16,
-                 pretrained: str = "none", aspp_dilations: Sequence[int] = (6, 12, 18), cif: bool = False):
+                 pretrained: str = "none", aspp_dilations: Sequence[int] = (6, 12, 18), cif: bool = False,
+                 encoder_bn: str = "train"):
         super().__init__()
-        self.encoder = build_encoder(backbone, output_stride, pretrained)
+        self.encoder = build_encoder(backbone, output_stride, pretrained, encoder_bn)
         rates = tuple(aspp_dilations) if output_stride == 16 else tuple(2 * r for r in aspp_dilations)
         self.aspp = ASPP(self.encoder.high_channels, 256, rates)
         self.reduce = _conv_bn_relu(self.encoder.low_channels, 48, 1)

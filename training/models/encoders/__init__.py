@@ -26,10 +26,14 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {
 }
 
 
-def build_encoder(name: str, output_stride: int = 16, pretrained: str = "none") -> Encoder:
+def build_encoder(name: str, output_stride: int = 16, pretrained: str = "none", bn: str = "train") -> Encoder:
     if name not in ENCODERS:
         raise ConfigError(f"--backbone {name}: not available; choose {', '.join(ENCODERS)}.")
-    return ENCODERS[name](output_stride=output_stride, pretrained=pretrained)
+    if bn not in ("train", "frozen"):
+        raise ConfigError(f"--encoder-bn {bn}: choose train or frozen.")
+    encoder = ENCODERS[name](output_stride=output_stride, pretrained=pretrained)
+    encoder.frozen_bn = bn == "frozen"
+    return encoder
 
 
 __all__ = ["ENCODERS", "Encoder", "build_encoder"]

@@ -15,6 +15,15 @@ from ...config import ConfigError
 class Encoder(nn.Module):
     level_channels: tuple[int, int, int, int]
     weights_source: str = "random init"  # what initialised it, printed at the start of every run
+    frozen_bn: bool = False  # --encoder-bn frozen: BatchNorm keeps its running statistics while training
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(mode)
+        if self.frozen_bn:  # SyncBatchNorm (torchrun on CUDA) is a _BatchNorm too
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     @property
     def low_channels(self) -> int:
