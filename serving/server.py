@@ -28,12 +28,12 @@ from starlette.requests import ClientDisconnect
 
 from . import grpc_service, imaging
 from .auth import key_matches, presented_key
-from .backends import BackendError
 from .connections import ConnectionDeadlines
+from .control import RepositoryControl
 from .inference import check_shape, execute, find_model, infer, tensor_spec
 from .limits import MIN_SIDE, RequestLimits
 from .protocol import HEADER, ProtocolError, encode_infer_response, load_json, parameters, parse_infer_request
-from .repository import GRAPHS, Repository, ServedModel
+from .repository import Repository, ServedModel
 from .workers import WorkerSync
 
 log = logging.getLogger("scaleseg.serving")
@@ -169,44 +169,20 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                       root=cfg.model_repository or None, max_models=cfg.max_models, max_work_pixels=cfg.max_work_pixels,
                       precision=cfg.precision)
     metrics.queue.set_function(lambda: repo.waiting)
-    sync = WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None
-    sync_lock = asyncio.Lock()  # one reconcile or load at a time in this worker
+    control = RepositoryControl(repo, WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None)
     state = {"ready": False}
-
-    async def reconcile() -> None:
-        """Bring this worker's packages to the state the workers share (under ``sync_lock``)."""
-        shared = sync.read()
-        if shared["generation"] <= sync.applied:
-            return
-        for package, entry in shared["packages"].items():
-            current = repo.get(package)
-            try:
-                if entry is None and current is not None:
-                    await repo.unload(package)
-                elif entry is not None and (current is None or current.version != entry["version"]):
-                    await repo.load(package, entry["directory"], version=entry["version"])
-            except (BackendError, ProtocolError) as err:
-                log.error("worker %d could not follow %s to generation %d: %s", os.getpid(), package,
-                          shared["generation"], err)
-        sync.ack(shared["generation"])
-
-    async def follow_other_workers() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            async with sync_lock:
-                await reconcile()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.load_pinned(cfg.model_name, cfg.model_dir)
         follower = None
-        if sync is not None:
-            async with sync_lock:
-                await reconcile()
-            follower = asyncio.get_running_loop().create_task(follow_other_workers())
+        if control.sync is not None:
+            async with control.lock:
+                await control.reconcile()
+            follower = asyncio.get_running_loop().create_task(control.follow_other_workers())
         grpc_server = None
         if cfg.grpc_port:
-            service = grpc_service.InferenceService(repo, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
+            service = grpc_service.InferenceService(repo, control, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
             grpc_server = await grpc_service.start(service, cfg.grpc_host, cfg.grpc_port, limits.max_upload_bytes,
                                                    cfg.workers > 1)
         state["ready"] = True
@@ -335,62 +311,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                       for name in repo.available() if repo.get(name) is None]
         return index
 
-    async def change_shared_state(change, package: str) -> int | None:
-        """Run ``change`` (load or unload here) and, with several workers, make every worker follow it;
-        returns how many workers serve the result."""
-        if sync is None:
-            await change()
-            return None
-        async with sync_lock:
-            loop = asyncio.get_running_loop()
-            lock = sync.locked()
-            await loop.run_in_executor(None, lock.__enter__)
-            try:
-                await reconcile()
-                await change()
-                current = repo.get(package)
-                entry = {"directory": str(current.directory), "version": current.version} if current else None
-                siblings = tuple(package + suffix for suffix in GRAPHS if suffix) if current else ()
-                generation = sync.publish(sync.read(), package, entry, siblings)
-                sync.ack(generation)
-            finally:
-                lock.__exit__(None, None, None)
-        return await loop.run_in_executor(None, sync.wait_for_all, generation)
-
     @app.post("/v2/repository/models/{name}/load")
     async def load_model(name: str, request: Request):
-        params = parameters(await read_json_object(request), "load request")
-        unsupported = sorted(k for k in params if k != "model_dir")
-        if unsupported:
-            raise ProtocolError(f"load parameters {unsupported} are not supported; give parameters.model_dir: a package "
-                                "folder inside the model repository")
-        package = repo.package_of(name)
-        current = repo.get(package)
-        loaded: list[ServedModel] = []
-
-        async def change():
-            loaded.extend(await repo.load(name, params.get("model_dir")))
-        try:
-            workers = await change_shared_state(change, package)
-        except BackendError as err:
-            kept = f"; version {current.version} keeps serving" if current else ""
-            raise ProtocolError(f"could not load {name!r}: {err}{kept}") from None
-        answer = {"name": package, "version": str(loaded[0].version), "backend": loaded[0].backend.description,
-                  "models": [m.name for m in loaded]}
-        if workers is not None:
-            answer["workers_switched"] = workers
-        return answer
+        return await control.load(name, parameters(await read_json_object(request), "load request"))
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload_model(name: str, request: Request):
         parameters(await read_json_object(request), "unload request")
-        find_model(repo, name)
-        gone: list[str] = []
-
-        async def change():
-            gone.extend(await repo.unload(name))
-        workers = await change_shared_state(change, name)
-        return {"unloaded": gone} | ({"workers_switched": workers} if workers is not None else {})
+        return await control.unload(name)
 
     # --- convenience -----------------------------------------------------------------------------
     @app.post("/v1/segment")
