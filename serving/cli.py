@@ -78,14 +78,14 @@ def main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag in ("header_timeout", "body_timeout", "min_body_kbps"):
+        if not getattr(args, flag) > 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
                       api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,
                       args.max_json_values, args.workers, grpc_port=args.grpc_port, grpc_host=args.host,
                       precision=args.precision, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
                       min_body_kbps=args.min_body_kbps)
-    for flag in ("header_timeout", "body_timeout", "min_body_kbps"):
-        if not getattr(args, flag) > 0:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     http = DeadlineH11Protocol.factory(cfg.deadlines)
     if args.workers > 1:
         cfg.sync_dir = tempfile.mkdtemp(prefix="scaleseg-serve-workers-")

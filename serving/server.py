@@ -239,11 +239,13 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"name": "scaleseg", "version": VERSION,
                 "extensions": ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]}
 
-    @app.api_route("/v2/health/live", methods=["GET", "HEAD"])  # HEAD: probes that only read the status
+    @app.get("/v2/health/live")
+    @app.head("/v2/health/live", include_in_schema=False)  # probes that only read the status
     async def live():
         return {"live": True}
 
-    @app.api_route("/v2/health/ready", methods=["GET", "HEAD"])
+    @app.get("/v2/health/ready")
+    @app.head("/v2/health/ready", include_in_schema=False)
     async def ready():
         return {"ready": True} if state["ready"] else error(503, "not ready", {"Retry-After": "1"})
 
