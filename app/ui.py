@@ -30,6 +30,11 @@ CIF_LABEL = "CIF multi-scale (x0.5, x1, x2)"
 HEAT_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
 
 
+def user_error(message: str) -> gr.Error:
+    """A mistake the user can fix: shown in the page, not written to the log as a traceback."""
+    return gr.Error(message, print_exception=False)
+
+
 def overlay(rgb: np.ndarray, labels: np.ndarray, classes: list[dict], opacity: float) -> np.ndarray:
     """Class colours blended over the image, except on background, which stays as it was (its colour is
     usually black and would only darken the picture)."""
@@ -98,12 +103,12 @@ class App:
         before anything decodes it) or a path."""
         path = image.get("path") if isinstance(image, dict) else image
         if not path:
-            raise gr.Error("Upload or pick an image first.")
+            raise user_error("Upload or pick an image first.")
         try:
             rgb = read_upload(Path(path), *self.s.predictor.upload_limits(multiscale and self.s.predictor.cif is not None))
         except (ValueError, OSError) as err:
             name = image.get("orig_name") if isinstance(image, dict) else None
-            raise gr.Error(f"{name or Path(path).name}: {err}.") from None
+            raise user_error(f"{name or Path(path).name}: {err}.") from None
         model_dir, single, cif = self.s.predictor.snapshot()
         ran = cif if multiscale and cif is not None else single
         tic = time.perf_counter()
@@ -124,7 +129,7 @@ class App:
     # --- Unlabeled ---------------------------------------------------------------------------------------
     def add_unlabeled(self, files, progress=gr.Progress()):
         if not files:
-            raise gr.Error("Choose image files or a .zip first.")
+            raise user_error("Choose image files or a .zip first.")
         paths = [f if isinstance(f, str) else f.name for f in files]
         report = ingest(self.s.data, paths, progress=lambda f, m: progress(f, desc=m))
         return report.summary() + f"\n\nThe unlabelled pool now has {len(read_split(self.s.data, 'unlabeled', required=False))} images."
@@ -132,14 +137,14 @@ class App:
     def rank(self, function: str, k: int, balance: float, progress=gr.Progress()):
         model_dir, single, cif = self.s.predictor.snapshot()  # one model for the whole ranking, even if promoted meanwhile
         if function == "scale_disagreement" and cif is None:
-            raise gr.Error("Scale disagreement needs a ScaleMatch model exported with --cif-scales.")
+            raise user_error("Scale disagreement needs a ScaleMatch model exported with --cif-scales.")
         try:
             scored, picks = select_next(model_dir, self.s.data, function, int(k), balance, backend=single, cif_backend=cif,
                                         progress=lambda f, m: progress(f, desc=m))
         except ValueError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         if not scored:
-            raise gr.Error("No unlabelled images: add some first.")
+            raise user_error("No unlabelled images: add some first.")
         self.s.ranking = picks
         self.s.ranking_version = self.s.registry.name_of(model_dir)
         save_ranking(self.s.ranking_path, self.s.ranking, self.s.ranking_version)
@@ -162,15 +167,15 @@ class App:
         token = (token or "").strip()
         if not token:
             if not self.s.ls_token:
-                raise gr.Error("Paste a Label Studio access token (Account & Settings -> Access Token).")
+                raise user_error("Paste a Label Studio access token (Account & Settings -> Access Token).")
             if url != self.s.ls_url.rstrip("/"):
-                raise gr.Error(f"The token the app was started with belongs to {self.s.ls_url}; paste the access token "
+                raise user_error(f"The token the app was started with belongs to {self.s.ls_url}; paste the access token "
                                f"for {url}, or set the URL back.")
             token = self.s.ls_token
         try:
             return LabelStudio(url, token)
         except LabelStudioError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
 
     def ls_connect(self, url: str, token: str, progress=gr.Progress()) -> tuple[str, str]:
         client = self._client(url, token)
@@ -179,13 +184,13 @@ class App:
             who = client.whoami()
             counts = status(client, self.s.data)
         except LabelStudioError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         return f"Connected to {client.url} as {who.get('email') or who.get('username')}.", counts.summary()
 
     def ls_push(self, url: str, token: str, project: str, delivery: str, switch: bool = False,
                 progress=gr.Progress()) -> tuple[str, str]:
         if not self.s.ranking:
-            raise gr.Error("Rank the unlabelled images first (Unlabeled tab).")
+            raise user_error("Rank the unlabelled images first (Unlabeled tab).")
         client = self._client(url, token)
         progress(0, desc=f"connecting to {client.url}")
         preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in self.s.ranking}
@@ -194,9 +199,9 @@ class App:
                           progress=lambda f, m: progress(f, desc=m), switch_project=switch)
             counts = status(client, self.s.data)
         except ProjectChanged as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         except LabelStudioError as err:
-            raise gr.Error(f"{err} The selection is kept; push again when Label Studio is back.") from None
+            raise user_error(f"{err} The selection is kept; push again when Label Studio is back.") from None
         return (f"Project {report.project_id}: pushed {len(report.pushed)} new task(s) with model "
                 f"{self.s.ranking_version}'s masks; {len(report.already)} were already there. Open "
                 f"{client.url}/projects/{report.project_id} to label them."), counts.summary()
@@ -208,7 +213,7 @@ class App:
             r = pull(client, self.s.data, overwrite, progress=lambda f, m: progress(f, desc=m))
             counts = status(client, self.s.data)
         except LabelStudioError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         text = (f"{len(r.written)} mask(s) written ({len(r.updated)} of them edits of annotations pulled before), "
                 f"{len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, {len(r.pending)} not labelled yet. "
                 f"The labelled set now has {len(read_split(self.s.data, 'labeled'))} images.")
@@ -228,14 +233,14 @@ class App:
         try:
             return status(client, self.s.data).summary()
         except LabelStudioError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
 
     # --- Retrain and models -----------------------------------------------------------------------------------
     def retrain(self, method: str, iterations: int, start_from: str, promote: str) -> str:
         try:
             job = self.s.retrainer.start(method, int(iterations), start_from == "current model", promote)
         except RuntimeError as err:
-            raise gr.Error(str(err)) from None
+            raise user_error(str(err)) from None
         return f"Started {job.name}: {method}, {job.iterations} iterations."
 
     def retrain_status(self):
@@ -250,13 +255,13 @@ class App:
 
     def promote(self, name: str) -> str:
         if not name:
-            raise gr.Error("Choose a version to serve.")
+            raise user_error("Choose a version to serve.")
         try:
             self.s.retrainer.promote(name)
         except (KeyError, StopIteration):
-            raise gr.Error(f"No version {name!r}.") from None
+            raise user_error(f"No version {name!r}.") from None
         except Exception as err:
-            raise gr.Error(f"{name} could not be loaded ({err}); the serving model is unchanged.") from None
+            raise user_error(f"{name} could not be loaded ({err}); the serving model is unchanged.") from None
         return f"{name} is now serving."
 
     def models(self):

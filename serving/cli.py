@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .connections import ConnectionDeadlines, DeadlineH11Protocol
 from .limits import BYTES_PER_WORK_PIXEL, RequestLimits
 from .precision import PRECISIONS
 from .server import ServeConfig, app_from_env, config_to_env, create_app
@@ -44,6 +45,12 @@ def parser() -> argparse.ArgumentParser:
                    help="folder whose model packages POST /v2/repository/models/NAME/load may load (default: none; "
                         "only MODEL_DIR reloads)")
     p.add_argument("--max-models", type=int, default=4, help="most models loaded at once (a package with a CIF graph is two)")
+    p.add_argument("--header-timeout", type=float, default=ConnectionDeadlines.header_s,
+                   help="seconds a request's line and headers may take in all; past it: 408 and the connection closes")
+    p.add_argument("--body-timeout", type=float, default=ConnectionDeadlines.body_s,
+                   help="seconds a request body may take in all, plus its Content-Length at --min-body-kbps; past it: 408")
+    p.add_argument("--min-body-kbps", type=float, default=ConnectionDeadlines.min_body_rate / 1000,
+                   help="slowest upload, in kB/s, that the body deadline leaves time for")
     p.add_argument("--grpc-port", type=int, default=0,
                    help="also serve the KServe v2 gRPC protocol (tritonclient.grpc) on this port, on --host; 0: off")
     return p
@@ -71,20 +78,25 @@ def main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for flag in ("header_timeout", "body_timeout", "min_body_kbps"):
+        if not getattr(args, flag) > 0:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
                       api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,
                       args.max_json_values, args.workers, grpc_port=args.grpc_port, grpc_host=args.host,
-                      precision=args.precision)
+                      precision=args.precision, header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+                      min_body_kbps=args.min_body_kbps)
+    http = DeadlineH11Protocol.factory(cfg.deadlines)
     if args.workers > 1:
         cfg.sync_dir = tempfile.mkdtemp(prefix="scaleseg-serve-workers-")
         try:
             config_to_env(cfg)
             uvicorn.run("serving.server:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
-                        timeout_graceful_shutdown=30)
+                        timeout_graceful_shutdown=30, http=http)
         finally:
             shutil.rmtree(cfg.sync_dir, ignore_errors=True)
     else:
-        uvicorn.run(create_app(cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30)
+        uvicorn.run(create_app(cfg), host=args.host, port=args.port, timeout_graceful_shutdown=30, http=http)
     return 0
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .batching import QueueFull, ShuttingDown
 from .limits import RequestLimits, check_images, check_json_output
-from .protocol import InferRequest, ProtocolError, TensorSpec, datatype_of
+from .protocol import InferRequest, ProtocolError, TensorSpec
 from .repository import Repository, ServedModel
 
 IMAGE = "image"
@@ -111,14 +111,12 @@ async def infer(repo: Repository, name: str, version: str | None, request: Infer
     return model, {o: results[o] for o in names}
 
 
-async def infer_arrays(repo: Repository, name: str, version: str | None, inputs: dict[str, np.ndarray],
+async def infer_arrays(repo: Repository, name: str, version: str | None, specs: list[TensorSpec], decode,
                        outputs: list[str] | None, limits: RequestLimits) -> tuple[ServedModel, dict[str, np.ndarray]]:
-    """``infer`` for a transport that hands over arrays it already holds (gRPC's raw contents, bounded by
-    the message size): outputs are all binary there, so no JSON cap applies."""
-    specs = [TensorSpec(k, datatype_of(v), list(v.shape))
-             for k, v in inputs.items()]
+    """``infer`` for a transport whose outputs are all binary (gRPC, its messages bounded by their size), so no
+    JSON cap applies; ``decode()`` -> {name: array} runs only once the declared ``specs`` passed the limits."""
     model = find_model(repo, name, version)
     check_inputs(model, specs, limits)
     names = output_names(model, outputs)
-    model, results = await execute(repo, name, inputs[IMAGE], limits)
+    model, results = await execute(repo, name, decode()[IMAGE], limits)
     return model, {o: results[o] for o in names}

@@ -80,6 +80,20 @@ class InferRequest:
         return inputs
 
 
+def load_json(data: bytes, where: str):
+    """JSON a client sent; anything the parser refuses (malformed text, nesting past the recursion limit, an
+    integer with more digits than Python converts) is the client's 400, never a server error."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"malformed JSON in {where}: {err}") from None
+    except RecursionError:
+        raise ProtocolError(f"{where} nests too deeply to be JSON a request needs") from None
+    except ValueError as err:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise ProtocolError(f"{where} holds a number JSON here cannot take ({err}); send numbers of at most "
+                            "a few dozen digits") from None
+
+
 def _json_part(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     if not body:
         raise ProtocolError("empty request body; send {\"inputs\": [...]} (Open Inference Protocol v2)")
@@ -92,12 +106,7 @@ def _json_part(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         if not 0 < n <= len(body):
             raise ProtocolError(f"{HEADER} is {n} but the body has {len(body)} bytes")
         json_bytes, rest = body[:n], body[n:]
-    try:
-        request = json.loads(json_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ProtocolError(f"malformed JSON in the inference header: {err}") from None
-    except RecursionError:
-        raise ProtocolError("the inference header nests too deeply to be JSON a request needs") from None
+    request = load_json(json_bytes, "the inference header")
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list) or not request["inputs"]:
         raise ProtocolError("the request needs a non-empty \"inputs\" list")
     return request, rest

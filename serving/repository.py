@@ -64,7 +64,9 @@ def read_meta(directory: Path) -> dict:
         raise BackendError(f"{path}: missing; {directory} is not a model package (write one with `scaleseg export`).")
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except OSError as err:
+        raise BackendError(f"{path}: cannot be read ({err.strerror}).") from None
+    except (ValueError, RecursionError) as err:
         raise BackendError(f"{path}: not valid JSON ({err}).") from None
     if not isinstance(meta, dict) or meta.get("format_version") != 1 or not isinstance(meta.get("classes"), list):
         raise BackendError(f"{path}: unsupported model package format; re-export it with `scaleseg export`.")
@@ -121,7 +123,13 @@ class Repository:
         path = Path(directory)
         if self.root is not None and not path.is_absolute():
             path = self.root / path
-        path = path.resolve()
+        try:
+            path = path.resolve()
+            path.is_dir()  # a name longer than the file system takes fails here, not half-way through a load
+        except (OSError, RuntimeError) as err:  # RuntimeError: a symbolic-link loop
+            reason = getattr(err, "strerror", None) or str(err)
+            raise ProtocolError(f"model_dir {directory[:200]!r} cannot be opened ({reason}); give a package folder "
+                                "of the model repository") from None
         if path in self.pinned.values() or (self.root is not None and path.is_relative_to(self.root)):
             return path
         where = f"inside the model repository {self.root}" if self.root else "the package given at start-up"
@@ -158,6 +166,7 @@ class Repository:
             path = self.resolve(package, directory)
             old = [m for m in self.models.values() if m.package == package]
             graphs = [suffix for suffix, graph in GRAPHS.items() if suffix == "" or (path / graph).is_file()]
+            self._refuse_foreign(package, [package + suffix for suffix in graphs])
             if len(self.models) - len(old) + len(graphs) > self.max_models:
                 raise ProtocolError(f"loading {package!r} would serve {len(self.models) - len(old) + len(graphs)} models; "
                                     f"this server holds at most {self.max_models}; unload one first", 409)
@@ -174,6 +183,17 @@ class Repository:
         for model in old:
             asyncio.get_running_loop().create_task(model.batcher.drain())
         return built
+
+    def _refuse_foreign(self, package: str, names: list[str]) -> None:
+        """409 when loading ``package`` would take over a name another package serves (``a``'s CIF graph
+        is ``a_cif``, which may also be a package of its own): nothing is replaced without an unload."""
+        for name in names:
+            model = self.models.get(name)
+            if model is not None and model.package != package:
+                raise ProtocolError(
+                    f"loading package {package!r} would serve one of its graphs as {name!r}, but {name!r} is loaded "
+                    f"from package {model.package!r} ({model.directory}); unload it first (POST "
+                    f"/v2/repository/models/{name}/unload) or load this package under another name", 409)
 
     async def load_pinned(self, package: str, directory: str | Path) -> list[ServedModel]:
         """The start-up package: always allowed to load and reload."""

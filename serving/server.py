@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import importlib.metadata
 import json
 import logging
@@ -25,13 +24,16 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from . import grpc_service, imaging
-from .backends import BackendError
+from .auth import key_matches, presented_key
+from .connections import ConnectionDeadlines
+from .control import RepositoryControl
 from .inference import check_shape, execute, find_model, infer, tensor_spec
 from .limits import MIN_SIDE, RequestLimits
-from .protocol import HEADER, ProtocolError, encode_infer_response, parameters, parse_infer_request
-from .repository import GRAPHS, Repository, ServedModel
+from .protocol import HEADER, ProtocolError, encode_infer_response, load_json, parameters, parse_infer_request
+from .repository import Repository, ServedModel
 from .workers import WorkerSync
 
 log = logging.getLogger("scaleseg.serving")
@@ -63,10 +65,18 @@ class ServeConfig:
     grpc_port: int = 0               # 0: no gRPC endpoint
     grpc_host: str = "127.0.0.1"
     precision: str = "auto"          # fp32, int8, or auto: the package's INT8 graphs where they passed their gate
+    header_timeout: float = ConnectionDeadlines.header_s   # seconds a request's line and headers may take in all
+    body_timeout: float = ConnectionDeadlines.body_s       # seconds a body may take in all, plus its size at min_body_kbps
+    min_body_kbps: float = ConnectionDeadlines.min_body_rate / 1000  # slowest upload rate a body's deadline allows
 
     @property
     def model_name(self) -> str:
         return self.name or Path(self.model_dir).resolve().name
+
+    @property
+    def deadlines(self) -> ConnectionDeadlines:
+        return ConnectionDeadlines(self.header_timeout, self.body_timeout, self.min_body_kbps * 1000,
+                                   self.limits.max_upload_bytes)
 
     @property
     def limits(self) -> RequestLimits:
@@ -90,12 +100,22 @@ def error(status: int, message: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def given_key(request: Request) -> str:
-    """The key from X-API-Key, or from ``Authorization: Bearer KEY`` (scheme case-insensitive, RFC 7235)."""
-    if "x-api-key" in request.headers:
-        return request.headers["x-api-key"]
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+def _inflate(data: bytes, wbits: int, limit: int, encoding: str) -> bytes:
+    """Every stream in ``data`` (gzip allows several members, RFC 1952 2.2), inflated no further than
+    ``limit`` bytes in all; bytes after the last stream are refused, not ignored."""
+    out, rest = bytearray(), data
+    while True:
+        inflater = zlib.decompressobj(wbits)
+        out += inflater.decompress(rest, limit + 1 - len(out))
+        if len(out) > limit:
+            raise ProtocolError(f"request body inflates past the {limit}-byte limit", 413)
+        if not inflater.eof:
+            raise ProtocolError(f"{encoding} request body is truncated")
+        rest = inflater.unused_data
+        if not rest:
+            return bytes(out)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise ProtocolError(f"{len(rest)} bytes follow the end of the {encoding} data; send only the compressed body")
 
 
 def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
@@ -103,16 +123,10 @@ def _decompress(data: bytes, encoding: str, limit: int) -> bytes:
     no further than ``limit`` bytes so a small bomb cannot fill memory."""
     wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
     for bits in (wbits, -zlib.MAX_WBITS) if encoding == "deflate" else (wbits,):
-        inflater = zlib.decompressobj(bits)
         try:
-            out = inflater.decompress(data, limit + 1)
+            return _inflate(data, bits, limit, encoding)
         except zlib.error:
             continue
-        if len(out) > limit:
-            raise ProtocolError(f"request body inflates past the {limit}-byte limit", 413)
-        if not inflater.eof:
-            raise ProtocolError(f"{encoding} request body is truncated")
-        return out
     raise ProtocolError(f"request body is not valid {encoding} data")
 
 
@@ -125,11 +139,14 @@ async def read_body(request: Request, limit: int) -> bytes:
     if encoding not in ("identity", "gzip", "deflate"):
         raise ProtocolError(f"content encoding {encoding!r} is not accepted; send identity, gzip or deflate", 415)
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(f"request body exceeds the {limit}-byte limit", 413)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(f"request body exceeds the {limit}-byte limit", 413)
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left, or missed its body deadline: no one reads this answer
+        raise ProtocolError(f"the connection closed after {size} bytes of the body", 400) from None
     body = b"".join(chunks)
     return body if encoding == "identity" else _decompress(body, encoding, limit)
 
@@ -139,10 +156,7 @@ async def read_json_object(request: Request) -> dict:
     body = await read_body(request, CONTROL_BODY_LIMIT)
     if not body.strip():
         return {}
-    try:
-        obj = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        obj = None
+    obj = load_json(body, "the body")
     if not isinstance(obj, dict):
         raise ProtocolError("the body must be a JSON object like {\"parameters\": {...}}")
     return obj
@@ -155,44 +169,20 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                       root=cfg.model_repository or None, max_models=cfg.max_models, max_work_pixels=cfg.max_work_pixels,
                       precision=cfg.precision)
     metrics.queue.set_function(lambda: repo.waiting)
-    sync = WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None
-    sync_lock = asyncio.Lock()  # one reconcile or load at a time in this worker
+    control = RepositoryControl(repo, WorkerSync(cfg.sync_dir, cfg.workers) if cfg.sync_dir else None)
     state = {"ready": False}
-
-    async def reconcile() -> None:
-        """Bring this worker's packages to the state the workers share (under ``sync_lock``)."""
-        shared = sync.read()
-        if shared["generation"] <= sync.applied:
-            return
-        for package, entry in shared["packages"].items():
-            current = repo.get(package)
-            try:
-                if entry is None and current is not None:
-                    await repo.unload(package)
-                elif entry is not None and (current is None or current.version != entry["version"]):
-                    await repo.load(package, entry["directory"], version=entry["version"])
-            except (BackendError, ProtocolError) as err:
-                log.error("worker %d could not follow %s to generation %d: %s", os.getpid(), package,
-                          shared["generation"], err)
-        sync.ack(shared["generation"])
-
-    async def follow_other_workers() -> None:
-        while True:
-            await asyncio.sleep(0.2)
-            async with sync_lock:
-                await reconcile()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await repo.load_pinned(cfg.model_name, cfg.model_dir)
         follower = None
-        if sync is not None:
-            async with sync_lock:
-                await reconcile()
-            follower = asyncio.get_running_loop().create_task(follow_other_workers())
+        if control.sync is not None:
+            async with control.lock:
+                await control.reconcile()
+            follower = asyncio.get_running_loop().create_task(control.follow_other_workers())
         grpc_server = None
         if cfg.grpc_port:
-            service = grpc_service.InferenceService(repo, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
+            service = grpc_service.InferenceService(repo, control, limits, lambda: state["ready"], cfg.api_key, VERSION, PLATFORMS)
             grpc_server = await grpc_service.start(service, cfg.grpc_host, cfg.grpc_port, limits.max_upload_bytes,
                                                    cfg.workers > 1)
         state["ready"] = True
@@ -211,7 +201,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     async def guard_and_measure(request: Request, call_next):
         tic = time.perf_counter()
         if cfg.api_key and request.url.path not in OPEN_PATHS:
-            if not hmac.compare_digest(given_key(request).encode(), cfg.api_key.encode()):
+            given = presented_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
+            if not key_matches(given, cfg.api_key):
                 metrics.errors.labels("unauthorized").inc()
                 return error(401, "missing or wrong API key (send X-API-Key: KEY or Authorization: Bearer KEY)",
                              {"WWW-Authenticate": 'Bearer realm="scaleseg"'})
@@ -249,10 +240,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                 "extensions": ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]}
 
     @app.get("/v2/health/live")
+    @app.head("/v2/health/live", include_in_schema=False)  # probes that only read the status
     async def live():
         return {"live": True}
 
     @app.get("/v2/health/ready")
+    @app.head("/v2/health/ready", include_in_schema=False)
     async def ready():
         return {"ready": True} if state["ready"] else error(503, "not ready", {"Retry-After": "1"})
 
@@ -320,62 +313,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                       for name in repo.available() if repo.get(name) is None]
         return index
 
-    async def change_shared_state(change, package: str) -> int | None:
-        """Run ``change`` (load or unload here) and, with several workers, make every worker follow it;
-        returns how many workers serve the result."""
-        if sync is None:
-            await change()
-            return None
-        async with sync_lock:
-            loop = asyncio.get_running_loop()
-            lock = sync.locked()
-            await loop.run_in_executor(None, lock.__enter__)
-            try:
-                await reconcile()
-                await change()
-                current = repo.get(package)
-                entry = {"directory": str(current.directory), "version": current.version} if current else None
-                siblings = tuple(package + suffix for suffix in GRAPHS if suffix) if current else ()
-                generation = sync.publish(sync.read(), package, entry, siblings)
-                sync.ack(generation)
-            finally:
-                lock.__exit__(None, None, None)
-        return await loop.run_in_executor(None, sync.wait_for_all, generation)
-
     @app.post("/v2/repository/models/{name}/load")
     async def load_model(name: str, request: Request):
-        params = parameters(await read_json_object(request), "load request")
-        unsupported = sorted(k for k in params if k != "model_dir")
-        if unsupported:
-            raise ProtocolError(f"load parameters {unsupported} are not supported; give parameters.model_dir: a package "
-                                "folder inside the model repository")
-        package = repo.package_of(name)
-        current = repo.get(package)
-        loaded: list[ServedModel] = []
-
-        async def change():
-            loaded.extend(await repo.load(name, params.get("model_dir")))
-        try:
-            workers = await change_shared_state(change, package)
-        except BackendError as err:
-            kept = f"; version {current.version} keeps serving" if current else ""
-            raise ProtocolError(f"could not load {name!r}: {err}{kept}") from None
-        answer = {"name": package, "version": str(loaded[0].version), "backend": loaded[0].backend.description,
-                  "models": [m.name for m in loaded]}
-        if workers is not None:
-            answer["workers_switched"] = workers
-        return answer
+        return await control.load(name, parameters(await read_json_object(request), "load request"))
 
     @app.post("/v2/repository/models/{name}/unload")
     async def unload_model(name: str, request: Request):
         parameters(await read_json_object(request), "unload request")
-        find_model(repo, name)
-        gone: list[str] = []
-
-        async def change():
-            gone.extend(await repo.unload(name))
-        workers = await change_shared_state(change, name)
-        return {"unloaded": gone} | ({"workers_switched": workers} if workers is not None else {})
+        return await control.unload(name)
 
     # --- convenience -----------------------------------------------------------------------------
     @app.post("/v1/segment")

@@ -215,3 +215,16 @@ def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
     assert (second.method, second.run.max_iters, second.optim.lr, second.run.seed) == ("scalematch", 250, SCALEMATCH_LR, 3)
     assert second.model.init_from == str(tmp_path / "warm" / "last.pt") and first.run.out == str(tmp_path / "warm")
     assert first.data.root == second.data.root == str(tmp_path / "data")
+
+
+def test_user_errors_are_shown_without_a_traceback_in_the_log(package, data_copy, tmp_path):
+    """Gradio prints the traceback of every gr.Error unless told not to; a user's mistake is no server fault."""
+    import gradio as gr
+
+    app = App(package, data_copy, tmp_path / "work")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    for call in (lambda: app.predict(None), lambda: app.predict(str(tmp_path / "junk.png")), lambda: app.promote(""),
+                 lambda: app.promote("v9")):
+        with pytest.raises(gr.Error) as err:
+            call()
+        assert err.value.print_exception is False, err.value

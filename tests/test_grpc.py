@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from serving.backends import OnnxRuntimeBackend
 from tests.test_serving import Server, free_port, images
+from tests.test_serving_hardening import repo_root  # noqa: F401
 
 
 class GrpcServer(Server):
@@ -129,11 +130,77 @@ def test_grpc_api_key(package):
         s.stop()
 
 
-def test_methods_not_offered_answer_unimplemented(server):
-    stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target))
-    for call, request in [(stub.ModelStatistics, pb.ModelStatisticsRequest(name="seg")),
-                          (stub.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest()),
-                          (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="seg"))]:
+def test_rpcs_not_offered_answer_unimplemented_after_the_key_and_without_a_traceback(package):
+    s = GrpcServer(package, "--api-key", "s3cret")
+    try:
+        stub = pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.target))
+        calls = [(stub.SystemSharedMemoryStatus, pb.SystemSharedMemoryStatusRequest()),
+                 (stub.CudaSharedMemoryRegister, pb.CudaSharedMemoryRegisterRequest(name="x")),
+                 (stub.TraceSetting, pb.TraceSettingRequest()), (stub.LogSettings, pb.LogSettingsRequest())]
+        for call, request in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the key is checked before anything else
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, metadata=[("x-api-key", "s3cret")])
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED and "not offered" in err.value.details()
+    finally:
+        s.stop()
+    log = s.proc.stdout.read()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def _raw_call(target: str, method: str, data: bytes, metadata=()):
+    """Bytes on the wire for ``method``, whatever they are; (status code, details)."""
+    call = grpc.insecure_channel(target).unary_unary(f"/inference.GRPCInferenceService/{method}")
+    try:
+        call(data, metadata=metadata, timeout=30)
+    except grpc.RpcError as err:
+        return err.code(), err.details()
+    return grpc.StatusCode.OK, ""
+
+
+def test_invalid_protobuf_and_impossible_shapes_are_invalid_argument(server):
+    bad_tag, short_field, bad_utf8 = b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x0a\x02\xc3\x28"
+    for method, data in [(m, d) for m in ("ModelInfer", "ModelMetadata", "RepositoryModelLoad") for d in
+                         (bad_tag, short_field, bad_utf8)] + [("ServerLive", bad_tag), ("ServerLive", short_field)]:
+        code, details = _raw_call(server.target, method, data)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "protobuf" in details, (method, data, code, details)
+    x = images(1, 16, 16)
+    for shape in ([1] * 9, [1] * 70, [0, 3, 2 ** 62, 2 ** 62], [0] * 8):
         with pytest.raises(grpc.RpcError) as err:
-            call(request)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.target)).ModelInfer(
+                _raw_request(x, raw=b"", shape=shape))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (shape, err.value.details())
+
+
+def test_statistics_and_repository_load_unload_over_grpc(repo_root):
+    s = GrpcServer(repo_root / "seg", "--model-repository", str(repo_root), "--api-key", "k")
+    try:
+        client, key = s.grpc_client(), {"x-api-key": "k"}
+        inp = tgrpc.InferInput("image", [1, 3, 32, 32], "UINT8").set_data_from_numpy(images(1, 32, 32))
+        client.infer("seg", [inp], headers=key)
+        stats = client.get_inference_statistics("seg", headers=key, as_json=True)["model_stats"][0]
+        assert stats["name"] == "seg" and int(stats["inference_stats"]["success"]["count"]) == 1
+        everything = client.get_inference_statistics(headers=key, as_json=True)["model_stats"]
+        assert {m["name"] for m in everything} == {"seg", "seg_cif"}
+        with pytest.raises(InferenceServerException, match="API key"):
+            client.load_model("plain")
+        client.load_model("plain", headers=key)
+        assert client.is_model_ready("plain", headers=key)
+        index = {m["name"]: m for m in client.get_model_repository_index(headers=key, as_json=True)["models"]}
+        assert index["plain"]["state"] == "READY"
+        with pytest.raises(InferenceServerException, match="not supported"):
+            client.load_model("plain", headers=key, config='{"max_batch_size": 2}')
+        request = pb.RepositoryModelLoadRequest(model_name="x")
+        request.parameters["model_dir"].string_param = "/etc"
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(s.target)).RepositoryModelLoad(
+                request, metadata=[("x-api-key", "k")])
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "outside" in err.value.details()
+        client.unload_model("plain", headers=key)
+        assert not client.is_model_ready("plain", headers=key)
+        index = {m["name"]: m for m in client.get_model_repository_index(headers=key, as_json=True)["models"]}
+        assert index["plain"]["state"] == "UNAVAILABLE"
+    finally:
+        s.stop()

@@ -49,6 +49,8 @@ def infer_body(draw) -> tuple[bytes, dict]:
 
 
 BODIES = (infer_body() | st.binary(max_size=2000).map(lambda b: (b, {}))
+          | infer_body().map(lambda b: (b[0].replace(b"1", b"1" + b"0" * 5000, 1), b[1]))  # past the int-digit limit
+          | JSON.map(lambda j: (json.dumps(j).replace("0", "9" * 5000, 1).encode(), {}))
           | JSON.map(lambda j: (json.dumps(j).encode(), {}))
           | st.sampled_from([b"[" * 60_000, b"{" * 1000, gzip.compress(bytes(3_000_000))]).map(lambda b: (b, {})))
 HEADERS = st.dictionaries(st.sampled_from(["Content-Type", "Content-Encoding", "Authorization", "Content-Length"]),
@@ -87,7 +89,7 @@ def test_no_request_gets_a_5xx_or_another_error_shape(fuzz_client):
         r = fuzz_client.request(method, url, content=content if method == "POST" else None,
                                 headers={**headers, **extra}, params=query)
         assert r.status_code < 500, (method, url, r.status_code, r.text[:300])
-        if r.status_code >= 400:
+        if r.status_code >= 400 and method != "HEAD":  # HEAD answers carry no body
             assert set(r.json()) == {"error"}, (method, url, r.text[:300])
 
     one()

@@ -157,7 +157,7 @@ def test_malformed_infer_requests_get_400(client, case, body, words):
 def test_load_with_bad_model_dir_gets_400_or_403(client, tmp_path):
     assert_error(client.post("/v2/repository/models/seg/load", json={"parameters": {"model_dir": 5}}), 400, "model_dir")
     assert_error(client.post("/v2/repository/models/seg/load", json={"parameters": [1]}), 400, "parameters")
-    assert_error(client.post("/v2/repository/models/seg/load", content=b"[" * 60_000), 400, "JSON object")
+    assert_error(client.post("/v2/repository/models/seg/load", content=b"[" * 60_000), 400, "nests too deeply")
     assert_error(client.post("/v2/repository/models/x/load", json={"parameters": {"model_dir": str(tmp_path)}}), 403,
                  "outside")
     assert_error(client.post("/v2/repository/models/x/load", json={"parameters": {"model_dir": "../../etc"}}), 403)
