@@ -29,13 +29,14 @@ SCALEMATCH_LR = 0.005
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo"))
+    p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo"), help="folder for the data, runs, model and logs")
     p.add_argument("--supervised-iters", type=int, default=1500, help="stage 1: supervised iterations")
     p.add_argument("--iters", type=int, default=250, help="stage 2: ScaleMatch iterations from the stage-1 weights")
     p.add_argument("--port", type=int, default=7860, help="app port")
     p.add_argument("--label-studio-url", default="", help="use this Label Studio instead of starting one")
-    p.add_argument("--label-studio-token", default="")
+    p.add_argument("--label-studio-token", default="", help="access token of --label-studio-url")
     p.add_argument("--no-app", action="store_true", help="stop after training, evaluation and export")
     return p
 
