@@ -83,7 +83,7 @@ def summary(out: Path, checkpoint: Path, model: Path, report: dict) -> str:
         "next:",
         f"  scaleseg serve {model} --port 8000                 # Open Inference Protocol v2 endpoint",
         f"  scaleseg eval {checkpoint} {out / 'data'} --cif-scales 0.5,2 --scales 1   # CIF multi-scale inference",
-        f"  scaleseg app --model {model} --data {out / 'data'}   # predict, rank, label, retrain",
+        f"  scaleseg app {model} {out / 'data'}   # predict, rank, label, retrain",
     ]
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""`scaleseg app --model MODEL --data DATA`: launch the web app."""
+"""`scaleseg app MODEL DATA`: launch the web app."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,8 @@ from pathlib import Path
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg app", description="The scaleseg web app (Gradio).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="model package to start with (scaleseg export)")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder the app adds images and labels to")
+    p.add_argument("model", type=Path, help="model package to start with (scaleseg export)")
+    p.add_argument("data", type=Path, help="dataset folder the app adds images and labels to")
     p.add_argument("--work", type=Path, default=Path("scaleseg-work"), help="versions, runs and registry")
     p.add_argument("--serving-url", default="", help="use a running `scaleseg serve` endpoint instead of in-process inference")
     p.add_argument("--label-studio-url", default=os.environ.get("LABEL_STUDIO_URL", ""),
