@@ -115,7 +115,7 @@ class TrainConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "aux": AuxConfig}
-CONFIG_FILE = "config.yaml"  # every run's resolved settings; runs before 0.2 wrote the same dict as config.json
+CONFIG_FILE = "config.yaml"  # every run's resolved settings; earlier runs wrote the same dict as config.json
 # Settings that hold for one invocation: a file that replays a run must not also replay its --resume or --force.
 INVOCATION_ONLY = {"resume": False, "force": False, "allow_changed": ""}
 
