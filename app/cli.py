@@ -22,7 +22,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg label", description="Active labeling with Label Studio.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     push.add_argument("model", type=Path, help="model package (scaleseg export)")
     push.add_argument("data", type=Path, help="dataset folder")
     push.add_argument("-k", "--top-k", type=int, default=8, help="images to send for labeling")
@@ -38,17 +39,20 @@ def parser() -> argparse.ArgumentParser:
                       help="local: Label Studio serves DATA/images through a local-files storage (same machine); "
                            "upload: the images are uploaded")
     _connection(push)
-    pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     pull.add_argument("data", type=Path, help="dataset folder the tasks were pushed from")
     pull.add_argument("--overwrite", action="store_true", help="replace existing human masks that differ")
     pull.add_argument("--replace-val", action="append", default=[], metavar="ID",
                       help="replace this validation image's mask with its annotation (repeat per image; never "
                            "added to the training splits)")
     _connection(pull)
-    status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     status.add_argument("data", type=Path, help="dataset folder the tasks were pushed from")
     _connection(status)
-    sim = sub.add_parser("simulate", help="the labeling loop with an oracle: mIoU against labelled images per strategy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    sim = sub.add_parser("simulate", help="the labeling loop with an oracle: mIoU against labelled images per strategy",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Start from --initial labelled images of DATA's pool (its labelled and unlabelled "
                                      "images that have masks); each round select -k with a strategy, reveal their masks, "
                                      "fine-tune and score val. Running it again continues an interrupted simulation.")

@@ -19,7 +19,8 @@ def positive_int(text: str) -> int:
 
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg export", description="Checkpoint -> model package (ONNX, CIF graph, "
-                                "TensorRT engine, Triton repository), verified against PyTorch.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "TensorRT engine, Triton repository), verified against PyTorch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="best.pt / last.pt from `scaleseg train`")
     p.add_argument("--out", required=True, help="package folder to write")
     p.add_argument("--with-probs", action="store_true", help="also output per-class probabilities")
