@@ -14,14 +14,16 @@ from . import acquisition
 def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=os.environ.get("LABEL_STUDIO_URL", "http://127.0.0.1:8080"),
                    help="Label Studio URL (env LABEL_STUDIO_URL)")
-    p.add_argument("--token", default=os.environ.get("LABEL_STUDIO_API_KEY", ""),
-                   help="Label Studio access token (env LABEL_STUDIO_API_KEY)")
+    # The token defaults to "" and is read from the environment after parsing, so --help never prints it.
+    p.add_argument("--token", default="", help="Label Studio access token; empty: env LABEL_STUDIO_API_KEY")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg label", description="Active labeling with Label Studio.")
+    p = argparse.ArgumentParser(prog="scaleseg label", description="Active labeling with Label Studio.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks")
+    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     push.add_argument("model", type=Path, help="model package (scaleseg export)")
     push.add_argument("data", type=Path, help="dataset folder")
     push.add_argument("-k", "--top-k", type=int, default=8, help="images to send for labeling")
@@ -37,17 +39,20 @@ def parser() -> argparse.ArgumentParser:
                       help="local: Label Studio serves DATA/images through a local-files storage (same machine); "
                            "upload: the images are uploaded")
     _connection(push)
-    pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt")
-    pull.add_argument("data", type=Path)
+    pull = sub.add_parser("pull", help="write finished annotations into DATA/masks and splits/labeled.txt",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pull.add_argument("data", type=Path, help="dataset folder the tasks were pushed from")
     pull.add_argument("--overwrite", action="store_true", help="replace existing human masks that differ")
     pull.add_argument("--replace-val", action="append", default=[], metavar="ID",
                       help="replace this validation image's mask with its annotation (repeat per image; never "
                            "added to the training splits)")
     _connection(pull)
-    status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending")
-    status.add_argument("data", type=Path)
+    status = sub.add_parser("status", help="what was pushed, what is labelled, what is pending",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    status.add_argument("data", type=Path, help="dataset folder the tasks were pushed from")
     _connection(status)
     sim = sub.add_parser("simulate", help="the labeling loop with an oracle: mIoU against labelled images per strategy",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Start from --initial labelled images of DATA's pool (its labelled and unlabelled "
                                      "images that have masks); each round select -k with a strategy, reveal their masks, "
                                      "fine-tune and score val. Running it again continues an interrupted simulation.")
@@ -64,14 +69,14 @@ def parser() -> argparse.ArgumentParser:
                      help="round 0's iterations, trained once and shared by every strategy (default: --iters)")
     sim.add_argument("--init-from", type=Path, default=None,
                      help="start round 0 from this checkpoint (e.g. a supervised run on other data) instead of random init")
-    sim.add_argument("--crop-size", type=int, default=96)
-    sim.add_argument("--batch-size", type=int, default=4)
-    sim.add_argument("--backbone", default="efficientnet_lite0", help="encoder of every round")
+    sim.add_argument("--crop-size", type=int, default=96, help="training crop of every round")
+    sim.add_argument("--batch-size", type=int, default=4, help="labelled (and unlabelled) images per step")
+    sim.add_argument("--backbone", default="efficientnet_lite0", help="encoder of every round's network")
     sim.add_argument("--pretrained", default="imagenet", help="round 0's encoder weights: imagenet, none or a .pth file")
     sim.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (head x10)")
     sim.add_argument("--balance", type=float, default=1.0, help="class balancing of the uncertainty strategies")
     sim.add_argument("--seed", type=int, default=0, help="initial labelled set, random picks and training")
-    sim.add_argument("--device", default="cpu")
+    sim.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     return p
 
 
@@ -102,7 +107,7 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     if args.command == "simulate":
         return simulate_main(args)
-    client = LabelStudio(args.url, args.token)
+    client = LabelStudio(args.url, args.token or os.environ.get("LABEL_STUDIO_API_KEY", ""))
     try:
         if args.command == "push":
             client.whoami()  # fail fast on a wrong URL or token, before scoring anything

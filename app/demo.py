@@ -30,13 +30,14 @@ SCALEMATCH_LR = 0.005
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("demo"))
+    p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo"), help="folder for the data, runs, model and logs")
     p.add_argument("--supervised-iters", type=int, default=1500, help="stage 1: supervised iterations")
     p.add_argument("--iters", type=int, default=250, help="stage 2: ScaleMatch iterations from the stage-1 weights")
     p.add_argument("--port", type=int, default=7860, help="app port")
     p.add_argument("--label-studio-url", default="", help="use this Label Studio instead of starting one")
-    p.add_argument("--label-studio-token", default="")
+    p.add_argument("--label-studio-token", default="", help="access token of --label-studio-url")
     p.add_argument("--no-app", action="store_true", help="stop after training, evaluation and export")
     return p
 
@@ -83,7 +84,7 @@ def summary(out: Path, checkpoint: Path, model: Path, report: dict) -> str:
         "next:",
         f"  scaleseg serve {model} --port 8000                 # Open Inference Protocol v2 endpoint",
         f"  scaleseg eval {checkpoint} {out / 'data'} --cif-scales 0.5,2 --scales 1   # CIF multi-scale inference",
-        f"  scaleseg app --model {model} --data {out / 'data'}   # predict, rank, label, retrain",
+        f"  scaleseg app {model} {out / 'data'}   # predict, rank, label, retrain",
     ]
     return "\n".join(lines)
 

@@ -75,7 +75,8 @@ def method_parts(method: str) -> tuple[str, str, list[str]]:
         flag, sep, value = override.partition("=")
         if not sep or not flag:
             raise SystemExit(f"--methods {method!r}: write hyper-parameters as METHOD:flag=value, e.g. prcl:num-queries=32")
-        flags += [f"--{flag}", value]
+        # Boolean hyper-parameters are switches: cps:cutmix=false is --no-cutmix.
+        flags += {"true": [f"--{flag}"], "false": [f"--no-{flag}"]}.get(value.lower(), [f"--{flag}", value])
     return base, aux, flags
 
 

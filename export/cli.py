@@ -19,12 +19,13 @@ def positive_int(text: str) -> int:
 
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg export", description="Checkpoint -> model package (ONNX, CIF graph, "
-                                "TensorRT engine, Triton repository), verified against PyTorch.")
+                                "TensorRT engine, Triton repository), verified against PyTorch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="best.pt / last.pt from `scaleseg train`")
     p.add_argument("--out", required=True, help="package folder to write")
     p.add_argument("--with-probs", action="store_true", help="also output per-class probabilities")
     p.add_argument("--cif-scales", type=parse_floats, help="also write model.cif.onnx fusing these scales with 1.0, e.g. 0.5,2.0")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the graphs")
     p.add_argument("--data", type=Path, help="dataset whose val images drive the parity check (default: the training data)")
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in FP16")
@@ -50,8 +51,9 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg export verify", description="Parity of a package's graphs with PyTorch.")
-    p.add_argument("model", type=Path)
+    p = argparse.ArgumentParser(prog="scaleseg export verify", description="Parity of a package's graphs with PyTorch.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", type=Path, help="package folder written by `scaleseg export`")
     p.add_argument("--data", type=Path, help="dataset whose val images are used")
     return p
 

@@ -18,15 +18,17 @@ log = logging.getLogger("scaleseg.serving")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg serve", description="Serve a model package over HTTP (KServe v2 / Triton protocol).")
+    p = argparse.ArgumentParser(prog="scaleseg serve", description="Serve a model package over HTTP (KServe v2 / Triton protocol).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", help="package folder written by `scaleseg export`")
-    p.add_argument("--name", default="", help="model name in URLs (default: the folder's name)")
-    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"])
+    p.add_argument("--name", default="", help="model name in URLs; empty: the folder's name")
+    p.add_argument("--backend", default="auto", choices=["auto", "tensorrt", "onnxruntime"],
+                   help="auto: the package's TensorRT engine for this GPU when it loads and warms up, else ONNX Runtime")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="fp32, or int8: the package's CPU INT8 graphs (`scaleseg export --quantize int8`); auto (default): "
+                   help="fp32, or int8: the package's CPU INT8 graphs (`scaleseg export --quantize int8`); auto: "
                         "int8 where the package has INT8 graphs that passed their accuracy gate, else fp32")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for every interface")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--max-batch", type=int, default=8, help="most images per request and per executed batch")
     p.add_argument("--max-delay-ms", type=float, default=5.0, help="longest a request waits for batch partners")
     p.add_argument("--max-queue", type=int, default=64, help="images allowed to wait; beyond it requests get 503")
@@ -34,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default="", help=f"require this key (X-API-Key or Authorization: Bearer); visible in "
                                                  f"`ps`, so prefer ${KEY_ENV} or --api-key-file")
     p.add_argument("--api-key-file", default="", help="read the key from this file (first line)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0)
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body in MB; larger ones get 413")
     p.add_argument("--max-work-pixels", type=int, default=RequestLimits.max_work_pixels,
                    help="most pixels of work per request and per executed batch: height x width x images x the graph's "
                         f"sum of squared scales (CIF 0.5,1,2 costs 5.25 per pixel); about {BYTES_PER_WORK_PIXEL} bytes "
@@ -42,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-json-values", type=int, default=RequestLimits.max_json_values,
                    help="most output values answered as JSON text; larger outputs must be asked for as binary")
     p.add_argument("--model-repository", default="",
-                   help="folder whose model packages POST /v2/repository/models/NAME/load may load (default: none; "
-                        "only MODEL_DIR reloads)")
+                   help="folder whose model packages POST /v2/repository/models/NAME/load may load; empty: "
+                        "only MODEL_DIR reloads")
     p.add_argument("--max-models", type=int, default=4, help="most models loaded at once (a package with a CIF graph is two)")
     p.add_argument("--header-timeout", type=float, default=ConnectionDeadlines.header_s,
                    help="seconds a request's line and headers may take in all; past it: 408 and the connection closes")

@@ -88,7 +88,7 @@ def test_stored_token_only_goes_to_its_own_url(secured_app, recorder):
 def test_network_host_needs_auth(tmp_path, monkeypatch):
     monkeypatch.delenv("SCALESEG_APP_AUTH", raising=False)
     with pytest.raises(SystemExit, match="--auth"):
-        app_main(["--model", str(tmp_path), "--data", str(tmp_path), "--host", "0.0.0.0"])
+        app_main([str(tmp_path), str(tmp_path), "--host", "0.0.0.0"])
     from app.main import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from bench.texture_scenes import CLASS_SOURCES, RADIUS_RANGE, render, synthesize_textures
 from training.data.validate import check_dataset
@@ -81,7 +82,7 @@ def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_pat
     for row in payload["rows"]:
         assert [p["iter"] for p in row["curve"]] == [1, 2, 3, 4]  # the warm-up's evaluations, then the method's
         assert row["curve"][:2] == json.loads((warm / "curve.json").read_text())
-        config = json.loads((next(work.glob(f"synthetic/*/{row['method']}/seed0")) / "config.json").read_text())
+        config = yaml.safe_load((next(work.glob(f"synthetic/*/{row['method']}/seed0")) / "config.yaml").read_text())
         assert config["model"]["init_from"] == str(warm / "last.pt")
     assert "from a supervised run of 2 iterations" in (results / "warm.md").read_text()
 
@@ -186,6 +187,8 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert argv[argv.index("--aux") + 1] == "contextrast" and argv[-2:] == ["--aux-weight", "0.2"]
     argv = train_argv(args, "scalematch:warmup-epochs=3", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
     assert argv[len(argv) - argv[::-1].index("--warmup-epochs")] == "3"  # the given flag is the last one, so it wins
+    assert train_argv(args, "cps:cutmix=false", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[-1:] == ["--no-cutmix"]
+    assert train_argv(args, "cps:cutmix=true", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[-1:] == ["--cutmix"]
     assert ordered(["prcl:num-queries=32", "fixmatch+contextrast", "prcl", "supervised", "fixmatch"]) == \
         ["supervised", "fixmatch", "fixmatch+contextrast", "prcl", "prcl:num-queries=32"]
     with pytest.raises(SystemExit, match="METHOD:flag=value"):

@@ -7,10 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
-                     parse_floats)
+from . import __version__
+from .config import (SECTIONS, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
+                     parse_floats, read_config_file, typed_settings)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
+HELP = argparse.ArgumentDefaultsHelpFormatter  # every command's help shows each flag's default
 MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
 STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
@@ -70,9 +72,12 @@ def cmd_data_import(args) -> int:
 # --- train ------------------------------------------------------------------------------------------
 def _train_parser(method_cls=None) -> argparse.ArgumentParser:
     from .methods import METHODS
-    p = argparse.ArgumentParser(prog="scaleseg train", description="Train a segmentation model (one method, one run).")
+    p = argparse.ArgumentParser(prog="scaleseg train", description="Train a segmentation model (one method, one run). "
+                                "Every flag can also be set in a --config file; flags on the command line win.")
     p.add_argument("data", nargs="?", help="dataset folder (classes.json, images/, masks/, splits/)")
-    p.add_argument("--method", default="supervised", choices=list(METHODS), help="training method")
+    p.add_argument("--config", help="YAML file of settings (a run's config.yaml reruns it; an older run's config.json "
+                                    "reads alike); flags given here override it")
+    p.add_argument("--method", default=argparse.SUPPRESS, choices=list(METHODS), help="training method (default: supervised)")
     for name, cls in SECTIONS.items():
         add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else (),
                            defaults=method_cls.optim_defaults if method_cls is not None and cls is OptimConfig else None)
@@ -82,11 +87,20 @@ def _train_parser(method_cls=None) -> argparse.ArgumentParser:
 
 
 def parse_train_args(argv: list[str]) -> TrainConfig:
-    from .methods import get_method
-    # First pass finds the method (help deferred), the second knows that method's options.
+    from .methods import METHODS, get_method
+    # First pass finds the config file and the method (help deferred), the second knows that method's options.
     first, _ = _train_parser().parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    method_cls = get_method(first.method)
+    from_file = read_config_file(first.config) if first.config else {}
+    file_method = from_file.pop("method", None)
+    if file_method is not None and file_method not in METHODS:
+        raise ConfigError(f"{first.config}: method: {file_method!r} is not a method; choose one of {', '.join(METHODS)}.")
+    method_cls = get_method(getattr(first, "method", None) or file_method or "supervised")
     ns = _train_parser(method_cls).parse_args(argv)
+    ns.method = method_cls.name
+    # The file fills in what the command line did not give (flags win); the run's --resume base comes below both.
+    for name, value in typed_settings(from_file, [*SECTIONS.values(), method_cls.Config], first.config).items():
+        if not hasattr(ns, name):
+            setattr(ns, name, value)
     cfg = TrainConfig(method=method_cls.name)
     saved = _saved_config(ns) if getattr(ns, "resume", False) else None
     for name, cls in SECTIONS.items():
@@ -177,34 +191,36 @@ def scales(text: str) -> tuple[float, ...]:
 
 # --- entry point ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg", description="Semi-supervised segmentation: data, train, eval.")
+    p = argparse.ArgumentParser(prog="scaleseg", description="Semi-supervised segmentation: data, training, export, "
+                                "serving and active labeling. `scaleseg COMMAND --help` explains each command.")
+    p.add_argument("--version", action="version", version=f"scaleseg {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="create, import and check dataset folders").add_subparsers(dest="data_command", required=True)
-    s = data.add_parser("synth", help="write a synthetic multi-scale dataset")
-    s.add_argument("out")
+    s = data.add_parser("synth", help="write a synthetic multi-scale dataset", formatter_class=HELP)
+    s.add_argument("out", help="dataset folder to write")
     s.add_argument("--classes", type=int, default=5, help="number of classes including background (2-9)")
-    s.add_argument("--n-labeled", type=int, default=16)
-    s.add_argument("--n-unlabeled", type=int, default=240)
-    s.add_argument("--n-val", type=int, default=40)
+    s.add_argument("--n-labeled", type=int, default=16, help="labelled training images (with masks)")
+    s.add_argument("--n-unlabeled", type=int, default=240, help="unlabelled training images (masks kept for simulations)")
+    s.add_argument("--n-val", type=int, default=40, help="validation images")
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
     s.add_argument("--max-objects", type=int, default=5, help="each image holds 1 to this many objects")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator: the same seed writes the same images")
     s.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
     s.set_defaults(func=cmd_data_synth)
-    c = data.add_parser("check", help="report every problem in a dataset folder")
-    c.add_argument("data")
+    c = data.add_parser("check", help="report every problem in a dataset folder", formatter_class=HELP)
+    c.add_argument("data", help="dataset folder")
     c.add_argument("--quick", action="store_true", help="structure only; do not decode images and masks")
     c.set_defaults(func=cmd_data_check)
-    i = data.add_parser("import", help="import Pascal VOC 2012 (+SBD) or Cityscapes")
-    i.add_argument("format", choices=["voc", "cityscapes"])
+    i = data.add_parser("import", help="import Pascal VOC 2012 (+SBD) or Cityscapes", formatter_class=HELP)
+    i.add_argument("format", choices=["voc", "cityscapes"], help="source dataset")
     i.add_argument("source", help="VOCdevkit/VOC2012 folder, or the Cityscapes root")
-    i.add_argument("out")
+    i.add_argument("out", help="dataset folder to write")
     i.add_argument("--sbd", help="VOC: folder of SegmentationClassAug masks (10,582 aug set)")
     i.add_argument("--labeled", help="labelled subset: a count (92) or a fraction (1/16); VOC default 1464, Cityscapes 1/8")
     i.add_argument("--labeled-list", help="file of labelled ids (UniMatch split files work)")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--force", action="store_true")
+    i.add_argument("--seed", type=int, default=0, help="seed of the labelled subset's random draw")
+    i.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
     i.set_defaults(func=cmd_data_import)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
@@ -216,15 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)
     sub.add_parser("label", help="active labeling with Label Studio: push, pull, status (see `scaleseg label --help`)", add_help=False)
 
-    e = sub.add_parser("eval", help="mIoU, per-class IoU and scale robustness of a checkpoint")
-    e.add_argument("checkpoint")
-    e.add_argument("data")
-    e.add_argument("--split", default="val")
-    e.add_argument("--mode", default="whole", choices=["whole", "sliding"])
-    e.add_argument("--window", type=int, default=0, help="sliding window side; default the training crop")
+    e = sub.add_parser("eval", help="mIoU, per-class IoU and scale robustness of a checkpoint", formatter_class=HELP)
+    e.add_argument("checkpoint", help="best.pt or last.pt of `scaleseg train`")
+    e.add_argument("data", help="dataset folder with the checkpoint's classes")
+    e.add_argument("--split", default="val", help="split whose images (with masks) are scored: val, labeled or unlabeled")
+    e.add_argument("--mode", default="whole", choices=["whole", "sliding"],
+                   help="whole image at once, or sliding windows (the Cityscapes protocol)")
+    e.add_argument("--window", type=int, default=0, help="sliding window side; 0: the training crop")
     e.add_argument("--scales", type=scales, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
     e.add_argument("--cif-scales", type=scales, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
     e.add_argument("--json", help="also write the result as JSON")
     e.set_defaults(func=cmd_eval)
     return p

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 class ConfigError(Exception):
@@ -116,6 +120,9 @@ class TrainConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "aux": AuxConfig}
+CONFIG_FILE = "config.yaml"  # every run's resolved settings; earlier runs wrote the same dict as config.json
+# Settings that hold for one invocation: a file that replays a run must not also replay its --resume or --force.
+INVOCATION_ONLY = {"resume": False, "force": False, "allow_changed": ""}
 
 
 def parse_floats(text: str) -> tuple[float, ...]:
@@ -132,20 +139,12 @@ def _parse_value(kind: Any, default: Any):
     if isinstance(default, tuple):
         elem = type(default[0]) if default else float
         return lambda s: tuple(elem(v) for v in s.split(",") if v.strip())
-    if kind is bool or isinstance(default, bool):
-        def to_bool(s: str) -> bool:
-            if s.lower() in ("1", "true", "yes", "on"):
-                return True
-            if s.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-        return to_bool
     return type(default)
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group_title: str | None = None,
                        skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
-    """One flag per field; booleans take an optional value so ``--resume`` and ``--amp false`` both work.
+    """One flag per field; booleans are switches with their negation (``--amp`` / ``--no-amp``).
     ``defaults`` overrides field defaults in the help (a method's own optimiser defaults)."""
     target = parser.add_argument_group(group_title) if group_title else parser
     for f in dataclasses.fields(cls):
@@ -155,9 +154,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group_title: 
         default = (defaults or {}).get(f.name, default)
         help_text = f.metadata.get("help", "")
         help_text = f"{help_text} (default: {','.join(map(str, default)) if isinstance(default, tuple) else default})"
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text, type=_parse_value(f.type, default))
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text)
         if isinstance(default, bool):
-            kwargs.update(nargs="?", const=True)
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = _parse_value(f.type, default)
         target.add_argument(_flag(f.name), **kwargs)
 
 
@@ -186,3 +187,73 @@ def dataclass_from_dict(cls: type, values: dict):
             value = tuple(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def config_yaml(values: dict) -> str:
+    """A run's settings as YAML (tuples as lists), in the shape ``read_config_file`` reads back."""
+    return yaml.safe_dump(json.loads(json.dumps(values)), sort_keys=False)
+
+
+def resolved_config(cfg: TrainConfig) -> dict:
+    """What a run writes to its CONFIG_FILE: every setting, less those that hold for one invocation."""
+    values = cfg.to_dict()
+    values["run"].update(INVOCATION_ONLY)
+    return values
+
+
+def read_config_file(path: str | Path) -> dict:
+    """``--config FILE``: settings by section as a run writes them (``optim: {lr: 0.01}``), or flat (``lr: 0.01``,
+    ``crop-size: 96``). A run's old config.json reads alike (JSON is YAML). Returns {field name: raw value}."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file ({err.strerror}).") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected settings as `name: value` lines (e.g. `lr: 0.01`), got a {type(raw).__name__}.")
+    flat = {}
+    for key, value in raw.items():
+        if key in SECTIONS or key == "method_cfg":
+            if not isinstance(value, dict | None):
+                raise ConfigError(f"{path}: {key}: expected a section of `name: value` settings, got {value!r}.")
+            flat.update({str(k).replace("-", "_"): v for k, v in (value or {}).items()})
+        else:
+            flat[str(key).replace("-", "_")] = value
+    return flat
+
+
+def typed_settings(values: dict, classes: list[type], where: str | Path) -> dict:
+    """Check each setting of a config file against the dataclasses' fields and convert it to the field's type."""
+    fields = {f.name: f for cls in classes for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}. Names are the flags of "
+                          "`scaleseg train --method METHOD --help` without the dashes (crop_size or crop-size).")
+    return {name: _typed(fields[name], value, where) for name, value in values.items()}
+
+
+def _typed(f: dataclasses.Field, value: Any, where: str | Path) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+        elif isinstance(default, tuple):
+            if isinstance(value, (list, str, int, float)) and not isinstance(value, bool):
+                return _parse_value(f.type, default)(",".join(map(str, value)) if isinstance(value, list) else str(value))
+        elif isinstance(default, str):
+            if isinstance(value, str):
+                return value
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            typed = type(default)(value)
+            if typed == float(value) or isinstance(default, float):
+                return typed
+    except ValueError:
+        pass
+    kind = "true or false" if isinstance(default, bool) else "a list such as 0.5,1,2" if isinstance(default, tuple) \
+        else f"a{'n' if isinstance(default, int) else ''} {type(default).__name__}"
+    raise ConfigError(f"{where}: {f.name}: {value!r} is not {kind} (default {default!r}).")

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .config import ConfigError, TrainConfig, dataclass_from_dict
+from .config import CONFIG_FILE, ConfigError, TrainConfig, config_yaml, dataclass_from_dict, resolved_config
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
-from .data.folder import DatasetError, class_pixel_counts, fingerprint, load_classes, read_split
+from .data.folder import DatasetError, atomic_write, class_pixel_counts, fingerprint, load_classes, read_split
 from .data.validate import check_dataset
 from .distributed import DistInfo, all_gather_objects, average_buffers, barrier, init_distributed, process_seed
 from .evaluate import evaluate
@@ -329,7 +329,8 @@ class Trainer:
             start_out_dir(self.out, cfg.run)
             if self.board is not None:
                 self.board.open()
-            (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            text = config_yaml(resolved_config(cfg)).encode()
+            atomic_write(self.out / CONFIG_FILE, lambda fh: fh.write(text))
         bar = tqdm(total=self.total_iters, initial=self.iteration, desc=f"train {cfg.method}", unit="it",
                    disable=not self.progress, dynamic_ncols=True)
         self.method.train()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import ConfigError, hp
+from .config import CONFIG_FILE, ConfigError, config_yaml, hp
 from .data import transforms as T
 from .data.folder import atomic_write, image_path, load_image, read_split
 from .models.encoders.resnet import CHANNELS, ResNetEncoder
@@ -39,11 +39,11 @@ from .models.encoders.resnet import CHANNELS, ResNetEncoder
 @dataclass
 class PretrainConfig:
     data: str
-    out: str = "runs/pretrain"
-    backbone: str = "resnet18"
-    iters: int = 2000
-    crop: int = 96
-    batch_size: int = 16
+    out: str = hp("runs/pretrain", "output folder: encoder.pth, metrics.jsonl, config.yaml")
+    backbone: str = hp("resnet18", f"encoder to pretrain: {', '.join(RESNETS)}")
+    iters: int = hp(2000, "training iterations")
+    crop: int = hp(96, "side of each random view in pixels")
+    batch_size: int = hp(16, "images per step; each gives two views")
     lr: float = hp(0.05, "SGD learning rate, cosine-decayed to 0 (momentum 0.9)")
     weight_decay: float = hp(1e-4, "SGD weight decay")
     ema: float = hp(0.99, "BYOL's base target momentum, raised to 1 on a cosine over the run")
@@ -51,10 +51,10 @@ class PretrainConfig:
     crop_scale: tuple[float, float] = hp((0.3, 1.0), "area range of each random crop, as a fraction of the image")
     proj_dim: int = hp(128, "projection size (BYOL: 256 at ImageNet scale)")
     hidden_dim: int = hp(512, "hidden width of the projector and predictor MLPs")
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 1
-    log_every: int = 20
+    seed: int = hp(0, "seed for weights, views and data order")
+    device: str = hp("auto", "auto, cpu or cuda")
+    num_workers: int = hp(1, "data-loading worker processes")
+    log_every: int = hp(20, "append the losses to metrics.jsonl every N iterations")
     force: bool = False
     splits: tuple[str, ...] = field(default=("labeled", "unlabeled"))
 
@@ -238,7 +238,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda k: 0.5 * (1 + math.cos(math.pi * k / cfg.iters)))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    text = config_yaml(asdict(cfg)).encode()
+    atomic_write(out / CONFIG_FILE, lambda fh: fh.write(text))
     print(f"pretrain {cfg.backbone}: {n_images} images, {cfg.iters} iterations, batch {cfg.batch_size} x 2 views, "
           f"crop {cfg.crop}, {device}", flush=True)
     bar = tqdm(total=cfg.iters, desc="pretrain", unit="it", disable=not progress, dynamic_ncols=True)
@@ -281,7 +282,8 @@ def _step(model: DenseBYOL, optim, schedule, batch: dict, device, step: int, cfg
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scaleseg pretrain", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="scaleseg pretrain", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("data", help="dataset folder; its labelled and unlabelled images are used, without masks")
     defaults = PretrainConfig(data="")
     for f in ("out", "backbone", "iters", "crop", "batch_size", "lr", "weight_decay", "ema", "dense_weight",
@@ -289,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
         value = getattr(defaults, f)
         meta = PretrainConfig.__dataclass_fields__[f].metadata
         p.add_argument(f"--{f.replace('_', '-')}", type=type(value), default=value,
-                       help=meta.get("help", f"default {value}"))
+                       help=meta["help"])
     p.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale, metavar=("MIN", "MAX"),
                    help=PretrainConfig.__dataclass_fields__["crop_scale"].metadata.get("help"))
     p.add_argument("--force", action="store_true", help="replace an existing OUT/encoder.pth")

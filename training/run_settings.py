@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import ConfigError, RunConfig, TrainConfig
 
-RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.json")
+RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json")  # config.json: earlier runs' settings
 # Settings that change neither the weights a run ends with nor its data order, so --resume may change them
 # freely. The dataset's path is not compared: its fingerprint is. The encoder initialisation is replaced
 # by the checkpoint's weights.
