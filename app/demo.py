@@ -23,8 +23,7 @@ from pathlib import Path
 # objects per image (the generator's default is 5): with 5, background is 91 % of the labelled pixels and the
 # triangle 1.2 %, and 2,000 iterations did not reliably learn it (README, "The demo's recipe").
 DATA = {"num_classes": 5, "n_labeled": 64, "n_unlabeled": 192, "n_val": 48, "size": 128, "seed": 0, "max_objects": 8}
-COMMON = ["--backbone", "efficientnet_lite0", "--pretrained", "imagenet", "--crop-size", "96", "--batch-size", "4",
-          "--num-workers", "1"]
+COMMON = ["--config", "small-data", "--num-workers", "1"]  # training/recipes/small-data.yaml
 SUPERVISED_LR = 0.01
 SCALEMATCH_LR = 0.005
 

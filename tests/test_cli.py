@@ -67,7 +67,7 @@ def test_boolean_settings_are_switches(tiny_data):
 
 def test_config_file_round_trip_flags_win_and_old_config_json(tiny_data, tmp_path):
     out = tmp_path / "run"
-    argv = ["train", str(tiny_data), "--method", "fixmatch", "--backbone", "resnet18", "--crop-size", "32",
+    argv = ["train", str(tiny_data), "--method", "fixmatch", "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32",
             "--batch-size", "2", "--max-iters", "1", "--eval-every", "1", "--num-workers", "0", "--lr", "0.02",
             "--device", "cpu", "--no-amp", "--conf-thresh", "0.8", "--val-scales", "0.5,1", "--out", str(out), "--force"]
     assert main(argv) == 0
@@ -117,3 +117,10 @@ def test_bad_config_file_is_one_clear_line(tiny_data, tmp_path, capsys, text, me
 def test_missing_config_file(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         parse_train_args([str(tiny_data), "--config", str(tmp_path / "none.yaml")])
+
+
+def test_shipped_small_data_recipe_by_name(tiny_data):
+    cfg = parse_train_args([str(tiny_data), "--config", "small-data", "--lr", "0.005"])
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.data.crop_size, cfg.data.batch_size) == \
+        ("efficientnet_lite0", "imagenet", 96, 4)
+    assert cfg.optim.lr == 0.005  # the command line wins over the recipe

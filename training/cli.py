@@ -76,7 +76,7 @@ def _train_parser(method_cls=None) -> argparse.ArgumentParser:
                                 "Every flag can also be set in a --config file; flags on the command line win.")
     p.add_argument("data", nargs="?", help="dataset folder (classes.json, images/, masks/, splits/)")
     p.add_argument("--config", help="YAML file of settings (a run's config.yaml reruns it; an older run's config.json "
-                                    "reads alike); flags given here override it")
+                                    "reads alike), or a shipped recipe by name: small-data; flags given here override it")
     p.add_argument("--method", default=argparse.SUPPRESS, choices=list(METHODS), help="training method (default: supervised)")
     for name, cls in SECTIONS.items():
         add_dataclass_args(p, cls, f"{name} options", skip=("root",) if cls is DataConfig else (),

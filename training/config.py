@@ -201,10 +201,16 @@ def resolved_config(cfg: TrainConfig) -> dict:
     return values
 
 
+RECIPES = Path(__file__).parent / "recipes"  # named configs shipped with scaleseg: --config small-data
+
+
 def read_config_file(path: str | Path) -> dict:
     """``--config FILE``: settings by section as a run writes them (``optim: {lr: 0.01}``), or flat (``lr: 0.01``,
-    ``crop-size: 96``). A run's old config.json reads alike (JSON is YAML). Returns {field name: raw value}."""
+    ``crop-size: 96``). A run's old config.json reads alike (JSON is YAML). A name without a file of that name is
+    one of the shipped recipes (training/recipes/NAME.yaml). Returns {field name: raw value}."""
     path = Path(path)
+    if not path.exists() and (RECIPES / f"{path}.yaml").is_file():
+        path = RECIPES / f"{path}.yaml"
     try:
         raw = yaml.safe_load(path.read_text())
     except OSError as err:
