@@ -61,10 +61,48 @@ def cmd_data_import(args) -> int:
     from .data.importers import import_cityscapes, import_voc
     if args.format == "voc":
         out = import_voc(args.source, args.out, args.sbd, args.labeled or "1464", args.labeled_list, args.seed, args.force)
-    else:
+    elif args.format == "cityscapes":
         out = import_cityscapes(args.source, args.out, args.labeled or "1/8", args.labeled_list, args.seed, args.force)
+    else:
+        out, counts = _import_own(args)
+        print(f"wrote {out}: {counts['labeled']} labelled, {counts['unlabeled']} unlabelled, {counts['val']} val images")
+        return 0
     print(f"wrote {out}")
     return 0
+
+
+def _import_own(args):
+    """The formats users bring from their own tools: folder, coco, cvat."""
+    from .data.palette import load_palette
+    if args.format == "folder":
+        from .data.import_folder import import_folder
+        return import_folder(args.source, args.out, args.images or "images", args.masks, load_palette(args.palette),
+                             args.mask_format, args.ignore_value, args.ignore_color, args.mask_suffix, args.val,
+                             args.seed, args.force)
+    if args.format == "coco":
+        from .data.import_coco import import_coco
+        if not args.images:
+            raise SystemExit("scaleseg data import coco: pass --images, the folder holding the images the JSON lists")
+        return import_coco(args.source, args.out, args.images, args.panoptic_masks, args.val, args.seed, args.force)
+    from .data.import_cvat import import_cvat
+    return import_cvat(args.source, args.out, args.images, args.val, args.seed, args.ignore_color, args.force)
+
+
+def cmd_data_add(args) -> int:
+    from .data.ingest import add_paths
+    report = add_paths(args.data, args.paths, max_pixels=args.max_pixels, progress=True)
+    print(report.summary())
+    return 0 if report.added or report.duplicates else 1
+
+
+def _color(text: str) -> tuple[int, int, int]:
+    """argparse type of --ignore-color."""
+    from .data.folder import DatasetError
+    from .data.palette import parse_color
+    try:
+        return parse_color(text, "--ignore-color")
+    except DatasetError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -196,16 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data")
     c.add_argument("--quick", action="store_true", help="structure only; do not decode images and masks")
     c.set_defaults(func=cmd_data_check)
-    i = data.add_parser("import", help="import Pascal VOC 2012 (+SBD) or Cityscapes")
-    i.add_argument("format", choices=["voc", "cityscapes"])
-    i.add_argument("source", help="VOCdevkit/VOC2012 folder, or the Cityscapes root")
-    i.add_argument("out")
-    i.add_argument("--sbd", help="VOC: folder of SegmentationClassAug masks (10,582 aug set)")
-    i.add_argument("--labeled", help="labelled subset: a count (92) or a fraction (1/16); VOC default 1464, Cityscapes 1/8")
-    i.add_argument("--labeled-list", help="file of labelled ids (UniMatch split files work)")
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--force", action="store_true")
+    i = data.add_parser("import", help="import a folder of images + masks, COCO, CVAT, Pascal VOC 2012 (+SBD) or Cityscapes",
+                        description="Write a dataset folder from another format (atomically), then check it as `data check` does.")
+    i.add_argument("format", choices=["folder", "coco", "cvat", "voc", "cityscapes"], help="the source's format")
+    i.add_argument("source", help="folder: the folder holding images/ and masks/; coco: the annotation JSON; cvat: the "
+                   "'Segmentation mask 1.1' zip or its folder; voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
+    i.add_argument("out", help="dataset folder to write (must not exist or be empty, unless --force)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the labelled (voc, cityscapes) or val (others) draw")
+    i.add_argument("--force", action="store_true", help="replace an existing non-empty OUT folder")
+    own = i.add_argument_group("folder, coco and cvat options")
+    own.add_argument("--val", default="0.2", help="labelled images set aside for validation: a count (10) or a fraction (0.2, 1/5)")
+    own.add_argument("--images", default=None, help="folder: image folder relative to SOURCE (default images); coco: the "
+                     "image folder (required); cvat: the image folder when the export has no JPEGImages/")
+    own.add_argument("--masks", default="masks", help="folder: mask folder relative to SOURCE")
+    own.add_argument("--mask-suffix", default="", help="folder: what mask names add to their image's name, e.g. _mask")
+    own.add_argument("--mask-format", default="auto", choices=["auto", "ids", "colors"],
+                     help="folder: masks hold class ids or RGB colours; auto: greyscale and palette PNGs are ids, RGB are colours")
+    own.add_argument("--palette", default=None, help="folder: the classes, as a YAML/JSON file or inline "
+                     "(background=#000000,car=#ff0000; names only for id masks); default: ids 0..max, named class_<id>")
+    own.add_argument("--ignore-value", type=int, default=255, help="folder: the class-id value that means 'not labelled'")
+    own.add_argument("--ignore-color", action="append", default=[], type=_color,
+                     help="folder, cvat: a colour that means 'not labelled' (#rrggbb); repeat for several")
+    own.add_argument("--panoptic-masks", default=None, help="coco panoptic: the folder of segment PNGs (default: the "
+                     "JSON's path without .json, as COCO ships it)")
+    vc = i.add_argument_group("voc and cityscapes options")
+    vc.add_argument("--sbd", help="VOC: folder of SegmentationClassAug masks (10,582 aug set)")
+    vc.add_argument("--labeled", help="labelled subset: a count (92) or a fraction (1/16); VOC default 1464, Cityscapes 1/8")
+    vc.add_argument("--labeled-list", help="file of labelled ids (UniMatch split files work)")
     i.set_defaults(func=cmd_data_import)
+    a = data.add_parser("add", help="add unlabelled images (files, folders, globs, zips) to a dataset",
+                        description="Decode, de-duplicate and store images as the app's upload does; they join splits/unlabeled.txt.")
+    a.add_argument("data", help="dataset folder")
+    a.add_argument("paths", nargs="+", help="image files, folders (searched recursively), glob patterns or .zip archives")
+    a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this")
+    a.set_defaults(func=cmd_data_add)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
                    "(see `scaleseg pretrain --help`)", add_help=False)
