@@ -13,7 +13,7 @@ from .config import (SECTIONS, DataConfig, OptimConfig, RunConfig, TrainConfig, 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
 MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
-STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
+STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "predict": "export.predict", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
 USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see `scaleseg pretrain --help`)", add_help=False)
     sub.add_parser("train", help="train a model (see `scaleseg train --help`)", add_help=False)
     sub.add_parser("export", help="checkpoint -> ONNX / TensorRT / Triton package (see `scaleseg export --help`)", add_help=False)
+    sub.add_parser("predict", help="segment files, folders, globs and videos into masks on disk (see `scaleseg predict --help`)",
+                   add_help=False)
     sub.add_parser("serve", help="serve a model package over HTTP (see `scaleseg serve --help`)", add_help=False)
     sub.add_parser("demo", help="the whole loop on embedded defaults: data, training, export, Label Studio, app", add_help=False)
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)
