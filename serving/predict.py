@@ -195,15 +195,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cif", action="store_true", help="run the package's CIF multi-scale graph (model.cif.onnx)")
     p.add_argument("--tile", action="store_true", help="segment images larger than one pass takes in overlapping tiles "
                    "instead of refusing them")
-    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write colour overlays")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True, help="write colour overlays (default: %(default)s)")
     p.add_argument("--confidence", action="store_true", help="also write confidence maps (max softmax x 255)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours, 0..1")
-    p.add_argument("--every", type=int, default=1, help="videos: segment every N-th frame")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours, 0..1 (default: %(default)s)")
+    p.add_argument("--every", type=int, default=1, help="videos: segment every N-th frame (default: %(default)s)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
-                   help="packages: auto takes a TensorRT engine built for this GPU when present, else ONNX Runtime")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="packages: as `scaleseg serve --precision`")
-    p.add_argument("--cif-scales", default="0.5,2.0", help="checkpoints with --cif: the scales fused with 1.0")
-    p.add_argument("--device", default="auto", help="checkpoints: torch device (auto, cpu, cuda)")
+                   help="packages: auto takes a TensorRT engine built for this GPU when present, else ONNX Runtime (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="packages: as `scaleseg serve --precision` (default: %(default)s)")
+    p.add_argument("--cif-scales", default="0.5,2.0", help="checkpoints with --cif: the scales fused with 1.0 (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="checkpoints: torch device (auto, cpu, cuda) (default: %(default)s)")
     return p
 
 

@@ -72,7 +72,7 @@ def cmd_data_import(args) -> int:
 
 
 def _import_own(args):
-    """The formats users bring from their own tools: folder, coco, cvat."""
+    """The formats users bring from their own tools: folder, coco, cvat, labelstudio."""
     from .data.palette import load_palette
     if args.format == "folder":
         from .data.import_folder import import_folder
@@ -84,6 +84,13 @@ def _import_own(args):
         if not args.images:
             raise SystemExit("scaleseg data import coco: pass --images, the folder holding the images the JSON lists")
         return import_coco(args.source, args.out, args.images, args.panoptic_masks, args.val, args.seed, args.force)
+    if args.format == "labelstudio":
+        if not args.images:
+            raise SystemExit("scaleseg data import labelstudio: pass --images, the folder holding the project's images")
+        # app may import training, never the reverse at import time: the importer reuses `label pull`'s mask code.
+        module = importlib.import_module("app.import_labelstudio")
+        return module.import_labelstudio(args.source, args.out, args.images, load_palette(args.palette), args.val,
+                                         args.seed, args.force)
     from .data.import_cvat import import_cvat
     return import_cvat(args.source, args.out, args.images, args.val, args.seed, args.ignore_color, args.force)
 
@@ -234,25 +241,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data")
     c.add_argument("--quick", action="store_true", help="structure only; do not decode images and masks")
     c.set_defaults(func=cmd_data_check)
-    i = data.add_parser("import", help="import a folder of images + masks, COCO, CVAT, Pascal VOC 2012 (+SBD) or Cityscapes",
+    i = data.add_parser("import", help="import a folder of images + masks, COCO, CVAT, Label Studio, Pascal VOC 2012 (+SBD) or Cityscapes",
                         description="Write a dataset folder from another format (atomically), then check it as `data check` does.")
-    i.add_argument("format", choices=["folder", "coco", "cvat", "voc", "cityscapes"], help="the source's format")
+    i.add_argument("format", choices=["folder", "coco", "cvat", "labelstudio", "voc", "cityscapes"], help="the source's format")
     i.add_argument("source", help="folder: the folder holding images/ and masks/; coco: the annotation JSON; cvat: the "
-                   "'Segmentation mask 1.1' zip or its folder; voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
+                   "'Segmentation mask 1.1' zip or its folder; labelstudio: the JSON export; voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
     i.add_argument("out", help="dataset folder to write (must not exist or be empty, unless --force)")
-    i.add_argument("--seed", type=int, default=0, help="seed of the labelled (voc, cityscapes) or val (others) draw")
+    i.add_argument("--seed", type=int, default=0, help="seed of the labelled (voc, cityscapes) or val (others) draw (default: %(default)s)")
     i.add_argument("--force", action="store_true", help="replace an existing non-empty OUT folder")
-    own = i.add_argument_group("folder, coco and cvat options")
-    own.add_argument("--val", default="0.2", help="labelled images set aside for validation: a count (10) or a fraction (0.2, 1/5)")
+    own = i.add_argument_group("folder, coco, cvat and labelstudio options")
+    own.add_argument("--val", default="0.2", help="labelled images set aside for validation: a count (10) or a fraction (0.2, 1/5) (default: %(default)s)")
     own.add_argument("--images", default=None, help="folder: image folder relative to SOURCE (default images); coco: the "
-                     "image folder (required); cvat: the image folder when the export has no JPEGImages/")
-    own.add_argument("--masks", default="masks", help="folder: mask folder relative to SOURCE")
+                     "image folder (required); cvat: the image folder when the export has no JPEGImages/; labelstudio: the "
+                     "project's images (required)")
+    own.add_argument("--masks", default="masks", help="folder: mask folder relative to SOURCE (default: %(default)s)")
     own.add_argument("--mask-suffix", default="", help="folder: what mask names add to their image's name, e.g. _mask")
     own.add_argument("--mask-format", default="auto", choices=["auto", "ids", "colors"],
-                     help="folder: masks hold class ids or RGB colours; auto: greyscale and palette PNGs are ids, RGB are colours")
-    own.add_argument("--palette", default=None, help="folder: the classes, as a YAML/JSON file or inline "
+                     help="folder: masks hold class ids or RGB colours; auto: greyscale and palette PNGs are ids, RGB are colours (default: %(default)s)")
+    own.add_argument("--palette", default=None, help="folder, labelstudio: the classes, as a YAML/JSON file or inline "
                      "(background=#000000,car=#ff0000; names only for id masks); default: ids 0..max, named class_<id>")
-    own.add_argument("--ignore-value", type=int, default=255, help="folder: the class-id value that means 'not labelled'")
+    own.add_argument("--ignore-value", type=int, default=255, help="folder: the class-id value that means 'not labelled' (default: %(default)s)")
     own.add_argument("--ignore-color", action="append", default=[], type=_color,
                      help="folder, cvat: a colour that means 'not labelled' (#rrggbb); repeat for several")
     own.add_argument("--panoptic-masks", default=None, help="coco panoptic: the folder of segment PNGs (default: the "
@@ -266,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Decode, de-duplicate and store images as the app's upload does; they join splits/unlabeled.txt.")
     a.add_argument("data", help="dataset folder")
     a.add_argument("paths", nargs="+", help="image files, folders (searched recursively), glob patterns or .zip archives")
-    a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this")
+    a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this (default: %(default)s)")
     a.set_defaults(func=cmd_data_add)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
