@@ -137,7 +137,8 @@ def predict_sources(segmenter: Segmenter, sources: list[str], out: str | Path, o
     """Segment every image and video frame of ``sources`` into ``out``; returns the summary written to
     predictions.json ({"images": [...], "failed": {name: reason}})."""
     out = Path(out)
-    items = expand_sources(sources)
+    # A folder source that holds OUT would feed earlier outputs back in on a second run.
+    items = [(p, n) for p, n in expand_sources(sources) if out.resolve() not in p.resolve().parents]
     total = sum(-(-frame_count(p) // every) if p.suffix.lower() in VIDEO_SUFFIXES else 1 for p, _ in items)
     step = progress_bar(total, progress)
     classes = segmenter.classes

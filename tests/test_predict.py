@@ -92,6 +92,10 @@ def test_predict_cli_files_folders_globs_video(package, tmp_path, capsys):
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert len(rows) == len(names) and abs(sum(float(rows[0][f"{c['name']}_fraction"]) for c in summary["classes"]) - 1) < 1e-3
     assert not [p for p in out.rglob(".*.tmp")]
+    # Outputs written inside a source folder are not segmented again on the next run.
+    assert main(["predict", str(package), str(folder / "sub"), "--out", str(folder / "sub" / "pred")]) == 0
+    assert main(["predict", str(package), str(folder / "sub"), "--out", str(folder / "sub" / "pred")]) == 0
+    assert [r["name"] for r in json.loads((folder / "sub" / "pred" / "predictions.json").read_text())["images"]] == ["img0", "img1"]
 
 
 def test_predict_from_checkpoint_matches_its_package(package, checkpoints, tmp_path):
