@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from training.data.folder import (IGNORE, class_dicts, find_image, load_classes, mask_path, read_split, write_mask, write_split,
                                   write_text)
@@ -113,23 +113,36 @@ def prediction_result(labels: np.ndarray, classes: list[dict], confidence: np.nd
 
 
 def annotation_to_mask(result: list[dict], classes: list[dict], size: tuple[int, int]) -> np.ndarray:
-    """Class-id mask (255 where nothing is painted) from an annotation's brush regions; ValueError for
-    labels outside classes.json or regions of another size."""
+    """Class-id mask (255 where nothing is painted) from an annotation's brush and polygon regions, painted in
+    the order Label Studio lists them; ValueError for labels outside classes.json or regions of another size."""
     width, height = size
     ids = {c["name"]: c["id"] for c in classes}
     mask = np.full((height, width), IGNORE, np.uint8)
     for region in result:
-        if region.get("type") != "brushlabels":
+        kind = region.get("type")
+        if kind not in ("brushlabels", "polygonlabels"):
             continue
-        names = region["value"].get("brushlabels") or []
+        names = region["value"].get(kind) or []
         unknown = [n for n in names if n not in ids]
         if unknown or len(names) != 1:
             raise ValueError(f"labels {names} are not exactly one class of classes.json ({sorted(ids)})")
         if (region.get("original_width"), region.get("original_height")) != (width, height):
             raise ValueError(f"region drawn on a {region.get('original_width')}x{region.get('original_height')} image, "
                              f"but the image is {width}x{height}")
-        mask[rle.rle_to_mask(region["value"]["rle"], height, width)] = ids[names[0]]
+        if kind == "brushlabels":
+            mask[rle.rle_to_mask(region["value"]["rle"], height, width)] = ids[names[0]]
+        else:
+            mask[polygon_mask(region["value"]["points"], width, height)] = ids[names[0]]
     return mask
+
+
+def polygon_mask(points: list[list[float]], width: int, height: int) -> np.ndarray:
+    """bool [H, W] of a Label Studio polygon, whose points are percentages of the image's width and height."""
+    if len(points) < 3:
+        raise ValueError(f"a polygon needs at least 3 points, got {len(points)}")
+    canvas = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon([(x * width / 100, y * height / 100) for x, y in points], fill=1)
+    return np.asarray(canvas, dtype=bool)
 
 
 @dataclass

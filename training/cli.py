@@ -15,7 +15,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundErr
 HELP = argparse.ArgumentDefaultsHelpFormatter  # every command's help shows each flag's default
 MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
-STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
+STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "predict": "export.predict", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
 USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
@@ -63,10 +63,55 @@ def cmd_data_import(args) -> int:
     from .data.importers import import_cityscapes, import_voc
     if args.format == "voc":
         out = import_voc(args.source, args.out, args.sbd, args.labeled or "1464", args.labeled_list, args.seed, args.force)
-    else:
+    elif args.format == "cityscapes":
         out = import_cityscapes(args.source, args.out, args.labeled or "1/8", args.labeled_list, args.seed, args.force)
+    else:
+        out, counts = _import_own(args)
+        print(f"wrote {out}: {counts['labeled']} labelled, {counts['unlabeled']} unlabelled, {counts['val']} val images")
+        return 0
     print(f"wrote {out}")
     return 0
+
+
+def _import_own(args):
+    """The formats users bring from their own tools: folder, coco, cvat, labelstudio."""
+    from .data.palette import load_palette
+    if args.format == "folder":
+        from .data.import_folder import import_folder
+        return import_folder(args.source, args.out, args.images or "images", args.masks, load_palette(args.palette),
+                             args.mask_format, args.ignore_value, args.ignore_color, args.mask_suffix, args.val,
+                             args.seed, args.force)
+    if args.format == "coco":
+        from .data.import_coco import import_coco
+        if not args.images:
+            raise SystemExit("scaleseg data import coco: pass --images, the folder holding the images the JSON lists")
+        return import_coco(args.source, args.out, args.images, args.panoptic_masks, args.val, args.seed, args.force)
+    if args.format == "labelstudio":
+        if not args.images:
+            raise SystemExit("scaleseg data import labelstudio: pass --images, the folder holding the project's images")
+        # app may import training, never the reverse at import time: the importer reuses `label pull`'s mask code.
+        module = importlib.import_module("app.import_labelstudio")
+        return module.import_labelstudio(args.source, args.out, args.images, load_palette(args.palette), args.val,
+                                         args.seed, args.force)
+    from .data.import_cvat import import_cvat
+    return import_cvat(args.source, args.out, args.images, args.val, args.seed, args.ignore_color, args.force)
+
+
+def cmd_data_add(args) -> int:
+    from .data.ingest import add_paths
+    report = add_paths(args.data, args.paths, max_pixels=args.max_pixels, progress=True)
+    print(report.summary())
+    return 0 if report.added or report.duplicates else 1
+
+
+def _color(text: str) -> tuple[int, int, int]:
+    """argparse type of --ignore-color."""
+    from .data.folder import DatasetError
+    from .data.palette import parse_color
+    try:
+        return parse_color(text, "--ignore-color")
+    except DatasetError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # --- train ------------------------------------------------------------------------------------------
@@ -212,21 +257,50 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data", help="dataset folder")
     c.add_argument("--quick", action="store_true", help="structure only; do not decode images and masks")
     c.set_defaults(func=cmd_data_check)
-    i = data.add_parser("import", help="import Pascal VOC 2012 (+SBD) or Cityscapes", formatter_class=HELP)
-    i.add_argument("format", choices=["voc", "cityscapes"], help="source dataset")
-    i.add_argument("source", help="VOCdevkit/VOC2012 folder, or the Cityscapes root")
-    i.add_argument("out", help="dataset folder to write")
-    i.add_argument("--sbd", help="VOC: folder of SegmentationClassAug masks (10,582 aug set)")
-    i.add_argument("--labeled", help="labelled subset: a count (92) or a fraction (1/16); VOC default 1464, Cityscapes 1/8")
-    i.add_argument("--labeled-list", help="file of labelled ids (UniMatch split files work)")
-    i.add_argument("--seed", type=int, default=0, help="seed of the labelled subset's random draw")
-    i.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
+    i = data.add_parser("import", help="import a folder of images + masks, COCO, CVAT, Label Studio, Pascal VOC 2012 (+SBD) or Cityscapes",
+                        description="Write a dataset folder from another format (atomically), then check it as `data check` does.",
+                        formatter_class=HELP)
+    i.add_argument("format", choices=["folder", "coco", "cvat", "labelstudio", "voc", "cityscapes"], help="the source's format")
+    i.add_argument("source", help="folder: the folder holding images/ and masks/; coco: the annotation JSON; cvat: the "
+                   "'Segmentation mask 1.1' zip or its folder; labelstudio: the JSON export; voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
+    i.add_argument("out", help="dataset folder to write (must not exist or be empty, unless --force)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the labelled (voc, cityscapes) or val (others) draw (default: %(default)s)")
+    i.add_argument("--force", action="store_true", help="replace an existing non-empty OUT folder")
+    own = i.add_argument_group("folder, coco, cvat and labelstudio options")
+    own.add_argument("--val", default="0.2", help="labelled images set aside for validation: a count (10) or a fraction (0.2, 1/5) (default: %(default)s)")
+    own.add_argument("--images", default=None, help="folder: image folder relative to SOURCE (default images); coco: the "
+                     "image folder (required); cvat: the image folder when the export has no JPEGImages/; labelstudio: the "
+                     "project's images (required)")
+    own.add_argument("--masks", default="masks", help="folder: mask folder relative to SOURCE (default: %(default)s)")
+    own.add_argument("--mask-suffix", default="", help="folder: what mask names add to their image's name, e.g. _mask")
+    own.add_argument("--mask-format", default="auto", choices=["auto", "ids", "colors"],
+                     help="folder: masks hold class ids or RGB colours; auto: greyscale and palette PNGs are ids, RGB are colours (default: %(default)s)")
+    own.add_argument("--palette", default=None, help="folder, labelstudio: the classes, as a YAML/JSON file or inline "
+                     "(background=#000000,car=#ff0000; names only for id masks); default: ids 0..max, named class_<id>")
+    own.add_argument("--ignore-value", type=int, default=255, help="folder: the class-id value that means 'not labelled' (default: %(default)s)")
+    own.add_argument("--ignore-color", action="append", default=[], type=_color,
+                     help="folder, cvat: a colour that means 'not labelled' (#rrggbb); repeat for several")
+    own.add_argument("--panoptic-masks", default=None, help="coco panoptic: the folder of segment PNGs (default: the "
+                     "JSON's path without .json, as COCO ships it)")
+    vc = i.add_argument_group("voc and cityscapes options")
+    vc.add_argument("--sbd", help="VOC: folder of SegmentationClassAug masks (10,582 aug set)")
+    vc.add_argument("--labeled", help="labelled subset: a count (92) or a fraction (1/16); VOC default 1464, Cityscapes 1/8")
+    vc.add_argument("--labeled-list", help="file of labelled ids (UniMatch split files work)")
     i.set_defaults(func=cmd_data_import)
+    a = data.add_parser("add", help="add unlabelled images (files, folders, globs, zips) to a dataset",
+                        description="Decode, de-duplicate and store images as the app's upload does; they join splits/unlabeled.txt.",
+                        formatter_class=HELP)
+    a.add_argument("data", help="dataset folder")
+    a.add_argument("paths", nargs="+", help="image files, folders (searched recursively), glob patterns or .zip archives")
+    a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this (default: %(default)s)")
+    a.set_defaults(func=cmd_data_add)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
                    "(see `scaleseg pretrain --help`)", add_help=False)
     sub.add_parser("train", help="train a model (see `scaleseg train --help`)", add_help=False)
     sub.add_parser("export", help="checkpoint -> ONNX / TensorRT / Triton package (see `scaleseg export --help`)", add_help=False)
+    sub.add_parser("predict", help="segment files, folders, globs and videos into masks on disk (see `scaleseg predict --help`)",
+                   add_help=False)
     sub.add_parser("serve", help="serve a model package over HTTP (see `scaleseg serve --help`)", add_help=False)
     sub.add_parser("demo", help="the whole loop on embedded defaults: data, training, export, Label Studio, app", add_help=False)
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)

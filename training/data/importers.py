@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .folder import ClassInfo, DatasetError, _default_color, staged_folder, write_classes, write_mask, write_split
+from .build import build_dataset
+from .folder import ClassInfo, DatasetError, _default_color, write_classes, write_mask, write_split
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
@@ -86,14 +87,6 @@ def _link(src: Path, dst: Path) -> None:
     os.symlink(src.resolve(), dst)
 
 
-def _build(out: Path, fill, force: bool) -> Path:
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out}: folder exists and is not empty. Choose another folder or pass --force.")
-    with staged_folder(out) as tmp:
-        fill(tmp)
-    return out
-
-
 def import_voc(voc_root: str | Path, out: str | Path, sbd_masks: str | Path | None = None,
                labeled: str | None = "1464", labeled_list: str | None = None, seed: int = 0, force: bool = False) -> Path:
     """VOC 2012 (VOCdevkit/VOC2012). Classic splits draw labels from the 1464 fine train images; with
@@ -136,7 +129,7 @@ def import_voc(voc_root: str | Path, out: str | Path, sbd_masks: str | Path | No
         write_split(tmp, "unlabeled", unl)
         write_split(tmp, "val", val)
 
-    return _build(Path(out), fill, force)
+    return build_dataset(out, fill, force)
 
 
 def import_cityscapes(city_root: str | Path, out: str | Path, labeled: str | None = "1/8",
@@ -170,4 +163,4 @@ def import_cityscapes(city_root: str | Path, out: str | Path, labeled: str | Non
         write_split(tmp, "unlabeled", unl)
         write_split(tmp, "val", sorted(val))
 
-    return _build(Path(out), fill, force)
+    return build_dataset(out, fill, force)
