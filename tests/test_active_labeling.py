@@ -80,7 +80,7 @@ def test_labeling_effort_on_a_hand_made_case():
 
 # --- the simulation -------------------------------------------------------------------------------------------
 TINY = ["--strategies", "random,coreset", "--initial", "2", "-k", "2", "--rounds", "1", "--iters", "2",
-        "--initial-iters", "3", "--crop-size", "32", "--batch-size", "2"]
+        "--initial-iters", "3", "--crop-size", "32", "--batch-size", "2", "--backbone", "resnet18", "--pretrained", "none"]
 
 
 def settings(**changes) -> dict:

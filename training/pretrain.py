@@ -40,7 +40,7 @@ from .models.encoders.resnet import CHANNELS, ResNetEncoder
 class PretrainConfig:
     data: str
     out: str = hp("runs/pretrain", "output folder: encoder.pth, metrics.jsonl, config.yaml")
-    backbone: str = hp("resnet18", f"encoder to pretrain: {', '.join(RESNETS)}")
+    backbone: str = hp("resnet18", f"encoder to pretrain: {', '.join(CHANNELS)}")
     iters: int = hp(2000, "training iterations")
     crop: int = hp(96, "side of each random view in pixels")
     batch_size: int = hp(16, "images per step; each gives two views")
