@@ -23,6 +23,7 @@ from training.models import DeepLabV3Plus
 from .conftest import tiny_config
 
 UNLABELED = 12  # tiny_data's unlabelled images; batch 2 makes an epoch 6 iterations
+FAST = {"label_scales": (1.0,), "label_flip": False}  # one forward per image where the labelling mode is not tested
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def test_selftrain_labels_once_selects_reliable_images_and_reuses_the_cache(tiny
 
     # a new run in the same folder reuses the teacher's labels untouched and forgets the old student's
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "pseudo" / "teacher").rglob("*")}
-    cfg = student_config(tiny_data, out, teacher_run, iters=2)
+    cfg = student_config(tiny_data, out, teacher_run)
     cfg.run.force = True
     Trainer(cfg, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in (out / "pseudo" / "teacher").rglob("*")} == stamps
@@ -104,7 +105,8 @@ def test_selftrain_labels_once_selects_reliable_images_and_reuses_the_cache(tiny
 
 def test_confidence_threshold_ignores_uncertain_pixels(tiny_data, teacher_run, tmp_path):
     out = tmp_path / "s"
-    trainer = Trainer(student_config(tiny_data, out, teacher_run, rounds=0, reliable_fraction=1.0, strong_aug=False),
+    trainer = Trainer(student_config(tiny_data, out, teacher_run, rounds=0, reliable_fraction=1.0, strong_aug=False,
+                                     **FAST),
                       progress=False)
     whole = trainer.method.training_sets(trainer, 0)[0].pseudo
     assert len(whole.ids) == UNLABELED
@@ -128,14 +130,14 @@ def test_killed_labelling_pass_resumes_where_it_stopped(tiny_data, teacher_run, 
 
     monkeypatch.setattr(selftrain_module, "label_one", dies_after_five)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(student_config(tiny_data, out, teacher_run, iters=2), progress=False).fit()
+        Trainer(student_config(tiny_data, out, teacher_run, **FAST), progress=False)
     partial = manifest(out)
     assert not partial["complete"] and sorted(partial["images"]) == sorted(calls)
     assert [p.name for p in out.iterdir()] == ["pseudo"]  # so the same command, without --force, continues it
 
     done_before, calls[:] = list(calls), []
     monkeypatch.setattr(selftrain_module, "label_one", lambda *args: calls.append(args[1]) or real(*args))
-    Trainer(student_config(tiny_data, out, teacher_run, iters=2), progress=False).fit()
+    Trainer(student_config(tiny_data, out, teacher_run, **FAST), progress=False)
     assert sorted(calls + done_before) == sorted(read_split(tiny_data, "unlabeled"))
     assert manifest(out)["complete"] and len(manifest(out)["images"]) == UNLABELED
 
@@ -145,10 +147,10 @@ def test_cache_of_another_teacher_is_refused_then_rebuilt_with_force(tiny_data, 
     pseudo_labels.label_pool(out / "pseudo" / "teacher", {"teacher": "someone else"}, ["x"],
                              lambda i: {"confidence": 1.0}, rebuild=False, desc="t", progress=False, log=lambda m: None)
     with pytest.raises(CheckpointError, match="another teacher.*--force"):
-        Trainer(student_config(tiny_data, out, teacher_run, iters=2), progress=False).fit()
-    cfg = student_config(tiny_data, out, teacher_run, iters=2)
+        Trainer(student_config(tiny_data, out, teacher_run, **FAST), progress=False)
+    cfg = student_config(tiny_data, out, teacher_run, **FAST)
     cfg.run.force = True
-    Trainer(cfg, progress=False).fit()
+    Trainer(cfg, progress=False)  # the teacher labels while the run is set up, before it trains
     assert manifest(out)["identity"]["teacher"] == pseudo_labels.file_digest(teacher_run / "best.pt")
     assert len(manifest(out)["images"]) == UNLABELED
 
@@ -159,7 +161,7 @@ def test_cif_teacher_labels_by_cif_fusion_others_by_multiscale(tiny_data, checkp
     real = DeepLabV3Plus.forward_multiscale
     monkeypatch.setattr(DeepLabV3Plus, "forward_multiscale", lambda self, x, s: fused.append(tuple(s)) or real(self, x, s))
     out = tmp_path / "s"
-    Trainer(student_config(tiny_data, out, checkpoints[teacher], iters=2), progress=False).fit()
+    Trainer(student_config(tiny_data, out, checkpoints[teacher]), progress=False)
     identity = manifest(out)["identity"]
     assert identity["mode"] == mode and identity["ranked_by"] == []  # one checkpoint: ranked by confidence
     assert all(s["stability"] is None for s in manifest(out)["images"].values())
@@ -169,7 +171,7 @@ def test_cif_teacher_labels_by_cif_fusion_others_by_multiscale(tiny_data, checkp
 
 def test_student_from_teacher_trains_and_exports_with_parity(tiny_data, teacher_run, tmp_path):
     out = tmp_path / "s"
-    cfg = student_config(tiny_data, out, teacher_run, iters=2, student_init="teacher")
+    cfg = student_config(tiny_data, out, teacher_run, iters=2, rounds=0, student_init="teacher")
     trainer = Trainer(cfg, progress=False)
     teacher = load_checkpoint(teacher_run / "best.pt")["inference"]["state_dict"]
     assert all(torch.equal(v, teacher[k]) for k, v in trainer.method.model.state_dict().items())
@@ -188,6 +190,8 @@ def test_bad_teachers_get_clear_errors(tiny_data, data_copy, teacher_run, tmp_pa
         Trainer(student_config(tiny_data, tmp_path / "c", tmp_path), progress=False)
     with pytest.raises(ConfigError, match="--reliable-fraction"):
         Trainer(student_config(tiny_data, tmp_path / "d", teacher_run, reliable_fraction=0.0), progress=False)
+    with pytest.raises(ConfigError, match="2 stages need 2 epochs"):
+        Trainer(student_config(tiny_data, tmp_path / "d", teacher_run, iters=6), progress=False)
     classes = json.loads((data_copy / "classes.json").read_text())
     classes[1]["name"] = "something-else"
     (data_copy / "classes.json").write_text(json.dumps(classes))

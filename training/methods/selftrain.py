@@ -76,6 +76,11 @@ class SelfTrain(Method):
         the same command continues it. A new run forgets an earlier run's student labels; --student-init
         teacher becomes the run's --init-from."""
         self.check_settings()
+        epochs = math.ceil(trainer.total_iters / trainer.iters_per_epoch)
+        if epochs < self.cfg.rounds + 1:
+            raise ConfigError(f"--rounds {self.cfg.rounds}: {1 + self.cfg.rounds} stages need {1 + self.cfg.rounds} epochs, but "
+                              f"{trainer.total_iters} iterations are {epochs} (an epoch is one pass over the unlabelled "
+                              f"images, {trainer.iters_per_epoch} iterations here). Raise --max-iters or lower --rounds.")
         self.teacher = find_teacher(self.cfg.teacher)
         for path in dict.fromkeys([self.teacher.label_file, *self.teacher.rank_files]):
             check_classes(path, load_checkpoint(path), trainer.classes)
@@ -91,6 +96,7 @@ class SelfTrain(Method):
 
     # --- stages ------------------------------------------------------------------------------------
     def stage(self, trainer, epoch: int) -> int:
+        """0 for the first stage, k for round k's."""
         epochs = math.ceil(trainer.total_iters / trainer.iters_per_epoch)
         return min(self.cfg.rounds, epoch * (self.cfg.rounds + 1) // epochs)
 
