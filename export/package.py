@@ -25,7 +25,7 @@ import torch
 from serving.backends import OnnxRuntimeBackend, TensorRTBackend, current_gpu, find_plan
 from serving.shapes import CALIBRATION_SIDE, PARITY_BATCHES, PARITY_SIZES
 from training import __version__
-from training.checkpoint import CheckpointError, load_checkpoint, load_inference_model, save_checkpoint
+from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, load_inference_model, save_checkpoint
 from training.data.folder import find_image, staged_folder, read_split
 from training.data.transforms import MEAN, STD
 
@@ -117,9 +117,7 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
             progress(f"exporting {GRAPHS['cif']} (CIF fusion of scales {', '.join(map(str, cif_scales))} with 1.0)")
             export_graph(SegmentationGraph(model, cif_scales, with_probs), tmp / GRAPHS["cif"], opset)
             graphs[GRAPHS["cif"]] = {"cif_scales": list(cif_scales), "scales": sorted({1.0, *cif_scales})}
-        slim = {k: ckpt[k] for k in ("format", "config", "method", "classes", "inference", "metrics", "best_miou",
-                                     "iteration", "labeled_count", "data_fingerprint", "version") if k in ckpt}
-        save_checkpoint(tmp / "checkpoint.pt", slim)
+        save_checkpoint(tmp / "checkpoint.pt", inference_payload(ckpt))
         meta = {
             "format_version": FORMAT_VERSION, "name": out.name,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

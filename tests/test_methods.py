@@ -24,7 +24,11 @@ def batches(seed: int = 0):
         return {"weak": torch.randn(N, 3, S, S, generator=g), "strong1": torch.randn(N, 3, S, S, generator=g),
                 "strong2": torch.randn(N, 3, S, S, generator=g), "ignore": ignore, "box1": box, "box2": box.flip(-1)}
 
-    labeled = {"image": torch.randn(N, 3, S, S, generator=g), "mask": torch.randint(0, K, (N, S, S), generator=g)}
+    pasted = torch.zeros(N, S, S, dtype=torch.uint8)
+    pasted[0, 2:10, 3:9] = 1
+    # box and pseudo: selftrain's mixed batches mark and CutMix their pseudo-labelled images; others ignore them
+    labeled = {"image": torch.randn(N, 3, S, S, generator=g), "mask": torch.randint(0, K, (N, S, S), generator=g),
+               "box": pasted, "pseudo": torch.tensor([True, False])}
     return labeled, unl(), unl()
 
 

@@ -9,6 +9,9 @@ import torch
 from .data.folder import atomic_write
 
 FORMAT = 1
+# What inference, export and retraining need; the optimiser, scaler and RNG states only serve --resume.
+INFERENCE_KEYS = ("format", "config", "method", "classes", "inference", "metrics", "best_miou", "iteration", "labeled_count",
+                  "data_fingerprint", "version")
 
 
 class CheckpointError(Exception):
@@ -22,6 +25,11 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     except OSError as err:
         raise CheckpointError(f"{path}: could not be written ({err.strerror or err}); the previous file is intact. "
                               "Free disk space or choose another --out.") from None
+
+
+def inference_payload(ckpt: dict) -> dict:
+    """The slim form of a checkpoint: network, config and classes, without the training state."""
+    return {k: ckpt[k] for k in INFERENCE_KEYS if k in ckpt}
 
 
 def load_checkpoint(path: str | Path) -> dict:

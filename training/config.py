@@ -75,6 +75,8 @@ class RunConfig:
     max_iters: int = hp(0, "total iterations; overrides --epochs when > 0")
     eval_every: int = hp(0, "validate every N iterations; 0 = once per epoch")
     save_every: int = hp(0, "write last.pt every N iterations; 0 = once per epoch")
+    snapshot_every: int = hp(0, "also keep the network every N iterations as OUT/snapshots/iter_<N>.pt (a selftrain "
+                                "teacher ranks images by them; ST++ keeps 1/3 and 2/3 of training); 0 keeps none")
     eval_mode: str = hp("whole", "validation: whole (full image) or sliding (window = crop, stride 2/3 crop)")
     seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
     device: str = hp("auto", "auto, cpu or cuda")

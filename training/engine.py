@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, inference_payload, load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, ConfigError, TrainConfig, config_yaml, dataclass_from_dict, resolved_config
 from .data.datasets import EpochSampler, EvalSet, LabeledSet, UnlabeledSet, collate
 from .data.folder import DatasetError, atomic_write, class_pixel_counts, fingerprint, load_classes, read_split
@@ -24,10 +24,10 @@ from .distributed import DistInfo, all_gather_objects, average_buffers, barrier,
 from .evaluate import evaluate
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, build_aux, get_method
-from .run_settings import check_out_dir, check_resume, start_out_dir
+from .run_settings import SNAPSHOTS, check_out_dir, check_resume, start_out_dir
 from .tensorboard import TensorBoard
 
-STREAM_LABELED, STREAM_UNLABELED, STREAM_PARTNER = 1, 2, 3
+STREAM_LABELED = 1  # stream ids: labelled 1, unlabelled 2, CutMix partner 3 (the sampler's seeds depend on them)
 
 
 def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
@@ -208,6 +208,7 @@ class Trainer:
         self.save_every = cfg.run.save_every or self.iters_per_epoch
         self.iteration, self.best_miou, self.last_metrics = 0, -1.0, None
         self.board = TensorBoard(self.out / "tensorboard") if cfg.run.tensorboard and self.dist.is_main else None
+        self.method.prepare(self)
         if cfg.run.resume:
             self._resume()
         elif cfg.model.init_from:
@@ -226,16 +227,18 @@ class Trainer:
                           persistent_workers=False)
 
     def _streams(self, epoch: int, start: int):
+        sets = self.method.training_sets(self, epoch) or self._default_sets()
+        return zip(*(self._loader(dataset, stream, epoch, start) for stream, dataset in enumerate(sets, STREAM_LABELED)))
+
+    def _default_sets(self) -> list:
+        """[labelled, unlabelled, partner] as far as the method uses them; the stream ids follow this order."""
         d, m = self.cfg.data, self.method
         scale = (d.scale_min, d.scale_max)
-        lab = LabeledSet(self.root, self.labeled_ids, len(self.classes), d.crop_size, scale)
-        loaders = [self._loader(lab, STREAM_LABELED, epoch, start)]
+        sets = [LabeledSet(self.root, self.labeled_ids, len(self.classes), d.crop_size, scale)]
         if m.uses_unlabeled:
             unl = UnlabeledSet(self.root, self.unlabeled_ids, d.crop_size, scale, m.num_strong_views)
-            loaders.append(self._loader(unl, STREAM_UNLABELED, epoch, start))
-            if m.needs_partner:
-                loaders.append(self._loader(unl, STREAM_PARTNER, epoch, start))
-        return zip(*loaders)
+            sets += [unl, unl] if m.needs_partner else [unl]
+        return sets
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -386,8 +389,11 @@ class Trainer:
         done = self.iteration == self.total_iters
         evaluate_now = self.iteration % self.eval_every == 0 or done
         save_now = self.iteration % self.save_every == 0 or done
-        if evaluate_now or save_now:
+        snapshot_now = cfg.run.snapshot_every > 0 and self.iteration % cfg.run.snapshot_every == 0
+        if evaluate_now or save_now or snapshot_now:
             self._sync_buffers()
+        if snapshot_now:
+            self._save(f"{SNAPSHOTS}/iter_{self.iteration:07d}.pt", inference_payload(self._payload()))
         if evaluate_now:
             result = self.validate()
             miou = result["scales"]["1.0"]["miou"]

@@ -13,8 +13,9 @@ RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json") 
 # freely. The dataset's path is not compared: its fingerprint is. The encoder initialisation is replaced
 # by the checkpoint's weights.
 FREE_ON_RESUME = {"run.resume", "run.allow_changed", "run.force", "run.device", "run.log_every", "run.save_every",
-                  "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
+                  "run.snapshot_every", "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
                   "model.pretrained", "model.init_from"}
+SNAPSHOTS = "snapshots"  # --snapshot-every's folder of slim checkpoints, one per N iterations
 DATA = "data"  # --allow-changed name for a changed dataset fingerprint (classes.json or splits)
 
 
@@ -33,7 +34,8 @@ def start_out_dir(out: Path, run: RunConfig) -> None:
     if not run.resume:
         for name in RESULTS:
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        for folder in ("tensorboard", SNAPSHOTS):
+            shutil.rmtree(out / folder, ignore_errors=True)
 
 
 def _flat(config: dict) -> dict[str, object]:

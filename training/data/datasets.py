@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from . import transforms as T
-from .folder import IGNORE, image_path, load_image, load_mask, mask_path
+from .folder import IGNORE, image_path, load_image, load_mask, mask_path, read_mask
 
 
 def _generator(seed: int) -> np.random.Generator:
@@ -60,6 +60,57 @@ class UnlabeledSet(Dataset):
             sample[f"strong{k}"] = T.to_tensor(T.strong(img, rng))
             sample[f"box{k}"] = T.cutmix_box(self.crop, rng)
         return sample
+
+
+class PseudoLabeledSet(Dataset):
+    """Unlabelled images with the masks a teacher predicted for them (offline self-training): the weak
+    augmentation, then optionally the strong one and a CutMix box (the step pastes the next image of the batch
+    into it). ``label_dirs`` maps each id to the cache folder holding labels/<id>.png and confidence/<id>.png;
+    pixels whose confidence (stored as 0-255) is below ``conf_thresh`` are ignored."""
+
+    def __init__(self, root: str | Path, ids: list[str], label_dirs: dict[str, Path], crop: int, scale: tuple[float, float],
+                 strong: bool, conf_thresh: float = 0.0):
+        self.root, self.ids, self.label_dirs, self.crop, self.scale = Path(root), ids, label_dirs, crop, scale
+        self.strong, self.conf_thresh = strong, conf_thresh
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        rng = _generator(seed)
+        image_id = self.ids[index]
+        img = load_image(image_path(self.root, image_id, "unlabeled"))
+        folder = self.label_dirs[image_id]
+        mask = read_mask(folder / "labels" / f"{image_id}.png")
+        if self.conf_thresh > 0:
+            confidence = read_mask(folder / "confidence" / f"{image_id}.png")
+            mask = np.where(confidence < round(self.conf_thresh * 255), IGNORE, mask).astype(np.uint8)
+        img, mask = T.weak(img, Image.fromarray(mask), rng, self.crop, self.scale, IGNORE)
+        box = torch.zeros(self.crop, self.crop, dtype=torch.uint8)
+        if self.strong:
+            img, box = T.strong(img, rng), T.cutmix_box(self.crop, rng)
+        return {"image": T.to_tensor(img), "mask": T.mask_to_tensor(mask), "box": box, "pseudo": torch.tensor(True)}
+
+
+class MixedSet(Dataset):
+    """Labelled images repeated to at least the pseudo-labelled pool's size, then the pool (ST++'s
+    semi_train set), so a batch holds about as many of each; labelled samples get an empty CutMix box."""
+
+    def __init__(self, labeled: LabeledSet, pseudo: PseudoLabeledSet):
+        self.labeled, self.pseudo = labeled, pseudo
+        self.repeated = len(labeled) * max(1, math.ceil(len(pseudo) / len(labeled)))
+
+    def __len__(self) -> int:
+        return self.repeated + len(self.pseudo)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        if index >= self.repeated:
+            return self.pseudo[(index - self.repeated, seed)]
+        sample = self.labeled[(index % len(self.labeled), seed)]
+        crop = self.labeled.crop
+        return {**sample, "box": torch.zeros(crop, crop, dtype=torch.uint8), "pseudo": torch.tensor(False)}
 
 
 class EvalSet(Dataset):

@@ -18,12 +18,13 @@ from .prcl import PRCL
 from .psmt import PSMT
 from .rankmatch import RankMatch
 from .scalematch import ScaleMatch
+from .selftrain import SelfTrain
 from .supervised import Supervised
 from .unimatch import UniMatch
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Supervised, FixMatch, UniMatch, MeanTeacher, CPS, ScaleMatch,
                                                          PseudoSeg, CCT, PSMT, CutMixSeg, RankMatch, PRCL,
-                                                         AdvSemSeg, GCT)}
+                                                         AdvSemSeg, GCT, SelfTrain)}
 
 
 def get_method(name: str) -> type[Method]:

@@ -62,6 +62,17 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     def after_step(self, ctx: StepContext) -> None:
         """Hook after the optimiser step (EMA teachers)."""
 
+    def prepare(self, trainer) -> None:
+        """Hook once the loop (``engine.Trainer``) has its data and networks, before it restores or initialises
+        their weights: a method that depends on files outside the run checks them here, so it fails before
+        any training (selftrain's teacher)."""
+
+    def training_sets(self, trainer, epoch: int) -> list | None:
+        """The datasets of epoch ``epoch``'s streams, in the order the step receives their batches (labelled,
+        unlabelled, partner); None keeps the loop's own. Called before each epoch's loaders are built, so a
+        method may change its data between epochs (selftrain's pseudo-labelled pools)."""
+        return None
+
     def inference_model(self) -> DeepLabV3Plus:
         """The network that is evaluated and exported."""
         return self.model
