@@ -68,7 +68,7 @@ class RunConfig:
     save_every: int = hp(0, "write last.pt every N iterations; 0 = once per epoch")
     eval_mode: str = hp("whole", "validation: whole (full image) or sliding (window = crop, stride 2/3 crop)")
     seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
-    device: str = hp("auto", "auto, cpu or cuda")
+    device: str = hp("auto", "auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     resume: bool = hp(False, "continue from OUT/last.pt exactly where it stopped")
     allow_changed: str = hp("", "with --resume: settings that may differ from the run's, comma-separated (lr,batch_size; 'data' for changed splits)")
     force: bool = hp(False, "start a new run in an --out that holds another run, replacing its checkpoints and metrics")
