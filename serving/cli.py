@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .environment import warn_broken_install
 from .limits import BYTES_PER_WORK_PIXEL, RequestLimits
 from .precision import PRECISIONS
 from .server import ServeConfig, app_from_env, config_to_env, create_app
@@ -70,6 +71,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parser().parse_args(argv)
+    warn_broken_install()  # the images start here, not through `scaleseg`
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ServeConfig(args.model_dir, args.name, args.backend, args.max_batch, args.max_delay_ms, args.max_queue,
                       api_key(args), args.max_upload_mb, args.max_work_pixels, args.model_repository, args.max_models,

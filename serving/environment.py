@@ -33,7 +33,8 @@ MIN_DRIVER = {13: 580, 12: 525, 11: 450}
 INSTALL = {
     "cpu": 'pip install -c constraints.txt -e ".[cpu]"',
     "gpu": 'pip install -c constraints.txt -e ".[gpu]"',
-    "tensorrt": 'pip install -c constraints-tensorrt.txt --extra-index-url https://pypi.nvidia.com -e ".[tensorrt]"',
+    # TensorRT's library packages fetch their wheels from NVIDIA's index (docs/deployment.md).
+    "tensorrt": 'pip install -c constraints-tensorrt.txt -e ".[tensorrt]"',
 }
 
 
