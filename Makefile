@@ -10,7 +10,7 @@ DEMO   ?= demo
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[cpu,test]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -25,7 +25,27 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-no-auth", action="store_true",
                    help="serve on a non-loopback --host without --auth (only behind a proxy that authenticates)")
     p.add_argument("--port", type=int, default=7860, help="HTTP port of the app")
+    r = p.add_argument_group("retraining", "the Retrain tab's recipe; each defaults to the serving model's own training "
+                             "config (its package's train_config)")
+    r.add_argument("--method", help="default method of the Retrain tab")
+    r.add_argument("--iterations", type=int, help="default iterations of the Retrain tab")
+    r.add_argument("--crop-size", type=int, help="square training crop")
+    r.add_argument("--batch-size", type=int, help="labelled images per step")
+    r.add_argument("--lr", type=float, help="backbone learning rate")
+    r.add_argument("--backbone", help="encoder of a retraining from scratch")
+    r.add_argument("--pretrained", help="encoder weights of a retraining from scratch: imagenet, none or a .pth file")
+    r.add_argument("--num-workers", type=int, help="data-loading worker processes")
+    r.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"],
+                   help="where retraining and evaluation run (default auto: CUDA, then Apple MPS, then CPU)")
     return p
+
+
+RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "lr", "backbone", "pretrained", "num_workers", "device")
+
+
+def retrain_overrides(args: argparse.Namespace) -> dict:
+    """The retraining settings given on the command line (the rest come from the serving model)."""
+    return {name: getattr(args, name) for name in RETRAIN_FLAGS if getattr(args, name) is not None}
 
 
 def is_loopback(host: str) -> bool:
@@ -50,5 +70,5 @@ def main(argv: list[str]) -> int:
                          "user:password (or SCALESEG_APP_AUTH), or --allow-no-auth if a proxy in front authenticates.")
     from .ui import launch
     launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,
-           args.label_studio_token, auth)
+           args.label_studio_token, auth, retrain=retrain_overrides(args))
     return 0

@@ -3,6 +3,7 @@ the least certain to Label Studio with the model's masks, pull the labels back, 
 from __future__ import annotations
 
 import html
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from serving.backends import current_gpu  # noqa: E402
 from serving.imaging import overlay as colour_overlay  # noqa: E402
 from training.data.folder import find_image, read_split  # noqa: E402
 from training.methods import METHODS  # noqa: E402
@@ -24,7 +26,7 @@ from .labeling import ProjectChanged, effort_by_version, load_state, pull, push,
 from .labelstudio import LabelStudio, LabelStudioError  # noqa: E402
 from .predictor import Predictor  # noqa: E402
 from .scoring import Scored, image_batch, load_ranking, save_ranking, select_next  # noqa: E402
-from .versions import Registry, Retrainer, register_initial  # noqa: E402
+from .versions import Registry, Retrainer, package_runtime, register_initial  # noqa: E402
 
 CIF_LABEL = "CIF multi-scale (x0.5, x1, x2)"
 HEAT_STOPS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float32)
@@ -90,11 +92,13 @@ class AppState:
 
 class App:
     def __init__(self, model: Path, data: Path, work: Path, serving_url: str = "", ls_url: str = "", ls_token: str = "",
-                 serving_api_key: str = ""):
+                 serving_api_key: str = "", retrain: dict | None = None):
+        """``retrain``: RetrainRecipe fields that override the serving model's training config (None: keep it)."""
         registry = Registry(work)
-        current = register_initial(registry, Path(model), Path(data))
+        current = register_initial(registry, Path(model), Path(data), (retrain or {}).get("device") or "auto")
         predictor = Predictor(Path(current["dir"]), serving_url, api_key=serving_api_key)
-        self.s = AppState(Path(data), predictor, registry, Retrainer(registry, Path(data), predictor.load), ls_url, ls_token)
+        self.s = AppState(Path(data), predictor, registry, Retrainer(registry, Path(data), predictor.load, retrain),
+                          ls_url, ls_token)
         self.s.ranking, self.s.ranking_version = load_ranking(self.s.ranking_path, self.s.data)
 
     # --- Predict ---------------------------------------------------------------------------------------
@@ -268,9 +272,10 @@ class App:
         """(table rows, plot, version dropdown, CIF checkbox) for the Models tab as the registry stands."""
         reg = self.s.registry.read()
         effort = effort_by_version(load_state(self.s.data))
+        gpu = current_gpu()
         rows = [[v["name"] + (" (serving)" if v["name"] == reg["serving"] else ""), v["method"], v.get("labeled"),
                  round(v["miou"], 2), round(v["miou_x0.5"], 2), round(v["miou_x2.0"], 2), effort_cell(effort.get(v["name"])),
-                 v["created"]] for v in reg["versions"]]
+                 self._runtime(Path(v["dir"]), gpu), v["created"]] for v in reg["versions"]]
         plot = pd.DataFrame({"labelled images": [v.get("labeled") or 0 for v in reg["versions"]],
                              "mIoU": [v["miou"] for v in reg["versions"]], "version": [v["name"] for v in reg["versions"]]})
         x, y = plot["labelled images"], plot["mIoU"]
@@ -278,6 +283,15 @@ class App:
         curve = gr.ScatterPlot(plot, x_lim=[x.min() - pad_x, x.max() + pad_x], y_lim=[y.min() - pad_y, y.max() + pad_y])
         names = [v["name"] for v in reg["versions"]]
         return rows, curve, gr.Dropdown(choices=names, value=reg["serving"]), self.cif_control()
+
+    def _runtime(self, package: Path, gpu: str | None) -> str:
+        """What a version runs on here (TensorRT engine or ONNX Runtime); through `scaleseg serve` when the app
+        uses an endpoint, which picks its backend itself."""
+        try:
+            runtime = package_runtime(json.loads((package / "meta.json").read_text()), gpu)
+        except (OSError, ValueError):
+            return "package missing"
+        return f"{runtime} (if served here)" if self.s.predictor.serving_url else runtime
 
     def cif_control(self) -> gr.Checkbox:
         """The CIF checkbox as the serving model allows: off and disabled, with the reason, without a CIF graph."""
@@ -357,8 +371,9 @@ class App:
                 status_btn.click(self.ls_status, [url, token], [ls_status], api_name="ls_status")
             with gr.Tab("Retrain"):
                 with gr.Row():
-                    method = gr.Dropdown(list(METHODS), value="scalematch", label="Method")
-                    iters = gr.Number(200, precision=0, label="Iterations")
+                    recipe = self.s.retrainer.recipe()
+                    method = gr.Dropdown(list(METHODS), value=recipe.method, label="Method")
+                    iters = gr.Number(recipe.iterations, precision=0, label="Iterations")
                     start_from = gr.Radio(["current model", "scratch"], value="current model", label="Start from")
                     promote = gr.Radio(["if-not-worse", "always", "never"], value="if-not-worse", label="Promote")
                 start = gr.Button("Start retraining", variant="primary")
@@ -368,7 +383,7 @@ class App:
                 gr.Timer(2.0).tick(self.retrain_status, None, [job_msg, loss], api_name="retrain_status")
             with gr.Tab("Models"):
                 versions = gr.Dataframe(headers=["version", "method", "labelled", "mIoU", "mIoU x0.5", "mIoU x2",
-                                                 "labelling effort", "created"], label="Versions")
+                                                 "labelling effort", "runs on", "created"], label="Versions")
                 gr.Markdown("Labelling effort: of the images labelled from a version's pre-annotations, the mean "
                             "share of pixels the labeller changed (lower: the model saved more work).")
                 curve = gr.ScatterPlot(x="labelled images", y="mIoU", color="version", title="mIoU vs labelled images")
@@ -387,8 +402,9 @@ class App:
 
 
 def launch(model: Path, data: Path, work: Path, host: str = "127.0.0.1", port: int = 7860, serving_url: str = "",
-           ls_url: str = "", ls_token: str = "", auth: tuple[str, str] | None = None, block: bool = True):
-    app = App(model, data, work, serving_url, ls_url, ls_token)
+           ls_url: str = "", ls_token: str = "", auth: tuple[str, str] | None = None, block: bool = True,
+           retrain: dict | None = None):
+    app = App(model, data, work, serving_url, ls_url, ls_token, retrain=retrain)
     demo = app.blocks()
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=not block, ssr_mode=False,

@@ -8,18 +8,24 @@ WORK/
 A retraining job runs in a background thread, each stage in its own process: train (optionally from
 the serving model's weights), evaluate on val, export, evaluate the serving model on the same val, and
 promote the new version only if it is not worse (or when asked). One job at a time; if any stage fails,
-the serving model is untouched.
+the serving model is untouched. The recipe (method, iterations, crop, batch, learning rate, encoder, device)
+is the serving model's own training config, as its package records it, with `scaleseg app` flags on top;
+training and evaluation run on --device auto (CUDA, then MPS, then CPU). A new version gets a TensorRT engine
+for this GPU when TensorRT is installed and a GPU is visible; otherwise it runs on ONNX Runtime, and the
+Models tab says which.
 """
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from serving.backends import current_gpu
 from training.data.folder import read_split, write_text
 
 
@@ -72,11 +78,89 @@ class Registry:
         return next((v for v in reg["versions"] if v["name"] == reg["serving"]), None)
 
 
-def evaluate_package(package: Path, data: Path, out: Path, log) -> dict:
+@dataclass(frozen=True)
+class RetrainRecipe:
+    """How the app retrains; ``recipe_from_package`` fills it from the serving model's training config."""
+    method: str = "supervised"   # the Retrain tab's default method
+    iterations: int = 200        # the Retrain tab's default iterations
+    crop_size: int = 96          # square training crop
+    batch_size: int = 4          # labelled images per step
+    lr: float = 0.01             # backbone learning rate
+    backbone: str = "efficientnet_lite0"  # encoder of a run from scratch (the small-data recipe's)
+    pretrained: str = "imagenet"  # its weights: imagenet, none, or a .pth file ('' in old packages: none)
+    num_workers: int = 1         # data-loading worker processes
+    device: str = "auto"         # where training and evaluation run: auto (CUDA, then MPS, then CPU), cuda, mps or cpu
+
+
+def recipe_from_package(package: Path, **overrides) -> RetrainRecipe:
+    """The recipe of the run that made ``package`` (its meta.json ``train_config``, the checkpoint's config as
+    export recorded it), then every override that is not None (`scaleseg app` flags)."""
+    meta = json.loads((Path(package) / "meta.json").read_text())
+    config = meta.get("train_config") or {}
+    data, optim, model, run = (config.get(k, {}) for k in ("data", "optim", "model", "run"))
+    found = {"method": meta.get("method"), "iterations": run.get("max_iters") or None,
+             "crop_size": data.get("crop_size"), "batch_size": data.get("batch_size"), "lr": optim.get("lr"),
+             "backbone": model.get("backbone") or meta.get("backbone"), "pretrained": model.get("pretrained"),
+             "num_workers": data.get("num_workers")}
+    unknown = set(overrides) - {f.name for f in fields(RetrainRecipe)}
+    if unknown:
+        raise TypeError(f"unknown retraining settings {sorted(unknown)}")
+    chosen = {k: v for k, v in (found | {k: v for k, v in overrides.items() if v is not None}).items() if v is not None}
+    return replace(RetrainRecipe(), **chosen)
+
+
+def train_command(recipe: RetrainRecipe, data: Path, method: str, iterations: int, out: Path,
+                  init_from: Path | None, teacher: Path | None = None) -> list[str]:
+    """`scaleseg train` of one retraining job. Encoder weights are named only for a run from scratch
+    (fine-tuning replaces the encoder with the serving weights); a weights file that is gone falls back to
+    ImageNet's. selftrain's teacher is the serving package, which labels the unlabelled images once."""
+    cmd = [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--max-iters", str(iterations),
+           "--eval-every", str(iterations), "--crop-size", str(recipe.crop_size), "--batch-size", str(recipe.batch_size),
+           "--backbone", recipe.backbone, "--lr", str(recipe.lr), "--num-workers", str(recipe.num_workers),
+           "--out", str(out), "--device", recipe.device,
+           "--force"]  # a failed job's folder is reused: the next version gets its name
+    if init_from is not None:
+        cmd += ["--init-from", str(init_from)]
+    else:
+        keyword = recipe.pretrained in ("imagenet", "none", "")
+        cmd += ["--pretrained", (recipe.pretrained or "none") if keyword or Path(recipe.pretrained).is_file() else "imagenet"]
+    if method == "selftrain":
+        # ST++ needs a reliable-first stage and a second one, each at least an epoch of the unlabelled images
+        epoch = max(1, len(read_split(data, "unlabeled", required=False)) // recipe.batch_size)
+        cmd += ["--teacher", str(teacher), "--rounds", "1" if iterations >= 2 * epoch else "0"]
+    return cmd
+
+
+def tensorrt_ready() -> bool:
+    """Whether `export --tensorrt` can build an engine here: TensorRT installed and an NVIDIA GPU visible."""
+    return importlib.util.find_spec("tensorrt") is not None and current_gpu() is not None
+
+
+def export_command(checkpoint: Path, package: Path, data: Path, method: str, tensorrt: bool) -> list[str]:
+    """`scaleseg export` of a new version: the CIF graph for ScaleMatch, a TensorRT engine when ``tensorrt``."""
+    cmd = [sys.executable, "-m", "training.cli", "export", str(checkpoint), "--out", str(package), "--with-probs",
+           "--data", str(data), "--force"]
+    if method == "scalematch":
+        cmd += ["--cif-scales", "0.5,2.0"]
+    if tensorrt:
+        cmd.append("--tensorrt")
+    return cmd
+
+
+def package_runtime(meta: dict, gpu: str | None) -> str:
+    """What a package runs on here, for the Models tab: its TensorRT engine for ``gpu``, else ONNX Runtime."""
+    engine = next((e for e in meta.get("tensorrt", []) if gpu is not None and e.get("gpu") == gpu
+                   and e.get("graph") == "model.onnx"), None)
+    if engine is None:
+        return "ONNX Runtime"
+    return f"TensorRT {engine.get('tensorrt')} ({engine.get('precision', 'fp32')})"
+
+
+def evaluate_package(package: Path, data: Path, out: Path, log, device: str = "auto") -> dict:
     """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process; the
     report goes to ``out`` (never into the package, which may be read-only)."""
     _run("evaluation", [sys.executable, "-m", "training.cli", "eval", str(package / "checkpoint.pt"), str(data),
-                        "--json", str(out), "--device", "cpu"], log)
+                        "--json", str(out), "--device", device], log)
     scales = json.loads(out.read_text())["scales"]
     return {"miou": scales["1.0"]["miou"], "miou_x0.5": scales["0.5"]["miou"], "miou_x2.0": scales["2.0"]["miou"]}
 
@@ -97,7 +181,7 @@ def _run(stage: str, cmd: list[str], log) -> None:
         raise RuntimeError(f"{stage} failed (exit code {code}): {cause}. Full log: {Path(log.name).resolve()}")
 
 
-def register_initial(registry: Registry, package: Path, data: Path) -> dict:
+def register_initial(registry: Registry, package: Path, data: Path, device: str = "auto") -> dict:
     """Make the package the app starts with version v1 (evaluated on val) if the workspace is new."""
     current = registry.serving()
     if current is not None:
@@ -105,7 +189,7 @@ def register_initial(registry: Registry, package: Path, data: Path) -> dict:
     meta = json.loads((package / "meta.json").read_text())
     registry.work.mkdir(parents=True, exist_ok=True)
     with open(registry.work / "initial-eval.log", "w") as log:
-        scores = evaluate_package(package, data, registry.work / "initial-eval.json", log)
+        scores = evaluate_package(package, data, registry.work / "initial-eval.json", log, device)
     return registry.add({"name": "v1", "dir": str(Path(package).resolve()), "method": meta["method"],
                          "labeled": meta.get("labeled_count"), "created": _now(), "source": "initial", **scores})
 
@@ -136,11 +220,18 @@ class RetrainJob:
 class Retrainer:
     """Runs one retraining job at a time; ``on_promote(package_dir)`` swaps the serving model."""
 
-    def __init__(self, registry: Registry, data: Path, on_promote, crop_size: int = 96, batch_size: int = 4):
+    def __init__(self, registry: Registry, data: Path, on_promote, overrides: dict | None = None):
         self.registry, self.data, self.on_promote = registry, Path(data), on_promote
-        self.crop_size, self.batch_size = crop_size, batch_size
+        self.overrides = dict(overrides or {})  # `scaleseg app` flags; None: the serving model's value
         self.job: RetrainJob | None = None
         self._lock = threading.Lock()
+
+    def recipe(self) -> RetrainRecipe:
+        """The recipe a job started now would use: the serving model's, with the app's overrides."""
+        current = self.registry.serving()
+        if current is None:
+            return replace(RetrainRecipe(), **{k: v for k, v in self.overrides.items() if v is not None})
+        return recipe_from_package(Path(current["dir"]), **self.overrides)
 
     @property
     def busy(self) -> bool:
@@ -150,6 +241,8 @@ class Retrainer:
         with self._lock:
             if self.busy:
                 raise RuntimeError(f"retraining {self.job.name} is still {self.job.status}; one job at a time.")
+            if method == "selftrain" and self.registry.serving() is None:
+                raise RuntimeError("selftrain needs a serving model to label the unlabelled images; promote one first.")
             name = self.registry.next_name()
             self.job = RetrainJob(name, method, iterations, from_current, self.registry.work / "runs" / name, total=iterations)
             threading.Thread(target=self._run, args=(self.job, promote), daemon=True).start()
@@ -159,27 +252,21 @@ class Retrainer:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         current = self.registry.serving()
         try:
+            recipe = self.recipe()
             with open(job.run_dir / "train.log", "w") as log:
+                log.write(f"recipe: {json.dumps(asdict(recipe))}\n")
                 job.status = "training"
-                cmd = [sys.executable, "-m", "training.cli", "train", str(self.data), "--method", job.method,
-                       "--max-iters", str(job.iterations), "--eval-every", str(job.iterations), "--crop-size",
-                       str(self.crop_size), "--batch-size", str(self.batch_size), "--backbone",
-                       json.loads((Path(current["dir"]) / "meta.json").read_text())["backbone"] if current else "efficientnet_lite0",
-                       "--lr", "0.01", "--num-workers", "1", "--out", str(job.run_dir), "--device", "cpu"]
-                cmd.append("--force")  # a failed job's folder is reused: the next version gets its name
-                if job.from_current and current:
-                    cmd += ["--init-from", str(Path(current["dir"]) / "checkpoint.pt")]
-                _run("training", cmd, log)
+                init_from = Path(current["dir"]) / "checkpoint.pt" if job.from_current and current else None
+                teacher = Path(current["dir"]) if current else None
+                _run("training", train_command(recipe, self.data, job.method, job.iterations, job.run_dir, init_from,
+                                               teacher), log)
                 job.status = "exporting"
                 package = self.registry.work / "versions" / job.name
-                export = [sys.executable, "-m", "training.cli", "export", str(job.run_dir / "last.pt"), "--out", str(package),
-                          "--with-probs", "--data", str(self.data), "--force"]
-                if job.method == "scalematch":
-                    export += ["--cif-scales", "0.5,2.0"]
-                _run("export", export, log)
+                _run("export", export_command(job.run_dir / "last.pt", package, self.data, job.method, tensorrt_ready()), log)
                 job.status = "evaluating"
-                scores = evaluate_package(package, self.data, job.run_dir / "eval-new.json", log)
-                baseline = evaluate_package(Path(current["dir"]), self.data, job.run_dir / "eval-serving.json", log) if current else None
+                scores = evaluate_package(package, self.data, job.run_dir / "eval-new.json", log, recipe.device)
+                baseline = (evaluate_package(Path(current["dir"]), self.data, job.run_dir / "eval-serving.json", log,
+                                             recipe.device) if current else None)
             entry = self.registry.add({"name": job.name, "dir": str(package.resolve()), "method": job.method,
                                        "labeled": len(read_split(self.data, "labeled")), "created": _now(),
                                        "source": "retrain", "run": str(job.run_dir), **scores})
@@ -188,7 +275,8 @@ class Retrainer:
             if promote == "always" or (promote == "if-not-worse" and better):
                 self.promote(entry["name"])
                 job.promoted = True
-            job.message = (f"{job.name}: mIoU {scores['miou']:.2f}" + (f" vs serving {baseline['miou']:.2f}" if baseline else "")
+            runtime = package_runtime(json.loads((package / "meta.json").read_text()), current_gpu())
+            job.message = (f"{job.name} ({runtime}): mIoU {scores['miou']:.2f}" + (f" vs serving {baseline['miou']:.2f}" if baseline else "")
                            + ("; promoted" if job.promoted else "; not promoted (worse than the serving model)"))
             job.status = "done"
         except Exception as err:  # the job fails as a whole; the serving model is untouched

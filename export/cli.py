@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from serving.shapes import PROFILE, engine_profile
 from training.config import parse_floats
 
 from .quantize import DEFAULT_CALIB_COUNT, DEFAULT_METHOD, MAX_MIOU_DROP, METHODS, MIN_AGREEMENT, Gate
@@ -30,6 +31,14 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", action="store_true", help="also build a TensorRT engine (NVIDIA GPU + tensorrt)")
     p.add_argument("--fp16", action="store_true", help="TensorRT engine in FP16")
     p.add_argument("--int8", action="store_true", help="TensorRT engine in INT8, calibrated on --calib")
+    engine = p.add_argument_group("TensorRT engine shapes", "the input sizes and batch sizes the engine accepts; "
+                                  "serving answers 413 above them and 400 below (named apart from serve --max-batch)")
+    engine.add_argument("--engine-min-side", type=positive_int, help=f"smallest image side in pixels (default {PROFILE.min_side})")
+    engine.add_argument("--engine-opt-side", type=positive_int, help=f"side TensorRT tunes for and INT8 calibrates at "
+                        f"(default {PROFILE.opt_side}, clamped into the sides given)")
+    engine.add_argument("--engine-max-side", type=positive_int, help=f"largest image side in pixels (default {PROFILE.max_side}; "
+                        "2048 for Cityscapes frames)")
+    engine.add_argument("--engine-max-batch", type=positive_int, help=f"most images per execution (default {PROFILE.max_batch})")
     p.add_argument("--calib", type=Path, help="dataset whose unlabelled images calibrate INT8: the TensorRT --int8 "
                    "engine, and --quantize int8 (default there: --data)")
     p.add_argument("--quantize", choices=["int8"], help="also write CPU INT8 graphs (model.int8.onnx, and "
@@ -74,13 +83,20 @@ def main(argv: list[str]) -> int:
     precision = "int8" if args.int8 else "fp16" if args.fp16 else "fp32"
     if (args.fp16 or args.int8) and not args.tensorrt:
         raise SystemExit("scaleseg export: --fp16/--int8 apply to the TensorRT engine; add --tensorrt")
+    shape_flags = (args.engine_min_side, args.engine_opt_side, args.engine_max_side, args.engine_max_batch)
+    if any(v is not None for v in shape_flags) and not args.tensorrt:
+        raise SystemExit("scaleseg export: --engine-* flags shape the TensorRT engine; add --tensorrt")
+    try:
+        profile = engine_profile(*shape_flags)
+    except ValueError as err:
+        raise SystemExit(f"scaleseg export: {err}") from None
     triton_name = args.name or Path(args.out).name
     if args.triton_repo:
         check_destination(args.triton_repo, triton_name, args.force)
     meta = export_package(Path(args.checkpoint), Path(args.out), args.with_probs, args.cif_scales, args.opset,
                           args.force, args.data, precision if args.tensorrt else None, args.calib,
                           quantize=args.quantize, calib_count=args.calib_count, calib_method=args.calib_method,
-                          int8_gate=Gate(args.int8_min_agreement, args.int8_max_drop))
+                          int8_gate=Gate(args.int8_min_agreement, args.int8_max_drop), engine_profile=profile)
     for graph, runs in meta["parity"]["graphs"].items():
         for r in runs:
             print(f"{graph} on {r['backend']}: label agreement {100 * r['label_agreement']:.4f} %")

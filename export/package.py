@@ -22,8 +22,8 @@ import onnx
 import onnxruntime
 import torch
 
-from serving.backends import OnnxRuntimeBackend, TensorRTBackend, current_gpu, find_plan
-from serving.shapes import CALIBRATION_SIDE, PARITY_BATCHES, PARITY_SIZES
+from serving.backends import OnnxRuntimeBackend, TensorRTBackend, current_gpu, find_plan, read_sidecar
+from serving.shapes import PROFILE, Profile, parity_shapes
 from training import __version__
 from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, load_inference_model, save_checkpoint
 from training.data.folder import find_image, staged_folder, read_split
@@ -53,22 +53,26 @@ def _image_paths(data: Path | None, split: str) -> list[Path]:
     return [p for p in (find_image(data, i) for i in ids) if p is not None]
 
 
-def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tuple[int, int]] = PARITY_SIZES,
-                   batch_sizes: Sequence[int] = PARITY_BATCHES, min_agreement: float = MIN_AGREEMENT) -> dict:
-    """PyTorch vs every available runtime, for each graph; writes the report into meta.json."""
+def verify_package(package: Path, data: Path | None = None, sizes: Sequence[tuple[int, int]] | None = None,
+                   batch_sizes: Sequence[int] | None = None, min_agreement: float = MIN_AGREEMENT) -> dict:
+    """PyTorch vs every available runtime, for each graph; writes the report into meta.json. Unless given, the
+    sizes and batch sizes lie inside the profile of the graph's engine for this GPU (its sidecar), if any."""
     meta_path = package / "meta.json"
     meta = json.loads(meta_path.read_text())
     model, _, _ = load_inference_model(load_checkpoint(package / "checkpoint.pt"), package / "checkpoint.pt")
     images = _image_paths(data, "val")
-    batches = probe_batches(images[:16], sizes, batch_sizes)
     report = {"images": f"{len(images[:16])} from {data}" if images else "random uint8 images (no --data given)",
               "graphs": {}}
     for graph_file, info in meta["graphs"].items():
         reference = SegmentationGraph(model, info["cif_scales"], meta["with_probs"])
         backends = [OnnxRuntimeBackend(package / graph_file, providers=["CPUExecutionProvider"])]
         plan = find_plan(package, graph_file, current_gpu())
+        profile = None
         if plan is not None:
+            profile = Profile.from_dict(read_sidecar(plan)["profile"])
             backends.append(TensorRTBackend(plan))
+        default_sizes, default_batches = parity_shapes(profile)
+        batches = probe_batches(images[:16], sizes or default_sizes, batch_sizes or default_batches)
         report["graphs"][graph_file] = [compare(reference, b, batches, min_agreement) for b in backends]
     report["passed"] = all(r["passed"] for runs in report["graphs"].values() for r in runs)
     meta["parity"] = report
@@ -80,9 +84,10 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
                    opset: int = DEFAULT_OPSET, force: bool = False, data: Path | None = None,
                    tensorrt: str | None = None, calib: Path | None = None, progress=print, quantize: str | None = None,
                    calib_count: int = DEFAULT_CALIB_COUNT, calib_method: str = DEFAULT_METHOD,
-                   int8_gate: Gate = Gate()) -> dict:
+                   int8_gate: Gate = Gate(), engine_profile: Profile = PROFILE) -> dict:
     """Write the package; returns meta. Fails, leaving nothing at ``out``, if parity is below 99.9 % or, with
-    ``quantize="int8"``, if an INT8 graph misses ``int8_gate``."""
+    ``quantize="int8"``, if an INT8 graph misses ``int8_gate``. ``engine_profile``: the input shapes the
+    TensorRT engines accept, recorded in each engine's sidecar."""
     out = Path(out)
     _check_destination(out, force)
     ckpt = load_checkpoint(checkpoint)
@@ -136,10 +141,11 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if tensorrt:
             from .tensorrt_build import build_engine
-            calib_images = _calibration_images(calib) if calib else None
+            calib_images = _calibration_images(calib, engine_profile.opt_side) if calib else None
             for graph_file in graphs:
-                progress(f"building TensorRT engine ({tensorrt}) for {graph_file}")
-                plan = build_engine(tmp / graph_file, tmp, tensorrt, calib_images)
+                progress(f"building TensorRT engine ({tensorrt}, sides {engine_profile.min_side}-"
+                         f"{engine_profile.max_side}, batch up to {engine_profile.max_batch}) for {graph_file}")
+                plan = build_engine(tmp / graph_file, tmp, tensorrt, calib_images, engine_profile)
                 meta["tensorrt"].append(json.loads(Path(f"{plan}.json").read_text()) | {"file": plan.name})
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         progress("verifying parity (PyTorch vs runtimes)")
@@ -157,8 +163,9 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
     return json.loads((out / "meta.json").read_text())
 
 
-def _calibration_images(data: Path, count: int = 64, size: int = CALIBRATION_SIDE) -> np.ndarray:
-    """uint8 calibration batch from the dataset's unlabelled images (val if none)."""
+def _calibration_images(data: Path, size: int, count: int = 64) -> np.ndarray:
+    """uint8 calibration images of ``size`` (the engine profile's opt side: TensorRT calibrates at the opt
+    shape) from the dataset's unlabelled images (val if none)."""
     paths = _image_paths(data, "unlabeled")[:count]
     if not paths:
         raise ExportError(f"{data}: no images to calibrate INT8 with (splits/unlabeled.txt is empty).")

@@ -91,14 +91,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     def __init__(self, plan_path: str | Path):
-        sidecar = Path(f"{plan_path}.json")
-        try:
-            info = json.loads(sidecar.read_text())
-            self.profile = Profile.from_dict(info["profile"])
-            self.precision = str(info.get("precision", "fp32"))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-            raise BackendError(f"{sidecar}: cannot read the engine's optimisation profile ({err}); "
-                               "rebuild the engine with `scaleseg export --tensorrt`.") from None
+        info = read_sidecar(plan_path)
+        self.profile = Profile.from_dict(info["profile"])
+        self.precision = str(info.get("precision", "fp32"))
         try:
             import tensorrt as trt
             import torch
@@ -155,6 +150,19 @@ class TensorRTBackend(Backend):
     @property
     def description(self) -> str:
         return f"tensorrt {self.trt.__version__} on {self.torch.cuda.get_device_name(0)}"
+
+
+def read_sidecar(plan_path: str | Path) -> dict:
+    """An engine's JSON sidecar (GPU, TensorRT version, precision, and the optimisation profile it was built
+    with: the one record serving limits, warm-up, parity and Triton read its shapes from), checked."""
+    sidecar = Path(f"{plan_path}.json")
+    try:
+        info = json.loads(sidecar.read_text())
+        Profile.from_dict(info["profile"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise BackendError(f"{sidecar}: cannot read the engine's optimisation profile ({err}); "
+                           "rebuild the engine with `scaleseg export --tensorrt`.") from None
+    return info
 
 
 def current_gpu() -> str | None:

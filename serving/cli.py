@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 from .connections import ConnectionDeadlines, DeadlineH11Protocol
+from .environment import warn_broken_install
 from .limits import BYTES_PER_WORK_PIXEL, RequestLimits
 from .precision import PRECISIONS
 from .server import ServeConfig, app_from_env, config_to_env, create_app
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     args = parser().parse_args(argv)
+    warn_broken_install()  # the images start here, not through `scaleseg`
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for flag in ("header_timeout", "body_timeout", "min_body_kbps"):
         if not getattr(args, flag) > 0:

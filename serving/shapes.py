@@ -76,9 +76,35 @@ WARMUP_SHAPE = PROFILE.min_shape
 # Parity check (export verify): two sizes that are not multiples of each other, and two batch sizes.
 PARITY_SIZES = ((96, 128), (160, 160))
 PARITY_BATCHES = (1, 3)
-# INT8 calibration feeds batches of exactly the profile's opt shape (TensorRT calibrates at the opt shape
-# of the calibration profile).
-CALIBRATION_SIDE = PROFILE.opt_side
+
+
+def engine_profile(min_side: int | None = None, opt_side: int | None = None, max_side: int | None = None,
+                   max_batch: int | None = None) -> Profile:
+    """The profile of `export --engine-min-side/--engine-opt-side/--engine-max-side/--engine-max-batch`; an
+    unset value keeps the default, with the opt side and opt batch clamped into the limits that were set (a
+    --engine-max-side 384 alone gives opt side 384, not an inconsistent 512). ValueError names the flags."""
+    low = PROFILE.min_side if min_side is None else min_side
+    high = PROFILE.max_side if max_side is None else max_side
+    opt = min(max(PROFILE.opt_side, low), high) if opt_side is None else opt_side
+    batch = PROFILE.max_batch if max_batch is None else max_batch
+    if not 1 <= low <= opt <= high:
+        raise ValueError(f"engine sides must satisfy 1 <= --engine-min-side ({low}) <= --engine-opt-side ({opt}) "
+                         f"<= --engine-max-side ({high})")
+    if batch < 1:
+        raise ValueError(f"--engine-max-batch must be at least 1, got {batch}")
+    return Profile(low, opt, high, min(PROFILE.opt_batch, batch), batch)
+
+
+def parity_shapes(profile: Profile | None) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
+    """(sizes, batch sizes) of the parity check for a package whose engine has ``profile`` (None: no engine).
+    The defaults where they fit; otherwise two sizes inside the engine's sides, neither a multiple of the other
+    where the sides allow, and batches of 1 and up to 3."""
+    batches = PARITY_BATCHES
+    if profile is None or all(profile.contains((n, 3, *size)) for size in PARITY_SIZES for n in batches):
+        return PARITY_SIZES, batches
+    low, high = profile.min_side, profile.max_side
+    sizes = ((low, min(high, low * 4 // 3)), (min(high, low * 5 // 3),) * 2)
+    return tuple(dict.fromkeys(sizes)), tuple(dict.fromkeys(min(n, profile.max_batch) for n in batches))
 
 
 def warmup_shape(profile: Profile | None) -> tuple[int, int, int, int]:

@@ -1,5 +1,5 @@
 """docker-compose.yml as data (no Docker engine here): GPU reservations for the GPU serving service and
-Triton, TensorRT versions named and consistent with the Dockerfile, non-root users, and Label Studio without
+Triton, TensorRT versions named and consistent with constraints-tensorrt.txt, non-root users, and Label Studio without
 a filesystem-wide document root or default credentials; plus the local-files URL the app computes."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_gpu_serving_uses_the_serve_gpu_target_and_grpc():
 
 
 def test_tensorrt_versions_are_named_and_match_the_dockerfile():
-    pinned = re.search(r"tensorrt-cu\d+==([\d.]+)", (REPO / "Dockerfile").read_text()).group(1)
+    pinned = re.search(r"^tensorrt-cu\d+==([\d.]+)$", (REPO / "constraints-tensorrt.txt").read_text(), re.M).group(1)
     comments = "\n".join(line for line in COMPOSE_TEXT.splitlines() if line.strip().startswith("#"))
     assert f"TensorRT {pinned}" in comments and pinned in comments.split("Triton 26.09")[1]
     assert SERVICES["triton"]["image"].endswith("tritonserver:26.09-py3}")

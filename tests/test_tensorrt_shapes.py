@@ -7,14 +7,17 @@ from __future__ import annotations
 import json
 import shutil
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from export import cli as export_cli
 from export.onnx_export import ExportError
+from export.package import _calibration_images
 from export.tensorrt_build import build_recipe, calibration_arrays
 from serving import shapes
-from serving.backends import BackendError, OnnxRuntimeBackend, load_backend
+from serving.backends import BackendError, OnnxRuntimeBackend, load_backend, read_sidecar
 from serving.inference import check_shape
 from serving.limits import RequestLimits
 from serving.protocol import ProtocolError
@@ -25,7 +28,7 @@ from serving.shapes import PROFILE, Profile
 def test_every_shape_fed_to_an_engine_lies_inside_its_profile():
     used = {"warm-up": [shapes.WARMUP_SHAPE, shapes.warmup_shape(PROFILE), shapes.warmup_shape(None)],
             "parity": [(n, 3, *size) for size, n in product(shapes.PARITY_SIZES, shapes.PARITY_BATCHES)],
-            "calibration": [PROFILE.opt_shape, (PROFILE.opt_batch, 3, shapes.CALIBRATION_SIDE, shapes.CALIBRATION_SIDE)],
+            "calibration": [PROFILE.opt_shape],
             "profile": [PROFILE.min_shape, PROFILE.opt_shape, PROFILE.max_shape]}
     outside = {what: s for what, group in used.items() for s in group if not PROFILE.contains(s)}
     assert not outside, f"shapes outside the TensorRT profile {PROFILE}: {outside}"
@@ -106,3 +109,73 @@ def test_server_enforces_engine_limits(package):
         with pytest.raises(ProtocolError, match=message) as err:
             check_shape(model, shape, limits)
         assert err.value.status == status
+
+
+# --- engine shapes the user sets (export --engine-*) ---------------------------------------------------------
+PROFILES = [PROFILE, shapes.engine_profile(max_side=2048), shapes.engine_profile(512, 1024, 2048, 2),
+            shapes.engine_profile(min_side=256, max_side=256, max_batch=1), shapes.engine_profile(max_side=96),
+            shapes.engine_profile(min_side=700), shapes.engine_profile(min_side=32, opt_side=32, max_side=40)]
+
+
+def test_engine_profile_flags_default_to_todays_profile_and_clamp_what_is_unset():
+    assert shapes.engine_profile() == PROFILE
+    cityscapes = shapes.engine_profile(max_side=2048)
+    assert cityscapes.contains((1, 3, 1024, 2048)) and PROFILE.exceeds((1, 3, 1024, 2048))
+    assert shapes.engine_profile(max_side=384) == Profile(64, 384, 384, 4, 8)  # opt side follows the max
+    assert shapes.engine_profile(min_side=700) == Profile(700, 700, 1024, 4, 8)
+    assert shapes.engine_profile(max_batch=2) == Profile(64, 512, 1024, 2, 2)  # opt batch follows the max
+    with pytest.raises(ValueError, match=r"--engine-min-side \(512\) <= --engine-opt-side \(256\)"):
+        shapes.engine_profile(min_side=512, opt_side=256)
+    with pytest.raises(ValueError, match="--engine-max-batch"):
+        shapes.engine_profile(max_batch=0)
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=str)
+def test_parity_warmup_and_calibration_shapes_lie_inside_every_user_profile(profile):
+    sizes, batches = shapes.parity_shapes(profile)
+    used = [(n, 3, *size) for size, n in product(sizes, batches)] + [shapes.warmup_shape(profile), profile.opt_shape]
+    assert all(profile.contains(s) for s in used), (profile, used)
+    assert 1 in batches and max(batches) <= profile.max_batch
+    assert shapes.parity_shapes(None) == (shapes.PARITY_SIZES, shapes.PARITY_BATCHES)
+
+
+def test_calibration_images_follow_the_engine_profile(tiny_data):
+    profile = shapes.engine_profile(min_side=32, opt_side=48, max_side=64, max_batch=2)
+    images = _calibration_images(tiny_data, profile.opt_side, count=5)
+    assert images.shape[1:] == (3, 48, 48)
+    assert [b.shape for b in calibration_arrays(images, profile)] == [profile.opt_shape] * 2
+
+
+def test_export_flags_reach_the_package_and_need_tensorrt(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def fake_export(*args, **kwargs):
+        seen.update(kwargs, tensorrt=args[7])
+        raise SystemExit(0)
+
+    monkeypatch.setattr("export.package.export_package", fake_export)
+    with pytest.raises(SystemExit):
+        export_cli.main(["ckpt.pt", "--out", str(tmp_path / "m"), "--tensorrt", "--fp16", "--engine-max-side", "2048",
+                         "--engine-max-batch", "2"])
+    assert seen["tensorrt"] == "fp16" and seen["engine_profile"] == Profile(64, 512, 2048, 2, 2)
+    with pytest.raises(SystemExit, match="add --tensorrt"):
+        export_cli.main(["ckpt.pt", "--out", str(tmp_path / "m"), "--engine-max-side", "2048"])
+    with pytest.raises(SystemExit, match="--engine-opt-side"):
+        export_cli.main(["ckpt.pt", "--out", str(tmp_path / "m"), "--tensorrt", "--engine-opt-side", "4096"])
+
+
+def test_the_sidecar_profile_sets_the_server_limits(package, tmp_path):
+    """An engine built with --engine-max-side 2048 lets a Cityscapes frame through, read from its sidecar."""
+    plan = tmp_path / "model.gpu.trt11.plan"
+    profile = shapes.engine_profile(max_side=2048, max_batch=2)
+    Path(f"{plan}.json").write_text(json.dumps({"graph": "model.onnx", "gpu": "G", "profile": profile.to_dict()}))
+    backend = OnnxRuntimeBackend(package / "model.onnx")
+    backend.profile = Profile.from_dict(read_sidecar(plan)["profile"])
+    model = ServedModel("seg", "seg", 1, package, "model.onnx", read_meta(package), backend, batcher=None)
+    limits = RequestLimits(max_work_pixels=2 * 2048 * 1024, max_batch=8)
+    check_shape(model, (2, 3, 1024, 2048), limits)
+    with pytest.raises(ProtocolError, match="maximum of 2"):
+        check_shape(model, (3, 3, 64, 64), limits)
+    Path(f"{plan}.json").write_text(json.dumps({"graph": "model.onnx", "profile": {"max_side": 2048}}))
+    with pytest.raises(BackendError, match="rebuild the engine"):
+        read_sidecar(plan)

@@ -15,7 +15,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundErr
 HELP = argparse.ArgumentDefaultsHelpFormatter  # every command's help shows each flag's default
 MAX_SCALE = 4.0  # eval scales: x4 of a 2048x1024 Cityscapes image is already 32M pixels per forward pass
 # Later stages plug in by module name, so training never imports them (they import training).
-STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "predict": "export.predict", "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
+STAGES = {"pretrain": "training.pretrain", "export": "export.cli", "predict": "export.predict", "doctor": "export.doctor",
+          "serve": "serving.cli", "label": "app.cli", "app": "app.main", "demo": "app.demo"}
 
 
 USER_ERROR_TYPES = (("training.config", "ConfigError"), ("training.data.folder", "DatasetError"), ("training.checkpoint", "CheckpointError"),
@@ -302,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("predict", help="segment files, folders, globs and videos into masks on disk (see `scaleseg predict --help`)",
                    add_help=False)
     sub.add_parser("serve", help="serve a model package over HTTP (see `scaleseg serve --help`)", add_help=False)
+    sub.add_parser("doctor", help="torch/CUDA/driver, GPUs, ONNX Runtime, TensorRT: what train/export/serve use here, "
+                   "what is broken and what to install (see `scaleseg doctor --help`)", add_help=False)
     sub.add_parser("demo", help="the whole loop on embedded defaults: data, training, export, Label Studio, app", add_help=False)
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)
     sub.add_parser("label", help="active labeling with Label Studio: push, pull, status (see `scaleseg label --help`)", add_help=False)
@@ -323,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["doctor"]:  # doctor reports the same problems itself
+        # The one check every stage shares at start (pure stdlib at import; serving is in every install).
+        from serving.environment import warn_broken_install
+        warn_broken_install()
     try:
         if argv and argv[0] == "train":
             return cmd_train(argv[1:])

@@ -79,7 +79,7 @@ class RunConfig:
                                 "teacher ranks images by them; ST++ keeps 1/3 and 2/3 of training); 0 keeps none")
     eval_mode: str = hp("whole", "validation: whole (full image) or sliding (window = crop, stride 2/3 crop)")
     seed: int = hp(0, "seed for weights, data order, augmentation and method randomness")
-    device: str = hp("auto", "auto, cpu or cuda")
+    device: str = hp("auto", "auto (CUDA, then Apple MPS, then CPU), cuda, mps or cpu")
     resume: bool = hp(False, "continue from OUT/last.pt exactly where it stopped")
     allow_changed: str = hp("", "with --resume: settings that may differ from the run's, comma-separated (lr,batch_size; 'data' for changed splits)")
     force: bool = hp(False, "start a new run in an --out that holds another run, replacing its checkpoints and metrics")

@@ -30,13 +30,31 @@ from .tensorboard import TensorBoard
 STREAM_LABELED = 1  # stream ids: labelled 1, unlabelled 2, CutMix partner 3 (the sampler's seeds depend on them)
 
 
+def auto_device(cuda: bool, mps: bool) -> str:
+    """--device auto: an NVIDIA GPU, then Apple's Metal (MPS), then the CPU."""
+    return "cuda" if cuda else "mps" if mps else "cpu"
+
+
+def mps_available() -> bool:
+    """torch.backends.mps.is_available() "Return a bool indicating if MPS is currently available"
+    (https://pytorch.org/docs/stable/backends.html#torch-backends-mps); builds without it have no such module."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def device_kind(name: str) -> str:
+    """The device type a --device value means on this machine: cuda, mps or cpu."""
+    return auto_device(torch.cuda.is_available(), mps_available()) if name == "auto" else name
+
+
 def resolve_device(name: str, dist: DistInfo | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_kind(name)
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but no CUDA device is visible")
         return torch.device("cuda", dist.local_rank if dist else 0)
+    if name == "mps" and not mps_available():
+        raise RuntimeError("--device mps asked for, but this torch has no Metal (MPS) device; use --device cpu")
     return torch.device(name)
 
 
@@ -147,7 +165,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg = cfg
-        self.device_kind = "cuda" if cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available()) else "cpu"
+        self.device_kind = device_kind(cfg.run.device)
         self.dist = init_distributed(self.device_kind)
         self.device = resolve_device(cfg.run.device, self.dist)
         self.progress = progress and self.dist.is_main
