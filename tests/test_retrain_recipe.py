@@ -79,7 +79,7 @@ def test_models_tab_says_what_a_version_runs_on():
 
 
 def test_app_flags_override_the_recipe_and_the_retrainer_uses_them(package, tmp_path):
-    args = app_main.parser().parse_args(["--model", "m", "--data", "d", "--crop-size", "64", "--device", "cpu",
+    args = app_main.parser().parse_args(["m", "d", "--crop-size", "64", "--device", "cpu",
                                          "--iterations", "50"])
     overrides = app_main.retrain_overrides(args)
     assert overrides == {"crop_size": 64, "device": "cpu", "iterations": 50}
