@@ -32,7 +32,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 COPY constraints.txt /tmp/constraints.txt
 COPY --from=wheel /wheels /wheels
 RUN pip install -c /tmp/constraints.txt numpy pillow onnxruntime fastapi uvicorn prometheus-client python-multipart \
-        grpcio protobuf "tritonclient[grpc]" \
+        grpcio protobuf "tritonclient[grpc]" tqdm \
     && pip install --no-deps /wheels/*.whl \
     && useradd --create-home --uid 10001 scaleseg
 USER 10001
@@ -54,7 +54,7 @@ COPY --from=wheel /wheels /wheels
 # library packages fetch their wheels from NVIDIA's index while they install (docs/deployment.md).
 RUN pip install -c /tmp/constraints-tensorrt.txt \
         numpy pillow fastapi uvicorn prometheus-client python-multipart torch grpcio protobuf "tritonclient[grpc]" \
-        onnxruntime-gpu tensorrt-cu13 \
+        tqdm opencv-python-headless onnxruntime-gpu tensorrt-cu13 \
     && pip install --no-deps /wheels/*.whl \
     && useradd --create-home --uid 10001 scaleseg
 USER 10001

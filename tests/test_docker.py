@@ -24,7 +24,8 @@ COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 PROVIDERS = {"numpy": {"numpy"}, "PIL": {"pillow"}, "onnxruntime": {"onnxruntime", "onnxruntime-gpu"},
              "fastapi": {"fastapi"}, "starlette": {"fastapi", "starlette"}, "uvicorn": {"uvicorn"},
              "prometheus_client": {"prometheus-client"}, "grpc": {"grpcio"}, "tritonclient": {"tritonclient[grpc]"},
-             "google": {"protobuf"}, "torch": {"torch"}, "tensorrt": {"tensorrt-cu13", "tensorrt"}}
+             "google": {"protobuf"}, "torch": {"torch"}, "tensorrt": {"tensorrt-cu13", "tensorrt"},
+             "h11": {"uvicorn", "h11"}, "tqdm": {"tqdm"}, "cv2": {"opencv-python-headless"}}
 # Imported by a library rather than by serving's code: starlette's form parser needs python-multipart.
 INDIRECT = {"python-multipart"}
 
