@@ -119,8 +119,8 @@ def result_name(gpu: str) -> str:
 
 
 def train_args(method: str, data: Path, out: Path, iters: int, settings: Settings) -> list[str]:
-    """`scaleseg train` arguments of one CUDA run of the small-data recipe, validated once at the end."""
-    return ["train", str(data), "--config", "small-data", "--method", method, "--device", "cuda", "--amp",
+    """`scaleseg train` arguments (after `train`) of one CUDA run of the small-data recipe, validated once at the end."""
+    return [str(data), "--config", "small-data", "--method", method, "--device", "cuda", "--amp",
             "--max-iters", str(iters), "--eval-every", str(iters), "--crop-size", str(settings.crop),
             "--batch-size", str(settings.batch), "--out", str(out), "--log-every", "50"]
 
@@ -262,14 +262,14 @@ class Check:
             return str(synthesize(self.data, n_labeled=16, n_unlabeled=64, n_val=8, size=128, progress=False))
         if name.startswith("train "):
             method = name.split()[1]
-            return self.scaleseg(train_args(method, self.data, self.runs / method, s.iters, s), name)
+            return self.scaleseg(["train", *train_args(method, self.data, self.runs / method, s.iters, s)], name)
         if name == "amp channels-last":
             self.timing = _amp_channels_last(s)
             return f"{len(self.timing)} settings timed"
         if name == "torchrun":
             launcher = ["torch.distributed.run", "--standalone", f"--nproc_per_node={max(1, len(self.env.gpus))}", "-m"]
-            return self.scaleseg(train_args("unimatch", self.data, self.runs / "torchrun", s.torchrun_iters, s),
-                                 name, launcher)
+            args = train_args("unimatch", self.data, self.runs / "torchrun", s.torchrun_iters, s)
+            return self.scaleseg(["train", *args], name, launcher)
         if name == "export":
             log = self.scaleseg(export_args(_checkpoint(self.runs / "scalematch"), self.package, self.env, s), name)
             self.parity.update(json.loads((self.package / "meta.json").read_text())["parity"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_check import (NO_GPU, Settings, early_exit, export_args, plan, report, result_name, speedups,
+from bench.gpu_check import (NO_GPU, Check, Settings, early_exit, export_args, plan, report, result_name, speedups,
                              tensorrt_skip, throughput_backends, train_args)
 from export.cli import export_parser
 from serving.environment import INSTALL, Environment
@@ -93,3 +93,15 @@ def test_report_tables():
     assert "| unimatch | fp16 channels-last | 0.100 | 2.000 |" in text
     assert "| pytorch cuda fp32 | 8 | 12.500 | 640.0 | - |" in text
     assert "| tensorrt | - | - | - | TensorRT is not installed |" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks how failures are recorded, on a machine without CUDA")
+def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
+    result = Check(CPU_ONLY, Settings(), tmp_path).run()
+    status = {s["name"]: s["status"] for s in result["steps"]}
+    assert status["synth"] == "ok" and (tmp_path / "data" / "classes.json").is_file()
+    assert status["parity onnxruntime cuda"] == "skipped"
+    failed = [s for s in result["steps"] if s["name"] not in ("synth", "parity onnxruntime cuda")]
+    assert all(s["status"] == "failed" and s["detail"] for s in failed), failed
+    assert "cuda" in next(s for s in failed if s["name"] == "train unimatch")["detail"].lower()
+    assert (tmp_path / "train-unimatch.log").is_file()
