@@ -125,7 +125,7 @@ def train_args(method: str, data: Path, out: Path, iters: int, settings: Setting
             "--batch-size", str(settings.batch), "--out", str(out), "--log-every", "50"]
 
 
-def report(steps: list[dict], rows: list[dict], timing: list[dict], skipped_backends: list[dict]) -> str:
+def report(steps: list[dict], timing: list[dict], rows: list[dict], skipped_backends: list[dict]) -> str:
     """The Markdown body of the results: steps, training step timing, throughput per backend."""
     parts = [markdown_table(steps, [("name", "step"), ("status", "status"), ("seconds", "s"), ("budget_s", "budget s"),
                                     ("detail", "detail")])]
