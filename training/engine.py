@@ -190,6 +190,11 @@ class Trainer:
                 print("class weights: " + ", ".join(f"{c.name} {w:.2f}" for c, w in zip(self.classes, self.class_weights.tolist())),
                       flush=True)
 
+        # Settings that cannot work are refused before any weights are read or downloaded.
+        b, world = cfg.data.batch_size, self.dist.world
+        if b < 2 and not (self.device_kind == "cuda" and world > 1):
+            raise ConfigError(f"--batch-size {b}: BatchNorm (ASPP's image-pooling branch) needs at least 2 images per "
+                             "process; use --batch-size 2 or more (under torchrun on CUDA, SyncBatchNorm makes 1 per GPU work).")
         seed_everything(cfg.run.seed)
         # A resumed or --init-from run overwrites the encoder at once, so its published weights are not read.
         fresh = cfg.run.resume or cfg.model.init_from
@@ -215,10 +220,6 @@ class Trainer:
             check_bf16_input_size(cfg)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
-        b, world = cfg.data.batch_size, self.dist.world
-        if b < 2 and not (self.device_kind == "cuda" and world > 1):
-            raise ConfigError(f"--batch-size {b}: BatchNorm (ASPP's image-pooling branch) needs at least 2 images per "
-                             "process; use --batch-size 2 or more (under torchrun on CUDA, SyncBatchNorm makes 1 per GPU work).")
         epoch_len = len(self.unlabeled_ids) if self.unlabeled_ids else len(self.labeled_ids)
         self.iters_per_epoch = max(1, epoch_len // (b * world))
         self.total_iters = cfg.run.max_iters or cfg.run.epochs * self.iters_per_epoch
