@@ -189,6 +189,6 @@ def test_cli_defaults_follow_the_official_code(tiny_data, tmp_path, capsys):
     cct = parse_train_args([str(tiny_data), "--method", "cct", "--vat-decoders", "0"])
     assert cct.optim.head_lr_mult == 10.0 and cct.method_cfg.unsup_weight == 30.0 and cct.method_cfg.vat_decoders == 0
     assert main(["train", str(tiny_data), "--method", "cct", *[f"--{k}-decoders=0" for k in PERTURBATIONS],
-                 "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+                 "--backbone", "resnet18", "--pretrained", "none", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
     assert "every auxiliary decoder count is 0" in capsys.readouterr().err and not (tmp_path / "run").exists()
 
