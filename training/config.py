@@ -209,7 +209,8 @@ RECIPES = Path(__file__).parent / "recipes"  # named configs shipped with scales
 def read_config_file(path: str | Path) -> dict:
     """``--config FILE``: settings by section as a run writes them (``optim: {lr: 0.01}``), or flat (``lr: 0.01``,
     ``crop-size: 96``). A run's old config.json reads alike (JSON is YAML). A name without a file of that name is
-    one of the shipped recipes (training/recipes/NAME.yaml). Returns {field name: raw value}."""
+    one of the shipped recipes (training/recipes/NAME.yaml). A run's own record never replays --resume, --force or
+    --allow-changed. Returns {field name: raw value}."""
     path = Path(path)
     if not path.exists() and (RECIPES / f"{path}.yaml").is_file():
         path = RECIPES / f"{path}.yaml"
@@ -231,6 +232,8 @@ def read_config_file(path: str | Path) -> dict:
             flat.update({str(k).replace("-", "_"): v for k, v in (value or {}).items()})
         else:
             flat[str(key).replace("-", "_")] = value
+    if "method_cfg" in raw:  # a run's record: earlier runs' config.json kept that invocation's --resume / --force
+        flat = {k: v for k, v in flat.items() if k not in INVOCATION_ONLY}
     return flat
 
 
