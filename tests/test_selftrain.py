@@ -196,7 +196,7 @@ def test_bad_teachers_get_clear_errors(tiny_data, data_copy, teacher_run, tmp_pa
     classes[1]["name"] = "something-else"
     (data_copy / "classes.json").write_text(json.dumps(classes))
     code = main(["train", str(data_copy), "--method", "selftrain", "--teacher", str(teacher_run), "--backbone", "resnet18",
-                 "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "e")])
+                 "--pretrained", "none", "--device", "cpu", "--num-workers", "0", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err
     assert code == 2 and "predicts classes" in err and "something-else" in err and "Traceback" not in err
     assert not (tmp_path / "e" / "pseudo").exists()
