@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -36,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
 from training.data.folder import read_split, write_split  # noqa: E402
 
-METHODS = ["supervised", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
+METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
            "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
            "scalematch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
@@ -96,8 +99,12 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
             "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
+    if getattr(args, "head_lr_mult", None) is not None:
+        argv += ["--head-lr-mult", str(args.head_lr_mult)]
     if getattr(args, "amp_cpu", False):
         argv.append("--amp-cpu")
+    if base == "supervised":  # selftrain's teacher: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
+        argv += ["--snapshot-every", str(max(1, iters // 3))]
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
     return argv + flags  # last, so that a flag given here wins over the defaults above
@@ -122,7 +129,7 @@ def one_dataset(args, benchmark: str, fraction: str, seed: int) -> tuple[Path, i
 
 
 def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters: int, lr: float,
-          init_from: Path | None = None) -> tuple[list[dict], float]:
+          init_from: Path | None = None, extra: list[str] = ()) -> tuple[list[dict], float]:
     """One `scaleseg train` run into ``out`` (continued from its last checkpoint if it has one);
     returns its validation records and peak RSS."""
     out.mkdir(parents=True, exist_ok=True)
@@ -130,10 +137,14 @@ def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters
     argv = train_argv(args, method, data, out, seed, iters, lr, iters / max(1, n_unlabeled // args.batch))
     if init_from is not None:
         argv += ["--init-from", str(init_from)]
+    argv += extra
     # A run killed before its first checkpoint starts over (--force clears its partial log).
     argv.append("--resume" if (out / "last.pt").is_file() else "--force")
     print(f"== {label}" + (" (resumed)" if "--resume" in argv else ""), flush=True)
+    start = time.monotonic()
     rss = run([sys.executable, "-m", "training.cli", "train", *argv], out / "train.log", args.threads)
+    wall = out / "wall_s.txt"  # summed over the invocations of an interrupted and resumed run
+    wall.write_text(str(time.monotonic() - start + (float(wall.read_text()) if wall.is_file() else 0.0)))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return records, rss
 
@@ -154,21 +165,41 @@ def warm_up(args, benchmark: str, fraction: str, seed: int) -> Path:
     return out / "last.pt"
 
 
+_RUN_LOCKS: dict[tuple, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
+
+
 def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
+    """One run's row, trained unless finished; a run another worker is training is waited for, not repeated."""
+    with _LOCKS_LOCK:
+        lock = _RUN_LOCKS.setdefault((benchmark, fraction, method, seed), threading.Lock())
+    with lock:
+        return _one_run(args, benchmark, fraction, method, seed)
+
+
+def _one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
     data, n_labeled = one_dataset(args, benchmark, fraction, seed)
     out = data.parent / method / f"seed{seed}"
     row_file = out / "row.json"
     if row_file.is_file():
         return json.loads(row_file.read_text())
     warm = warm_up(args, benchmark, fraction, seed) if args.warm_start else None
+    extra, teacher_s = [], 0.0
+    if method_parts(method)[0] == "selftrain":
+        # The teacher is this seed's supervised run: the same labels, iterations and optimiser, so the
+        # student's total cost is that run's time plus its own (pseudo-labelling included).
+        teacher = one_run(args, benchmark, fraction, "supervised", seed)
+        extra, teacher_s = ["--teacher", str(data.parent / "supervised" / f"seed{seed}")], teacher.get("wall_s") or 0.0
     records, rss = train(args, f"{benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled", method, data, out,
-                         seed, args.iters, args.lr, warm)
+                         seed, args.iters, args.lr, warm, extra)
+    wall = float((out / "wall_s.txt").read_text())
     steps = sorted(r["sec_per_iter"] for r in records if "sec_per_iter" in r)
     own = curve(records, args.warm_start)
     warm_curve = json.loads((warm.parent / "curve.json").read_text()) if warm else []
     row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
-           "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss}
+           "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
+           "wall_s": wall, "total_s": wall + teacher_s}
     if method_parts(method)[0] == "scalematch":  # only ScaleMatch trains CIF
         report = out / "eval_cif.json"
         run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
@@ -208,7 +239,33 @@ def summarise(rows: list[dict]) -> list[dict]:
             low, high = mean_std([r["miou_x1.0"] for r in sup])[0], mean_std([r["miou_x1.0"] for r in full])[0]
             line["gap_closed"] = 100 * (line["miou_x1.0"][0] - low) / (high - low) if high > low else None
         out.append(line)
+    for line in out:
+        if line["method"] != "supervised" or line["fraction"] != "1":
+            line["labels_to_match"] = labels_to_match(line["miou_x1.0"][0], supervised_curve(rows, line["benchmark"]))
     return out
+
+
+def supervised_curve(rows: list[dict], benchmark: str) -> list[tuple[int, float]]:
+    """(labelled images, mean x1.0 mIoU over seeds) of supervised on ``benchmark``, by labelled count."""
+    by_count: dict[int, list[float]] = {}
+    for r in rows:
+        if r["benchmark"] == benchmark and r["method"] == "supervised" and not r.get("warm_start"):
+            by_count.setdefault(r["labeled"], []).append(r["miou_x1.0"])
+    return sorted((n, statistics.mean(v)) for n, v in by_count.items())
+
+
+def labels_to_match(miou: float, curve: list[tuple[int, float]]) -> float | str | None:
+    """How many labelled images supervised needs to score ``miou``: interpolated in log(labels) between the
+    first two fractions whose supervised scores bracket it; "<N" / ">N" outside the measured range."""
+    if len(curve) < 2:
+        return None
+    if miou <= curve[0][1]:
+        return f"<={curve[0][0]}"
+    for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
+        if m0 < miou <= m1:
+            t = (miou - m0) / (m1 - m0)
+            return round(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))), 1)
+    return f">{curve[-1][0]}"
 
 
 def markdown(summary: list[dict]) -> str:
@@ -217,19 +274,22 @@ def markdown(summary: list[dict]) -> str:
 
     def gap(v):
         return "-" if v is None else f"{v:.0f}"
+
+    def labels(v):
+        return "-" if v is None else (v if isinstance(v, str) else f"{v:.0f}")
     lines = []
     for bench in sorted({s["benchmark"] for s in summary}):
         for frac in sorted({s["fraction"] for s in summary if s["benchmark"] == bench}, key=Fraction):
             lines += [f"### {bench}, {frac} labelled", "",
-                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | gap closed % | s / iter | peak RSS MiB |",
-                      "|---|---|---|---|---|---|---|---|---|---|"]
+                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | gap closed % | labels supervised needs | s / iter | peak RSS MiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             here = {s["method"]: s for s in summary if s["benchmark"] == bench and s["fraction"] == frac}
             for s in (here[m] for m in ordered(here)):
                 rss = s.get("peak_rss_mib")
                 spi = s.get("sec_per_iter")
                 lines.append(f"| {s['method']} | {len(s['seeds'])} | {cell(s.get('miou_x0.5'))} | {cell(s.get('miou_x1.0'))} | "
                              f"{cell(s.get('miou_x2.0'))} | {cell(s.get('miou_cif'))} | {cell(s.get('gain_x1.0'))} | "
-                             f"{gap(s.get('gap_closed'))} | "
+                             f"{gap(s.get('gap_closed'))} | {labels(s.get('labels_to_match'))} | "
                              f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if rss is None else f'{rss[0]:.0f}'} |")
             lines.append("")
     return "\n".join(lines)
@@ -267,7 +327,10 @@ def main() -> None:
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--size", type=int, default=96, help="image side of both benchmarks")
     p.add_argument("--batch", type=int, default=4, help="labelled images per step (unlabelled: the same)")
-    p.add_argument("--lr", type=float, default=0.01, help="backbone LR (head x10) of every method's run")
+    p.add_argument("--lr", type=float, default=0.01, help="encoder LR of every method's run")
+    p.add_argument("--head-lr-mult", type=float, default=None,
+                   help="decoder LR multiplier of every method (default: each method's own, x10 but x1 for CPS, PS-MT, "
+                   "PseudoSeg and PRCL, whose code trains every layer at one LR)")
     p.add_argument("--warm-start", type=int, default=0,
                    help="supervised iterations every method of a seed starts from (0: random init)")
     p.add_argument("--warm-lr", type=float, default=0.01, help="backbone LR of the --warm-start run")
@@ -287,6 +350,8 @@ def main() -> None:
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}
     if (args.backbone, args.pretrained) != ("resnet18", "none"):  # studies from before encoders were a choice
         budget.update(backbone=args.backbone, pretrained=args.pretrained)
+    if args.head_lr_mult is not None:
+        budget.update(head_lr_mult=args.head_lr_mult)
     if args.warm_start:
         budget.update(warm_start=args.warm_start, warm_lr=args.warm_lr)
     if args.amp_cpu:
@@ -330,16 +395,19 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
     start = (f"from a supervised run of {warm} iterations (SGD lr {budget['warm_lr']}, same data and labelled subset) "
              "that every method of a seed shares, supervised included; the curves show that run, then each method"
              if warm else "without a warm start")
+    head = (f"decoder x{budget['head_lr_mult']:g} for every method" if "head_lr_mult" in budget
+            else "decoder x10; CPS, PS-MT, PseudoSeg and PRCL x1")
     precision = "bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32"
     encoder = (f"{budget['backbone']} ({budget['pretrained']} weights)" if "backbone" in budget
                else "ResNet-18 (random init)")
     note = (f"DeepLabV3+ on {encoder} {start}, CPU, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
-            "(head x10; CPS x1), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
+            f"({head}), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
             "the gain is paired by seed (same data and labelled subset); gap closed is the share of the distance from "
             "supervised at that fraction to supervised with every pool image labelled (fraction 1) that the method "
-            "covers, in percent. s / iter is the median logged step time, "
+            "covers, in percent; labels supervised needs is how many labelled images supervised training needs to "
+            "score the method's mean, interpolated in log(labels) between the measured fractions. s / iter is the median logged step time, "
             "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
             f"![curves]({name}_curves.png)")
     write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},

@@ -195,6 +195,32 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
         train_argv(args, "prcl:num-queries", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     args.amp_cpu = True
     assert "--amp-cpu" in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert "--head-lr-mult" not in train_argv(args, "psmt", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    args.head_lr_mult = 10.0
+    argv = train_argv(args, "psmt", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert argv[argv.index("--head-lr-mult") + 1] == "10.0"
+
+
+def test_label_efficiency_gap_closed_and_labels_supervised_needs():
+    from bench.label_efficiency import markdown, summarise
+
+    def row(frac, labeled, method, seed, miou):
+        return {"benchmark": "photos", "fraction": frac, "labeled": labeled, "method": method, "seed": seed,
+                "miou_x0.5": miou, "miou_x1.0": miou, "miou_x2.0": miou}
+    rows = [row("1/32", 19, "supervised", s, m) for s, m in ((0, 40), (1, 42))]
+    rows += [row("1/8", 75, "supervised", s, m) for s, m in ((0, 50), (1, 52))]
+    rows += [row("1", 600, "supervised", s, m) for s, m in ((0, 60), (1, 62))]
+    rows += [row("1/32", 19, "unimatch", s, m) for s, m in ((0, 50), (1, 52))]   # as good as 1/8 supervised
+    rows += [row("1/32", 19, "cps", s, m) for s, m in ((0, 30), (1, 30))]
+    rows += [row("1/8", 75, "unimatch", s, m) for s, m in ((0, 70), (1, 70))]
+    lines = {(s["fraction"], s["method"]): s for s in summarise(rows)}
+    uni = lines[("1/32", "unimatch")]
+    assert uni["gain_x1.0"] == (10.0, 0.0) and uni["gap_closed"] == 50.0 and uni["labels_to_match"] == 75
+    assert lines[("1/32", "cps")]["labels_to_match"] == "<=19" and lines[("1/32", "cps")]["gap_closed"] < 0
+    assert lines[("1/8", "unimatch")]["labels_to_match"] == ">600"
+    half = 0.5 * (51 + 61)  # halfway from 1/8 to full supervised, in log(labels)
+    assert summarise(rows + [row("1/32", 19, "fixmatch", 0, half)])[-1]["labels_to_match"] == round((75 * 600) ** 0.5, 1)
+    assert "labels supervised needs" in markdown(summarise(rows))
 
 
 def test_demo_recipe_summary_checks_every_class_on_every_seed(tmp_path):
