@@ -117,7 +117,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def select(args: argparse.Namespace) -> dict[str, dict | None]:
     """image id -> its pre-annotation (None without a model) of the images `label push` sends."""
-    from .labeling import load_state
+    from .labeling import load_state, tasked
     from .scoring import score_unlabeled, select_next, select_without_model
 
     function = args.function or ("entropy" if args.model else "coreset")
@@ -128,7 +128,7 @@ def select(args: argparse.Namespace) -> dict[str, dict | None]:
 
     try:
         if args.model is None or function == "random":
-            chosen = load_state(args.data)["tasks"]  # already in Label Studio: cold starts pick others
+            chosen = tasked(load_state(args.data))  # already in Label Studio: pick others
             ids = select_without_model(args.data, function, args.top_k, args.seed, chosen, progress=step)
             if args.model is None:
                 return dict.fromkeys(ids)

@@ -77,6 +77,11 @@ def save_state(data: Path, state: dict) -> None:
     write_text(state_path(data), json.dumps(state, indent=2))
 
 
+def tasked(state: dict) -> set[str]:
+    """Ids of the images that have a task in the dataset's project: pushed, or made there by hand and pulled."""
+    return set(state["tasks"]) | set(state.get("imported", {}).values())
+
+
 def preannotation_path(data: Path, image_id: str) -> Path:
     return Path(data) / "labeling" / "preannotations" / f"{image_id}.png"
 
@@ -197,7 +202,7 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict | None], m
     classes = class_dicts(load_classes(data))
     state = load_state(data)
     previous = state.get("project_title")
-    count = len(state["tasks"]) + len(state.get("imported", {}))
+    count = len(tasked(state))
     if previous not in (None, project_title) and state.get("url") == client.url and count and not switch_project:
         raise ProjectChanged(f"this dataset's {count} task(s) are in project {previous!r} "
                              f"(id {state.get('project_id')}); pushing to {project_title!r} would start a new project and "
@@ -219,7 +224,7 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict | None], m
     for n, (image_id, pred) in enumerate(items):
         if progress:
             progress(n / max(1, len(items)), f"pushing {image_id}")
-        if image_id in state["tasks"] or image_id in state.get("imported", {}).values():
+        if image_id in tasked(state):
             report.already.append(image_id)
             continue
         path = find_image(data, image_id)

@@ -88,7 +88,6 @@ def test_cold_start_selects_by_imagenet_features_or_at_random(data_copy):
     picks = select_without_model(data, "coreset", 6, encoder=encoder, progress=lambda f, m: steps.append(m))
     assert len(set(picks)) == 6 and set(picks) <= set(pool) and len(set(picks) & {read_split(data, "unlabeled")[0], *twins}) <= 1
     assert len(steps) == len(pool) + len(read_split(data, "labeled"))  # every pool and labelled image, one step each
-    assert select_without_model(data, "coreset", 6, encoder=encoder) == picks  # deterministic
     # images already sent for labelling are never picked again, and the next picks keep away from them
     again = select_without_model(data, "coreset", 3, chosen=picks, encoder=encoder)
     assert len(again) == 3 and not set(again) & set(picks)
