@@ -29,6 +29,14 @@ NEEDS_PROBS = ("entropy", "margin", "combined")
 COMBINED_UNCERTAINTY = "entropy"  # the uncertainty the combined strategy ranks each group by
 
 
+def check_cold_start(function: str) -> None:
+    """ValueError unless ``function`` can select without a model."""
+    if function not in COLD_START:
+        needs = "needs a model's predictions" if function in FUNCTIONS else "is not a selection function"
+        raise ValueError(f"--function {function} {needs}; pass a model package (`scaleseg label push MODEL DATA`) or "
+                         f"select without one by {' or '.join(COLD_START)}")
+
+
 def score(function: str, outputs: dict[str, np.ndarray], cif_outputs: dict[str, np.ndarray] | None = None) -> float:
     """One image's score from its graph outputs (``probs`` [K, H, W] where the function needs it). Core-set
     ignores uncertainty (0); combined scores by entropy."""

@@ -112,6 +112,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         args.model, args.data = args.data, Path(extra[0])
     elif extra:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "push":
+        args.function = args.function or ("entropy" if args.model else "coreset")
+        if args.model is None:  # before connecting to Label Studio or reading any image
+            try:
+                acquisition.check_cold_start(args.function)
+            except ValueError as err:
+                raise SystemExit(f"scaleseg label push: {err}") from None
     return args
 
 
@@ -120,7 +127,7 @@ def select(args: argparse.Namespace) -> dict[str, dict | None]:
     from .labeling import load_state, tasked
     from .scoring import score_unlabeled, select_next, select_without_model
 
-    function = args.function or ("entropy" if args.model else "coreset")
+    function = args.function
     bar = tqdm(desc="features" if not args.model and function == "coreset" else "scoring", unit="img")
 
     def step(fraction: float, message: str) -> None:

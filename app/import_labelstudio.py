@@ -33,7 +33,7 @@ from training.data.ingest import IMAGE_SUFFIXES, MAX_ENTRY_BYTES, MAX_PIXELS, de
 
 from .labeling import (ID_KEY, annotation_labels, annotation_to_mask, final_annotation, mask_digest, state_path, task_image_url,
                        task_model_version)
-from .labelstudio import LabelStudio
+from .labelstudio import LabelStudio, LabelStudioError
 
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-")
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
@@ -178,7 +178,7 @@ def import_labelstudio_server(client: LabelStudio, project: str, out: str | Path
             try:
                 payload = client.fetch(url, max_bytes)
                 decode_upload(payload, max_pixels)
-            except ValueError as err:
+            except (ValueError, LabelStudioError) as err:
                 raise DatasetError(f"{source}: task {task['id']}: {err}; nothing was written.") from None
             path = downloads / _file_name(url, task["id"], taken)
             path.write_bytes(payload)

@@ -102,24 +102,20 @@ def select_without_model(data: Path, function: str, k: int, seed: int = 0, chose
     image farthest from the labelled images, the ``chosen`` ones (already sent for labelling) and the picks
     before it; ``random``: a draw with ``seed``. ``chosen`` images are never picked again."""
     data = Path(data)
-    if function not in acquisition.COLD_START:
-        needs = "needs a model's predictions" if function in acquisition.FUNCTIONS else "is not a selection function"
-        raise ValueError(f"--function {function} {needs}; pass a model package (`scaleseg label push MODEL DATA`) or "
-                         f"select without one by {' or '.join(acquisition.COLD_START)}")
+    acquisition.check_cold_start(function)
     chosen = set(chosen)
     pool = [i for i in read_split(data, "unlabeled", required=False) if i not in chosen and find_image(data, i) is not None]
     if function == "random":
         return random.Random(seed).sample(pool, min(k, len(pool)))
+    if not pool:
+        return []
     encoder = encoder or EncoderFeatures.pretrained()
-    centers = [i for i in read_split(data, "labeled", required=False) if find_image(data, i) is not None]
-    centers += [i for i in chosen if find_image(data, i) is not None]
+    centers = [i for i in read_split(data, "labeled", required=False) + sorted(chosen) if find_image(data, i) is not None]
     features = []
     for n, image_id in enumerate(pool + centers):
         if progress:
-            progress(n / max(1, len(pool) + len(centers)), f"features of {image_id}")
+            progress(n / len(pool + centers), f"features of {image_id}")
         features.append(encoder(image_batch(find_image(data, image_id))))
-    if not pool:
-        return []
     picks = acquisition.k_center_greedy(np.stack(features[:len(pool)]), k,
                                         np.stack(features[len(pool):]) if centers else None)
     return [pool[i] for i in picks]

@@ -63,6 +63,24 @@ def test_app_and_cli_offer_the_diversity_strategies(package, data_copy, tmp_path
         assert parser().parse_args(["push", str(package), str(data_copy), "--function", function]).function == function
 
 
+def test_push_takes_the_model_optionally(tmp_path):
+    from app.cli import parse
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    for argv in (["push", str(model), str(data)], ["push", str(model), "-k", "3", str(data)],
+                 ["push", "-k", "3", str(model), str(data)]):  # every order that parsed before the model was optional
+        args = parse(argv)
+        assert (args.model, args.data, args.function) == (model, data, "entropy")
+    args = parse(["push", str(data), "-k", "3"])
+    assert (args.model, args.data, args.function, args.top_k) == (None, data, "coreset", 3)
+    assert parse(["push", str(data), "--function", "random"]).function == "random"
+    for function in ("margin", "combined"):  # refused before Label Studio is contacted
+        with pytest.raises(SystemExit, match=f"--function {function} needs a model's predictions; pass a model package"):
+            parse(["push", str(data), "--function", function])
+    with pytest.raises(SystemExit):
+        parse(["push", str(model), str(data), "extra"])
+
+
 def test_cold_start_selects_by_imagenet_features_or_at_random(data_copy):
     from PIL import Image
 
