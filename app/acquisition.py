@@ -13,6 +13,9 @@ what the images are, through pooled encoder features (app/features.py):
   every labelled image and every pick so far, so the picks cover the feature space.
 - ``combined``: uncertainty-weighted diversity: the pool's features are clustered into k groups (k-means,
   seeded by k-center greedy) and the most uncertain image (entropy) of each group is picked.
+
+Before any model exists (a cold start) only ``coreset``, on an ImageNet encoder's features, and ``random``
+can select (app/scoring.select_without_model).
 """
 from __future__ import annotations
 
@@ -21,8 +24,17 @@ import numpy as np
 UNCERTAINTY = ("entropy", "margin", "least_confidence", "scale_disagreement")
 DIVERSITY = ("coreset", "combined")
 FUNCTIONS = UNCERTAINTY + DIVERSITY
+COLD_START = ("coreset", "random")  # what selects without a model: ImageNet features, or a seeded draw
 NEEDS_PROBS = ("entropy", "margin", "combined")
 COMBINED_UNCERTAINTY = "entropy"  # the uncertainty the combined strategy ranks each group by
+
+
+def check_cold_start(function: str) -> None:
+    """ValueError unless ``function`` can select without a model."""
+    if function not in COLD_START:
+        needs = "needs a model's predictions" if function in FUNCTIONS else "is not a selection function"
+        raise ValueError(f"--function {function} {needs}; pass a model package (`scaleseg label push MODEL DATA`) or "
+                         f"select without one by {' or '.join(COLD_START)}")
 
 
 def score(function: str, outputs: dict[str, np.ndarray], cif_outputs: dict[str, np.ndarray] | None = None) -> float:

@@ -22,14 +22,18 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg label", description="Active labeling with Label Studio.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    push = sub.add_parser("push", help="score unlabelled images, push the top-k with the model's masks",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    push.add_argument("model", type=Path, help="model package (scaleseg export)")
+    push = sub.add_parser("push", help="pick unlabelled images, push them with the model's masks (or, with no model "
+                          "yet, without pre-annotations)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    push.add_argument("model", type=Path, nargs="?", default=None,
+                      help="model package (scaleseg export); leave it out for a cold start: images picked by coreset on "
+                           "ImageNet features or at random, pushed without pre-annotations")
     push.add_argument("data", type=Path, help="dataset folder")
     push.add_argument("-k", "--top-k", type=int, default=8, help="images to send for labeling")
-    push.add_argument("--function", default="entropy", choices=acquisition.FUNCTIONS,
-                      help="uncertainty (entropy, margin, least_confidence, scale_disagreement) or diversity-aware "
-                           "(coreset: k-center greedy on encoder features; combined: most uncertain of k feature clusters)")
+    push.add_argument("--function", default=None, choices=acquisition.FUNCTIONS + ("random",),
+                      help="uncertainty (entropy, margin, least_confidence, scale_disagreement), diversity-aware "
+                           "(coreset: k-center greedy on encoder features; combined: most uncertain of k feature clusters) "
+                           "or random; default: entropy with a model, coreset without")
+    push.add_argument("--seed", type=int, default=0, help="seed of --function random")
     push.add_argument("--balance", type=float, default=1.0,
                       help="class balancing of an uncertainty selection; 0 = plain top-k")
     push.add_argument("--project", default="scaleseg", help="Label Studio project title (created if missing)")
@@ -99,32 +103,74 @@ def simulate_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    # `push MODEL -k 8 DATA` (options between the two paths) parsed before MODEL became optional; argparse
+    # then takes MODEL for DATA and leaves DATA over.
+    if args.command == "push" and args.model is None and len(extra) == 1 and not extra[0].startswith("-"):
+        args.model, args.data = args.data, Path(extra[0])
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "push":
+        args.function = args.function or ("entropy" if args.model else "coreset")
+        if args.model is None:  # before connecting to Label Studio or reading any image
+            try:
+                acquisition.check_cold_start(args.function)
+            except ValueError as err:
+                raise SystemExit(f"scaleseg label push: {err}") from None
+    return args
+
+
+def select(args: argparse.Namespace) -> dict[str, dict | None]:
+    """image id -> its pre-annotation (None without a model) of the images `label push` sends."""
+    from .labeling import load_state, tasked
+    from .scoring import score_unlabeled, select_next, select_without_model
+
+    function = args.function
+    bar = tqdm(desc="features" if not args.model and function == "coreset" else "scoring", unit="img")
+
+    def step(fraction: float, message: str) -> None:
+        bar.update(1)
+
+    try:
+        if args.model is None or function == "random":
+            chosen = tasked(load_state(args.data))  # already in Label Studio: pick others
+            ids = select_without_model(args.data, function, args.top_k, args.seed, chosen, progress=step)
+            if args.model is None:
+                return dict.fromkeys(ids)
+            picks = score_unlabeled(args.model, args.data, "least_confidence", ids=ids, progress=step)
+        else:
+            picks = select_next(args.model, args.data, function, args.top_k, args.balance, progress=step)[1]
+    except ValueError as err:
+        raise SystemExit(f"scaleseg label push: {err}") from None
+    finally:
+        bar.close()
+    return {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
+
+
 def main(argv: list[str]) -> int:
     from .labeling import pull, push, status
     from .labelstudio import LabelStudio
-    from .scoring import select_next
 
-    args = parser().parse_args(argv)
+    args = parse(argv)
     if args.command == "simulate":
         return simulate_main(args)
     client = LabelStudio(args.url, args.token or os.environ.get("LABEL_STUDIO_API_KEY", ""))
     try:
         if args.command == "push":
             client.whoami()  # fail fast on a wrong URL or token, before scoring anything
-            meta_name = args.model.resolve().name
-            bar = tqdm(desc="scoring", unit="img")
-            _, picks = select_next(args.model, args.data, args.function, args.top_k, args.balance,
-                                   progress=lambda f, msg: bar.update(1))
-            bar.close()
-            preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in picks}
-            report = push(client, args.data, preds, meta_name, args.project, args.delivery,
-                          switch_project=args.switch_project)
+            preds = select(args)
+            report = push(client, args.data, preds, args.model.resolve().name if args.model else None, args.project,
+                          args.delivery, switch_project=args.switch_project)
             print(f"project {report.project_id}: pushed {len(report.pushed)} task(s) {report.pushed}; "
-                  f"{len(report.already)} already there")
+                  f"{len(report.already)} already there" + ("" if args.model else " (no pre-annotations: no model yet)"))
         elif args.command == "pull":
             report = pull(client, args.data, args.overwrite, replace_val=args.replace_val)
             print(f"written {len(report.written)}, unchanged {len(report.unchanged)}, skipped {len(report.skipped)}, "
                   f"pending {len(report.pending)}, conflicts {len(report.conflicts)} {report.conflicts}")
+            if report.imported:
+                print(f"  {len(report.imported)} of the written from tasks made in Label Studio: {report.imported}")
             if report.effort:
                 print(f"  {report.effort_summary()}")
             for image_id, message in report.errors.items():

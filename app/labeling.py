@@ -1,5 +1,6 @@
 """The active-labeling loop with Label Studio: push the chosen images with the model's masks as
-pre-annotations, pull finished annotations back into the dataset folder.
+pre-annotations (or without any, on a cold start with no model yet), pull finished annotations back into
+the dataset folder.
 
 State lives in DATA/labeling/state.json (written atomically): which image went to which task, so that
 pushing again never duplicates a task and a crash between push and pull loses nothing; the tasks also
@@ -13,6 +14,12 @@ annotation that wrote it: when that same annotation was edited in Label Studio, 
 a mask from any other source (another annotation, a file changed on disk) is a conflict and is never
 overwritten unless ``overwrite`` is given. Validation images are never written into the training splits,
 and their masks are changed only for the ids listed in ``replace_val``, one explicit decision per image.
+
+Pull reads every finished task of the project, also tasks made in Label Studio by hand: their image is
+fetched from that Label Studio only (a URL on any other host is refused), under the upload caps, and stored
+as an upload is (decode checks, de-duplication by pixels: an image the dataset holds keeps its id, and its
+rules); it joins the training split with its mask. ``state["imported"]`` maps such a task to its image id,
+so it is fetched once. A label that is not in classes.json stops the pull before anything is written.
 
 Labelling effort: push keeps each image's pre-annotation (DATA/labeling/preannotations/<id>.png); pull
 records, per written mask, the fraction of its labelled pixels whose pre-annotated class the labeller
@@ -28,17 +35,20 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from training.data.folder import (IGNORE, class_dicts, find_image, load_classes, mask_path, read_split, write_mask, write_split,
                                   write_text)
+from training.data.ingest import MAX_ENTRY_BYTES, MAX_PIXELS, content_index, decode_upload, store_image
 
 from . import rle
 from .labelstudio import FROM_NAME, TO_NAME, LabelStudio, LabelStudioError
 
 ID_KEY = "scaleseg_id"
+REGION_TYPES = ("brushlabels", "polygonlabels")  # the regions a class-id mask is painted from
 
 
 def local_files_url(path: Path, document_root: str | None = None) -> str:
@@ -65,6 +75,11 @@ def load_state(data: Path) -> dict:
 
 def save_state(data: Path, state: dict) -> None:
     write_text(state_path(data), json.dumps(state, indent=2))
+
+
+def tasked(state: dict) -> set[str]:
+    """Ids of the images that have a task in the dataset's project: pushed, or made there by hand and pulled."""
+    return set(state["tasks"]) | set(state.get("imported", {}).values())
 
 
 def preannotation_path(data: Path, image_id: str) -> Path:
@@ -120,7 +135,7 @@ def annotation_to_mask(result: list[dict], classes: list[dict], size: tuple[int,
     mask = np.full((height, width), IGNORE, np.uint8)
     for region in result:
         kind = region.get("type")
-        if kind not in ("brushlabels", "polygonlabels"):
+        if kind not in REGION_TYPES:
             continue
         names = region["value"].get(kind) or []
         unknown = [n for n in names if n not in ids]
@@ -134,6 +149,27 @@ def annotation_to_mask(result: list[dict], classes: list[dict], size: tuple[int,
         else:
             mask[polygon_mask(region["value"]["points"], width, height)] = ids[names[0]]
     return mask
+
+
+def final_annotation(task: dict) -> dict | None:
+    """The annotation a task's mask comes from: the latest one not cancelled (skipped); None if there is none."""
+    done = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    return max(done, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0)) if done else None
+
+
+def annotation_labels(annotation: dict) -> list[str]:
+    """The labels of an annotation's brush and polygon regions, in order, repeats included."""
+    return [label for region in annotation.get("result") or [] if region.get("type") in REGION_TYPES
+            for label in (region.get("value") or {}).get(region["type"]) or []]
+
+
+def task_image_url(task: dict) -> str | None:
+    """The image URL of a task: its ``image`` (what scaleseg's projects name it), else the first value with a
+    file extension; None if it has neither."""
+    data = task.get("data") or {}
+    urls = [data["image"]] if isinstance(data.get("image"), str) else []
+    urls += [v for v in data.values() if isinstance(v, str) and Path(urlparse(v).path).suffix]
+    return urls[0] if urls else None
 
 
 def polygon_mask(points: list[list[float]], width: int, height: int) -> np.ndarray:
@@ -156,17 +192,19 @@ class ProjectChanged(LabelStudioError):
     """The dataset's tasks live in another project; pushing here would duplicate them."""
 
 
-def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_version: str,
+def push(client: LabelStudio, data: Path, predictions: dict[str, dict | None], model_version: str | None,
          project_title: str, delivery: str = "local", progress=None, switch_project: bool = False) -> PushReport:
-    """Create one task per image id with its prediction; ids already pushed to this project are skipped.
-    ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``; ``model_version`` names the
-    model that made them. Pushing to another project title than before is refused unless ``switch_project``."""
+    """Create one task per image id with its prediction; ids already in this project are skipped.
+    ``predictions[id]`` holds ``labels`` (H x W), ``confidence`` and ``score``, or is None for a task without
+    pre-annotation (a cold start: no model yet); ``model_version`` names the model that made them. Pushing to
+    another project title than before is refused unless ``switch_project``."""
     data = Path(data)
     classes = class_dicts(load_classes(data))
     state = load_state(data)
     previous = state.get("project_title")
-    if previous not in (None, project_title) and state.get("url") == client.url and state["tasks"] and not switch_project:
-        raise ProjectChanged(f"this dataset's {len(state['tasks'])} task(s) are in project {previous!r} "
+    count = len(tasked(state))
+    if previous not in (None, project_title) and state.get("url") == client.url and count and not switch_project:
+        raise ProjectChanged(f"this dataset's {count} task(s) are in project {previous!r} "
                              f"(id {state.get('project_id')}); pushing to {project_title!r} would start a new project and "
                              f"leave them behind. Set the project back to {previous!r}, or choose to switch (pull "
                              f"{previous!r} first: after the switch, pull reads {project_title!r}).")
@@ -186,20 +224,23 @@ def push(client: LabelStudio, data: Path, predictions: dict[str, dict], model_ve
     for n, (image_id, pred) in enumerate(items):
         if progress:
             progress(n / max(1, len(items)), f"pushing {image_id}")
-        if image_id in state["tasks"]:
+        if image_id in tasked(state):
             report.already.append(image_id)
             continue
         path = find_image(data, image_id)
         if path is None:
             raise FileNotFoundError(f"{data / 'images' / image_id}.*: image not found; is {image_id!r} in this dataset?")
         url = client.upload_image(project["id"], path) if delivery == "upload" else local_files_url(path)
-        task = {"data": {"image": url, ID_KEY: image_id},
-                "predictions": [{"model_version": model_version, "score": float(pred["score"]),
-                                 "result": prediction_result(pred["labels"], classes, pred.get("confidence"))}]}
-        write_mask(preannotation_path(data, image_id), np.asarray(pred["labels"], dtype=np.uint8))
+        task = {"data": {"image": url, ID_KEY: image_id}}
+        if pred is None:  # no pre-annotation: nothing to measure the labelling effort against
+            preannotation_path(data, image_id).unlink(missing_ok=True)
+        else:
+            task["predictions"] = [{"model_version": model_version, "score": float(pred["score"]),
+                                    "result": prediction_result(pred["labels"], classes, pred.get("confidence"))}]
+            write_mask(preannotation_path(data, image_id), np.asarray(pred["labels"], dtype=np.uint8))
         task_id = client.import_tasks(project["id"], [task])[0]
         state["tasks"][image_id] = {"task_id": task_id, "pushed_at": _now(), "model_version": model_version,
-                                    "score": float(pred["score"])}
+                                    "score": None if pred is None else float(pred["score"])}
         save_state(data, state)  # after every task: a crash loses at most the task in flight
         report.pushed.append(image_id)
     save_state(data, state)
@@ -222,6 +263,7 @@ class PullReport:
     conflicts: list[str] = field(default_factory=list)      # a different human mask exists; not overwritten
     protected: list[str] = field(default_factory=list)      # validation images whose mask was left as it is
     updated: list[str] = field(default_factory=list)        # of written: edits of the annotation pulled before
+    imported: list[str] = field(default_factory=list)       # of written: from tasks made in Label Studio by hand
     errors: dict[str, str] = field(default_factory=dict)
     effort: dict[str, float] = field(default_factory=dict)  # of written: fraction of pre-annotated pixels corrected
 
@@ -232,11 +274,33 @@ class PullReport:
                 f"corrected on average ({len(self.effort)} image(s))")
 
 
+class UnknownLabels(LabelStudioError):
+    """Finished annotations use labels that classes.json lacks; nothing was pulled."""
+
+
+def check_labels(tasks: list[dict], finals: dict[int, dict | None], classes: list[dict], data: Path) -> None:
+    """UnknownLabels listing each label of the final annotations that classes.json lacks, with its tasks."""
+    names = {c["name"] for c in classes}
+    unknown: dict[str, list[int]] = {}
+    for task in tasks:
+        for label in dict.fromkeys(annotation_labels(finals[task["id"]] or {})):
+            if label not in names:
+                unknown.setdefault(label, []).append(task["id"])
+    if unknown:
+        listed = "; ".join(f"{label!r} in task(s) {', '.join(map(str, ids))}" for label, ids in unknown.items())
+        raise UnknownLabels(f"labels that are not classes of {Path(data) / 'classes.json'}: {listed}. Add each as a class "
+                            f"there (an entry {{\"id\": {len(classes)}, \"name\": ..., \"color\": [r, g, b]}}, ids in "
+                            "order) or relabel those tasks in Label Studio; nothing was pulled.")
+
+
 def mask_digest(mask: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(mask).tobytes() + str(mask.shape).encode()).hexdigest()
 
 
-def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None, replace_val=()) -> PullReport:
+def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None, replace_val=(),
+         max_pixels: int = MAX_PIXELS, max_bytes: int = MAX_ENTRY_BYTES) -> PullReport:
+    """Finished annotations into DATA/masks and splits/labeled.txt by the rules above; the images of tasks made
+    in Label Studio are refused past ``max_bytes`` or ``max_pixels`` (the upload caps)."""
     data = Path(data)
     state = load_state(data)
     if state.get("project_id") is None:
@@ -247,16 +311,32 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
     unlabeled = read_split(data, "unlabeled", required=False)
     val = set(read_split(data, "val", required=False))
     replace_val = set(replace_val)
-    tasks = [t for t in client.tasks(state["project_id"]) if t["data"].get(ID_KEY)]
+    tasks = list(client.tasks(state["project_id"]))
+    finals = {task["id"]: final_annotation(task) for task in tasks}
+    check_labels(tasks, finals, classes, data)
+    imported = state.setdefault("imported", {})
+    known = None  # the dataset's pixel hashes, read when a task made in Label Studio first needs them
     for n, task in enumerate(tasks):
-        image_id = task["data"][ID_KEY]
+        annotation = finals[task["id"]]
+        image_id = task["data"].get(ID_KEY)
+        hand_made = not image_id
         if progress:
-            progress(n / max(1, len(tasks)), f"pulling {image_id}")
-        done = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
-        if not done:
+            progress(n / max(1, len(tasks)), f"pulling {image_id or 'task ' + str(task['id'])}")
+        if hand_made:  # made in Label Studio: only its finished annotation comes in, with its image
+            if annotation is None:
+                continue
+            image_id = imported.get(str(task["id"]))
+            if image_id is None or find_image(data, image_id) is None:
+                known = content_index(data) if known is None else known
+                try:
+                    image_id = _import_image(client, data, task, annotation, classes, known, max_pixels, max_bytes)
+                except (ValueError, LabelStudioError) as err:
+                    report.errors[f"task {task['id']}"] = str(err)
+                    continue
+                imported[str(task["id"])] = image_id
+        if annotation is None:
             (report.skipped if task.get("annotations") else report.pending).append(image_id)
             continue
-        annotation = max(done, key=lambda a: (a.get("updated_at") or "", a["id"]))
         path = find_image(data, image_id)
         if path is None:
             report.errors[image_id] = "image no longer in the dataset"
@@ -289,23 +369,43 @@ def pull(client: LabelStudio, data: Path, overwrite: bool = False, progress=None
         except OSError as err:  # e.g. disk full: this mask is not written (atomic), the others stand
             report.errors[image_id] = f"could not write {target} ({err.strerror or err}); free space and pull again"
             continue
-        effort = _effort(data, image_id, mask)
+        # A task made by hand started from no pre-annotation of ours, whatever was pushed for the same pixels.
+        effort = None if hand_made else _effort(data, image_id, mask)
         if effort is not None:
             report.effort[image_id] = effort
         state["pulled"][image_id] = {"task_id": task["id"], "annotation_id": annotation["id"],
                                      "updated_at": annotation.get("updated_at"), "mask_sha256": mask_digest(mask),
                                      "pulled_at": _now(), "effort": effort,
-                                     "model_version": state["tasks"].get(image_id, {}).get("model_version")
-                                     or task_model_version(task)}
+                                     "model_version": None if hand_made else
+                                     state["tasks"].get(image_id, {}).get("model_version") or task_model_version(task)}
         report.written.append(image_id)
         if ours:
             report.updated.append(image_id)
-    new = [i for i in report.written if i not in labeled and i not in val]
+        if hand_made:
+            report.imported.append(image_id)
+    new = list(dict.fromkeys(i for i in report.written if i not in labeled and i not in val))
     if new:
         write_split(data, "labeled", labeled + new)
         write_split(data, "unlabeled", [i for i in unlabeled if i not in set(new)])
     save_state(data, state)
     return report
+
+
+def _import_image(client: LabelStudio, data: Path, task: dict, annotation: dict, classes: list[dict],
+                  known: dict[str, str], max_pixels: int, max_bytes: int) -> str:
+    """The id of a task's image, fetched from Label Studio and stored as an upload is (or the id of the same
+    pixels already in the dataset); ValueError when it cannot come in. Its annotation is checked against the
+    image first, so a task that cannot be pulled leaves no image behind."""
+    url = task_image_url(task)
+    if url is None:
+        raise ValueError(f"no image URL in its data (keys {sorted(task.get('data') or {})})")
+    payload = client.fetch(url, max_bytes)
+    try:
+        rgb = decode_upload(payload, max_pixels)
+    except ValueError as err:
+        raise ValueError(f"its image {url[:200]}: {err}") from None
+    annotation_to_mask(annotation["result"], classes, (rgb.shape[1], rgb.shape[0]))
+    return store_image(data, rgb, known)[0]
 
 
 def _effort(data: Path, image_id: str, mask: np.ndarray) -> float | None:

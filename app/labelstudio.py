@@ -2,7 +2,8 @@
 
 Tokens: a legacy API token is sent as ``Authorization: Token``; a Personal Access Token (a JWT) is a
 refresh token, exchanged at ``/api/token/refresh/`` for a short-lived access token sent as ``Bearer``.
-Every failure becomes a LabelStudioError that says what to do.
+Every failure becomes a LabelStudioError that says what to do. Task images are fetched from this Label
+Studio only (its own origin, no redirects followed), so neither the token nor a request ever goes elsewhere.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ def _is_jwt(token: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _origin(url: httpx.URL) -> tuple:
+    return url.scheme, url.host, url.port or {"http": 80, "https": 443}.get(url.scheme)
 
 
 # A server that does not accept the connection within CONNECT_TIMEOUT is down; one that accepts but does
@@ -88,6 +93,39 @@ class LabelStudio:
             raise LabelStudioError(f"Label Studio {method} {path} failed with {r.status_code}: {r.text[:500]}")
         return r
 
+    def same_origin(self, url: str) -> str | None:
+        """``url`` (a path, or an absolute URL) as an absolute URL if it is on this Label Studio, else None."""
+        base = httpx.URL(self.url)
+        try:
+            target = base.join(url)
+        except httpx.InvalidURL:
+            return None
+        return str(target) if _origin(target) == _origin(base) else None
+
+    def fetch(self, url: str, max_bytes: int) -> bytes:
+        """The bytes at ``url`` on this Label Studio (a task's image), refused as soon as more than ``max_bytes``
+        arrive; ValueError for a URL elsewhere or a file too large, LabelStudioError when Label Studio fails."""
+        target = self.same_origin(url)
+        if target is None:
+            raise ValueError(f"its image {url[:200]} is not on Label Studio at {self.url}; scaleseg fetches task images "
+                             "only from the Label Studio it reads. Import the image into the project instead")
+        try:
+            with self._http.stream("GET", target, headers=self._auth(), follow_redirects=False) as r:
+                if r.status_code != 200:
+                    raise LabelStudioError(f"Label Studio GET {url[:200]} answered {r.status_code}"
+                                           + (" (a redirect, not followed)" if r.is_redirect else "")
+                                           + ". Check that the image is still in the project.")
+                chunks, size = [], 0
+                for chunk in r.iter_bytes():
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise ValueError(f"its image {url[:200]} is more than {max_bytes:,} bytes (the per-image limit)")
+                    chunks.append(chunk)
+        except httpx.HTTPError as err:
+            raise LabelStudioError(f"Label Studio at {self.url} failed while sending {url[:200]} ({type(err).__name__}: "
+                                   f"{err}); nothing was changed, retry later.") from None
+        return b"".join(chunks)
+
     def request(self, method: str, path: str, **kwargs):
         r = self._send(method, path, **kwargs)
         return r.json() if r.content else None
@@ -99,6 +137,20 @@ class LabelStudio:
     def projects(self) -> list[dict]:
         out = self.request("GET", "/api/projects", params={"page_size": 1000})
         return out["results"] if isinstance(out, dict) else out
+
+    def project(self, key: str) -> dict:
+        """The project with this id or title; LabelStudioError naming the projects there are."""
+        projects = self.projects()
+        found = [p for p in projects if str(p["id"]) == str(key)] or [p for p in projects if p["title"] == key]
+        if not found:
+            names = ", ".join(f"{p['id']} ({p['title']!r})" for p in projects) or "none"
+            raise LabelStudioError(f"Label Studio at {self.url} has no project {key!r}; its projects are: {names}.")
+        return found[0]
+
+    def export(self, project_id: int) -> list[dict]:
+        """Every task of the project with its annotations: Label Studio's own JSON export."""
+        return self.request("GET", f"/api/projects/{project_id}/export",
+                            params={"exportType": "JSON", "download_all_tasks": "true"})
 
     def ensure_project(self, title: str, classes: list[dict]) -> dict:
         """The project of that title (its labels updated to classes.json), created if missing."""

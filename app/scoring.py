@@ -1,7 +1,9 @@
-"""Score the unlabelled images of a dataset with a model package and pick the ones to label next."""
+"""Score the unlabelled images of a dataset with a model package and pick the ones to label next; before
+there is a model (a cold start), pick them by diversity on ImageNet features, or at random."""
 from __future__ import annotations
 
 import json
+import random
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +47,7 @@ def score_unlabeled(model_dir: Path, data: Path, function: str = "entropy", ids:
                              "with --cif-scales 0.5,2.0)")
         cif_backend = load_backend(model_dir, graph="model.cif.onnx")
     if function in acquisition.DIVERSITY and encoder is None:
-        encoder = EncoderFeatures(model_dir)
+        encoder = EncoderFeatures.from_package(model_dir)
     ids = ids if ids is not None else read_split(data, "unlabeled", required=False)
     scored = []
     for n, image_id in enumerate(ids):
@@ -78,7 +80,7 @@ def select_next(model_dir: Path, data: Path, function: str, k: int, balance: flo
     CLI and the simulation. Uncertainty functions pick a class-balanced top-k; core-set covers the feature
     space around the labelled images; combined takes the most uncertain image of each feature cluster
     (class balance applies to the uncertainty functions only)."""
-    encoder = EncoderFeatures(model_dir) if function in acquisition.DIVERSITY else None
+    encoder = EncoderFeatures.from_package(model_dir) if function in acquisition.DIVERSITY else None
     scored = score_unlabeled(model_dir, data, function, backend=backend, cif_backend=cif_backend, progress=progress,
                              encoder=encoder)
     if function not in acquisition.DIVERSITY or not scored:
@@ -91,6 +93,32 @@ def select_next(model_dir: Path, data: Path, function: str, k: int, balance: flo
     else:
         picks = acquisition.uncertain_per_cluster(pool, np.array([s.score for s in scored]), k)
     return scored, [scored[i] for i in picks]
+
+
+def select_without_model(data: Path, function: str, k: int, seed: int = 0, chosen=(), progress=None,
+                         encoder: EncoderFeatures | None = None) -> list[str]:
+    """k unlabelled image ids to label first when there is no model yet. ``coreset``: k-center greedy on the
+    pooled features of the ImageNet encoder (``encoder``, else EncoderFeatures.pretrained()), each pick the
+    image farthest from the labelled images, the ``chosen`` ones (already sent for labelling) and the picks
+    before it; ``random``: a draw with ``seed``. ``chosen`` images are never picked again."""
+    data = Path(data)
+    acquisition.check_cold_start(function)
+    chosen = set(chosen)
+    pool = [i for i in read_split(data, "unlabeled", required=False) if i not in chosen and find_image(data, i) is not None]
+    if function == "random":
+        return random.Random(seed).sample(pool, min(k, len(pool)))
+    if not pool:
+        return []
+    encoder = encoder or EncoderFeatures.pretrained()
+    centers = [i for i in read_split(data, "labeled", required=False) + sorted(chosen) if find_image(data, i) is not None]
+    features = []
+    for n, image_id in enumerate(pool + centers):
+        if progress:
+            progress(n / len(pool + centers), f"features of {image_id}")
+        features.append(encoder(image_batch(find_image(data, image_id))))
+    picks = acquisition.k_center_greedy(np.stack(features[:len(pool)]), k,
+                                        np.stack(features[len(pool):]) if centers else None)
+    return [pool[i] for i in picks]
 
 
 def save_ranking(path: Path, ranking: list[Scored], model_version: str) -> None:

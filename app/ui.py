@@ -218,7 +218,8 @@ class App:
             counts = status(client, self.s.data)
         except LabelStudioError as err:
             raise user_error(str(err)) from None
-        text = (f"{len(r.written)} mask(s) written ({len(r.updated)} of them edits of annotations pulled before), "
+        text = (f"{len(r.written)} mask(s) written ({len(r.updated)} of them edits of annotations pulled before, "
+                f"{len(r.imported)} from tasks made in Label Studio), "
                 f"{len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, {len(r.pending)} not labelled yet. "
                 f"The labelled set now has {len(read_split(self.s.data, 'labeled'))} images.")
         if r.conflicts:

@@ -63,6 +63,60 @@ def test_app_and_cli_offer_the_diversity_strategies(package, data_copy, tmp_path
         assert parser().parse_args(["push", str(package), str(data_copy), "--function", function]).function == function
 
 
+def test_push_takes_the_model_optionally(tmp_path):
+    from app.cli import parse
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    for argv in (["push", str(model), str(data)], ["push", str(model), "-k", "3", str(data)],
+                 ["push", "-k", "3", str(model), str(data)]):  # every order that parsed before the model was optional
+        args = parse(argv)
+        assert (args.model, args.data, args.function) == (model, data, "entropy")
+    args = parse(["push", str(data), "-k", "3"])
+    assert (args.model, args.data, args.function, args.top_k) == (None, data, "coreset", 3)
+    assert parse(["push", str(data), "--function", "random"]).function == "random"
+    for function in ("margin", "combined"):  # refused before Label Studio is contacted
+        with pytest.raises(SystemExit, match=f"--function {function} needs a model's predictions; pass a model package"):
+            parse(["push", str(data), "--function", function])
+    with pytest.raises(SystemExit):
+        parse(["push", str(model), str(data), "extra"])
+
+
+def test_cold_start_selects_by_imagenet_features_or_at_random(data_copy):
+    from PIL import Image
+
+    from app.features import EncoderFeatures
+    from app.scoring import select_without_model
+    from training.data.folder import find_image, write_split
+
+    data = data_copy
+    # three near-copies of one pool image (one pixel changed): covering the pool never takes two of them
+    with Image.open(find_image(data, read_split(data, "unlabeled")[0])) as img:
+        base = np.array(img.convert("RGB"))
+    twins = []
+    for n in range(3):
+        twin = base.copy()
+        twin[n, n] = 255 - twin[n, n]
+        Image.fromarray(twin).save(data / "images" / f"twin_{n}.png")
+        twins.append(f"twin_{n}")
+    pool = read_split(data, "unlabeled") + twins
+    write_split(data, "unlabeled", pool)
+    encoder = EncoderFeatures.pretrained()
+    assert encoder.encoder.weights_source.startswith("ImageNet")
+    steps = []
+    picks = select_without_model(data, "coreset", 6, encoder=encoder, progress=lambda f, m: steps.append(m))
+    assert len(set(picks)) == 6 and set(picks) <= set(pool) and len(set(picks) & {read_split(data, "unlabeled")[0], *twins}) <= 1
+    assert len(steps) == len(pool) + len(read_split(data, "labeled"))  # every pool and labelled image, one step each
+    # images already sent for labelling are never picked again, and the next picks keep away from them
+    again = select_without_model(data, "coreset", 3, chosen=picks, encoder=encoder)
+    assert len(again) == 3 and not set(again) & set(picks)
+    drawn = select_without_model(data, "random", 4, seed=3, chosen=picks)
+    assert drawn == select_without_model(data, "random", 4, seed=3, chosen=picks) and not set(drawn) & set(picks)
+    assert len(select_without_model(data, "random", 99)) == len(pool)
+    for function in ("entropy", "combined"):
+        with pytest.raises(ValueError, match=f"--function {function} needs a model's predictions; pass a model package"):
+            select_without_model(data, function, 2)
+
+
 # --- labelling effort ---------------------------------------------------------------------------------------
 def test_labeling_effort_on_a_hand_made_case():
     pre = np.array([[0, 0, 1], [1, 2, 2]], np.uint8)

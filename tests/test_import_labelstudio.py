@@ -9,6 +9,7 @@ from PIL import Image
 
 from app import rle
 from app.import_labelstudio import import_labelstudio
+from app.labeling import pull
 from app.labelstudio import LabelStudio
 from training.cli import main
 from training.data.folder import DatasetError, load_classes, read_mask, read_split
@@ -57,3 +58,58 @@ def test_labelstudio_export_with_brush_and_polygons(label_studio, tmp_path, caps
     (photos / "shot0.png").unlink()
     with pytest.raises(DatasetError, match="not in .*shot0.png"):
         import_labelstudio(tmp_path / "export.json", tmp_path / "d3", photos)
+
+
+def test_import_from_the_running_label_studio(label_studio, tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 40, 3), 60 * i, np.uint8)).save(photos / f"pic{i}.png")
+    client = LabelStudio(label_studio.url, label_studio.token)
+    project = client.request("POST", "/api/projects", json={"title": "served labels", "label_config": CONFIG})
+    tasks = client.import_tasks(project["id"], [{"data": {"image": client.upload_image(project["id"], photos / f"pic{i}.png")}}
+                                                for i in range(3)])
+    car = np.zeros((20, 40), bool)
+    car[2:10, 4:12] = True
+    brush = {"from_name": "label", "to_name": "image", "type": "brushlabels", "original_width": 40, "original_height": 20,
+             "value": {"format": "rle", "rle": rle.mask_to_rle(car), "brushlabels": ["car"]}}
+    polygon = {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": 40, "original_height": 20,
+               "value": {"points": [[50, 50], [100, 50], [100, 100], [50, 100]], "polygonlabels": ["tree"]}}
+    annotation = client.create_annotation(tasks[0], [brush, polygon])
+    client.create_annotation(tasks[1], [polygon])
+    out = tmp_path / "data"
+    args = ["data", "import", "labelstudio", label_studio.url, str(out), "--project", "served labels", "--val", "0"]
+
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    assert main(args) == 2 and "set LABEL_STUDIO_API_KEY" in capsys.readouterr().err  # the token never on argv
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+    with pytest.raises(SystemExit, match="pass --project"):
+        main(args + ["--images", str(photos)])
+    assert main(args[:-4] + ["--project", "no such project"]) == 2
+    assert f"{project['id']} ('served labels')" in capsys.readouterr().err and not out.exists()
+
+    assert main(args) == 0
+    assert "2 labelled, 1 unlabelled, 0 val images" in capsys.readouterr().out
+    assert [c.name for c in load_classes(out)] == ["car", "tree"]
+    assert read_split(out, "labeled") == ["pic0", "pic1"] and read_split(out, "unlabeled") == ["pic2"]  # upload prefix stripped
+    mask = read_mask(out / "masks" / "pic0.png")
+    assert (mask[car] == 0).all() and mask[15, 30] == 1 and mask[0, 0] == 255
+    assert np.array_equal(np.array(Image.open(out / "images" / "pic2.png")), np.array(Image.open(photos / "pic2.png")))
+    assert not (out / "labeling" / "downloads").exists()
+    state = json.loads((out / "labeling" / "state.json").read_text())
+    assert state["project_id"] == project["id"] and state["imported"] == {str(t): f"pic{i}" for i, t in enumerate(tasks)}
+
+    # the dataset keeps following the project: an edit is an update, a newly finished task joins training
+    client.request("PATCH", f"/api/annotations/{annotation['id']}/", json={"result": [polygon]})
+    client.create_annotation(tasks[2], [brush])
+    report = pull(client, out)
+    assert report.updated == ["pic0"] and sorted(report.written) == ["pic0", "pic2"] and report.unchanged == ["pic1"]
+    assert read_split(out, "labeled") == ["pic0", "pic1", "pic2"] and read_split(out, "unlabeled") == []
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["pic0.png", "pic1.png", "pic2.png"]  # nothing fetched twice
+
+    # a task whose image is on another host is refused by name, and nothing is written
+    (foreign,) = client.import_tasks(project["id"], [{"data": {"image": "http://198.51.100.7/x.png"}}])
+    assert main(args[:4] + [str(tmp_path / "d2")] + args[5:]) == 2
+    err = capsys.readouterr().err
+    assert f"task {foreign}: its image http://198.51.100.7/x.png is not on Label Studio" in err and "nothing was written" in err
+    assert not (tmp_path / "d2").exists()

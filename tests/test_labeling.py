@@ -12,7 +12,8 @@ from PIL import Image
 
 from app import acquisition, rle
 from app.cli import main as label_main
-from app.labeling import annotation_to_mask, effort_by_version, load_state, prediction_result, pull, push, state_path
+from app.labeling import (UnknownLabels, annotation_to_mask, effort_by_version, load_state, prediction_result, pull, push,
+                          state_path)
 from app.labelstudio import LabelStudio, LabelStudioError, label_config
 from app.scoring import choose, score_unlabeled
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
@@ -192,18 +193,55 @@ def test_push_annotate_pull(label_studio, package, data_copy, capsys):
         float((preds[first]["labels"][labelled] != edited[labelled]).mean()))
 
 
-def test_pull_reports_unknown_labels(label_studio, package, data_copy):
+def test_pull_refuses_unknown_labels_and_writes_nothing(label_studio, package, data_copy):
     client = LabelStudio(label_studio.url, label_studio.token)
-    scored = score_unlabeled(package, data_copy, "least_confidence")[:1]
+    scored = score_unlabeled(package, data_copy, "least_confidence")[:2]
     preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in scored}
     report = push(client, data_copy, preds, "v1", "scaleseg unknown labels")
-    (task,) = list(client.tasks(report.project_id))
+    tasks = {t["data"]["scaleseg_id"]: t for t in client.tasks(report.project_id)}
+    good, bad_id = scored[1], scored[0].image_id
+    client.create_annotation(tasks[good.image_id]["id"], prediction_result(good.labels, classes_of(data_copy)))
     bad = prediction_result(scored[0].labels, classes_of(data_copy))
     bad[0]["value"]["brushlabels"] = ["zebra"]
-    client.create_annotation(task["id"], bad)
-    result = pull(client, data_copy)
-    assert list(result.errors) == [scored[0].image_id] and "zebra" in result.errors[scored[0].image_id]
-    assert not mask_path(data_copy, scored[0].image_id).exists()
+    client.create_annotation(tasks[bad_id]["id"], bad)
+    labeled = read_split(data_copy, "labeled")
+    with pytest.raises(UnknownLabels) as err:
+        pull(client, data_copy)
+    assert f"'zebra' in task(s) {tasks[bad_id]['id']}" in str(err.value) and "nothing was pulled" in str(err.value)
+    assert '"id": 5' in str(err.value)  # how to add it: the next id of classes.json
+    # the well-labelled task is held back too: a pull is all or nothing on labels
+    assert not mask_path(data_copy, bad_id).exists() and not mask_path(data_copy, good.image_id).exists()
+    assert read_split(data_copy, "labeled") == labeled
+    # once the class is in classes.json, both come in
+    classes = json.loads((data_copy / "classes.json").read_text())
+    (data_copy / "classes.json").write_text(json.dumps(classes + [{"id": 5, "name": "zebra", "color": [9, 9, 9]}]))
+    assert sorted(pull(client, data_copy).written) == sorted(preds)
+
+
+def test_cold_start_push_without_a_model(label_studio, data_copy, capsys):
+    data = data_copy
+    connection = ["--project", "cold start", "--url", label_studio.url, "--token", label_studio.token]
+    assert label_main(["push", str(data), "-k", "3"] + connection) == 0
+    assert "pushed 3 task(s)" in capsys.readouterr().out
+    state = load_state(data)
+    client = LabelStudio(label_studio.url, label_studio.token)
+    tasks = list(client.tasks(state["project_id"]))
+    assert len(tasks) == 3 and all(not t["predictions"] for t in tasks)  # no model: no pre-annotation
+    first = {t["data"]["scaleseg_id"] for t in tasks}
+    assert first <= set(read_split(data, "unlabeled")) and all(state["tasks"][i]["model_version"] is None for i in first)
+    assert not (data / "labeling" / "preannotations").exists()
+    # the next cold push picks other images (diversity around what was sent), and random draws by seed
+    assert label_main(["push", str(data), "-k", "2"] + connection) == 0
+    assert label_main(["push", str(data), "-k", "2", "--function", "random", "--seed", "1"] + connection) == 0
+    ids = [t["data"]["scaleseg_id"] for t in client.tasks(state["project_id"])]
+    assert len(ids) == 7 == len(set(ids))
+    with pytest.raises(SystemExit, match="--function entropy needs a model's predictions; pass a model package"):
+        label_main(["push", str(data), "--function", "entropy"] + connection)
+    # a finished cold-start task is pulled as any other (no pre-annotation: no labelling effort)
+    mask = np.zeros((48, 48), np.uint8)
+    client.create_annotation(tasks[0]["id"], prediction_result(mask, classes_of(data)))
+    result = pull(client, data)
+    assert result.written == [tasks[0]["data"]["scaleseg_id"]] and result.effort == {}
 
 
 def test_push_by_upload_and_disk_full_on_pull(label_studio, package, data_copy, monkeypatch):

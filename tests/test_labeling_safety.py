@@ -167,3 +167,66 @@ def test_a_failed_retrain_says_why_and_where_the_log_is(package, data_copy, tmp_
     assert job.message.startswith("v2 failed: training failed (exit code 2): ")
     assert "no_such_image" in job.message and str(job.run_dir / "train.log") in job.message
     assert registry.read()["serving"] == "v1"
+
+
+def test_tasks_made_in_label_studio_are_pulled_with_their_images(label_studio, data_copy, tmp_path, capsys):
+    data = data_copy
+    classes = classes_of(data)
+    client = LabelStudio(label_studio.url, label_studio.token)
+    report = push(client, data, {read_split(data, "unlabeled")[0]: None}, None, "made by hand")
+    pid = report.project_id
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (24, 32, 3), np.uint8)).save(photos / "new.png")
+    Image.fromarray(rng.integers(0, 255, (60, 60, 3), np.uint8)).save(photos / "big.png")  # over the pixel cap below
+    val_id = read_split(data, "val")[0]
+    with Image.open(data / "images" / f"{val_id}.png") as img:
+        img.save(photos / "copy-of-val.png")  # the same pixels as a validation image, under another name
+
+    def by_hand(image_url, mask=None):
+        (task_id,) = client.import_tasks(pid, [{"data": {"image": image_url}}])
+        if mask is not None:
+            client.create_annotation(task_id, prediction_result(mask, classes))
+        return task_id
+
+    new_mask = np.zeros((24, 32), np.uint8)
+    new_mask[4:20, 8:24] = 2
+    new_task = by_hand(client.upload_image(pid, photos / "new.png"), new_mask)
+    big_task = by_hand(client.upload_image(pid, photos / "big.png"), np.zeros((60, 60), np.uint8))
+    val_task = by_hand(client.upload_image(pid, photos / "copy-of-val.png"), np.full((48, 48), 3, np.uint8))
+    foreign_task = by_hand("http://198.51.100.7/photos/street.png", np.zeros((24, 32), np.uint8))
+    by_hand(client.upload_image(pid, photos / "new.png"))  # not labelled yet: nothing comes in
+    images_before = sorted(p.name for p in (data / "images").iterdir())
+    labeled, unlabeled, val_truth = read_split(data, "labeled"), read_split(data, "unlabeled"), read_mask(data, val_id)
+
+    result = pull(client, data, max_pixels=48 * 48)
+    (new_id,) = result.imported
+    assert result.written == [new_id] and new_id.startswith("u_")
+    assert np.array_equal(read_mask(data, new_id), new_mask)
+    with Image.open(data / "images" / f"{new_id}.png") as img:
+        assert np.array_equal(np.array(img), np.array(Image.open(photos / "new.png")))
+    assert read_split(data, "labeled") == labeled + [new_id] and read_split(data, "unlabeled") == unlabeled
+    # the copy of the validation image is that image (de-duplicated by its pixels), so its mask stays
+    assert result.protected == [val_id] and np.array_equal(read_mask(data, val_id), val_truth)
+    assert val_id not in read_split(data, "labeled")
+    assert "larger than the 2,304-pixel limit" in result.errors[f"task {big_task}"]
+    assert "198.51.100.7" in result.errors[f"task {foreign_task}"]
+    assert f"not on Label Studio at {label_studio.url}" in result.errors[f"task {foreign_task}"]
+    assert sorted(p.name for p in (data / "images").iterdir()) == sorted(images_before + [f"{new_id}.png"])
+    assert load_state(data)["imported"] == {str(new_task): new_id, str(val_task): val_id}
+
+    # pulling again changes nothing and fetches nothing new; an edit in Label Studio is an update
+    again = pull(client, data, max_pixels=48 * 48)
+    assert again.written == [] and again.unchanged == [new_id] and read_split(data, "labeled") == labeled + [new_id]
+    (task,) = [t for t in client.tasks(pid) if t["id"] == new_task]
+    edited = new_mask.copy()
+    edited[:4] = 1
+    client.request("PATCH", f"/api/annotations/{task['annotations'][0]['id']}/", json={"result": prediction_result(edited, classes)})
+    # (under the default caps the big image comes in as well)
+    assert label_main(["pull", str(data), "--url", label_studio.url, "--token", label_studio.token]) == 1
+    out = capsys.readouterr().out
+    assert "written 2" in out and "2 of the written from tasks made in Label Studio: ['" + new_id in out
+    assert f"error task {foreign_task}: its image http://198.51.100.7/photos/street.png is not on Label Studio" in out
+    assert np.array_equal(read_mask(data, new_id), edited) and read_split(data, "labeled").count(new_id) == 1
+    assert len(read_split(data, "labeled")) == len(labeled) + 2

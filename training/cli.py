@@ -88,10 +88,17 @@ def _import_own(args):
             raise SystemExit("scaleseg data import coco: pass --images, the folder holding the images the JSON lists")
         return import_coco(args.source, args.out, args.images, args.panoptic_masks, args.val, args.seed, args.force)
     if args.format == "labelstudio":
-        if not args.images:
-            raise SystemExit("scaleseg data import labelstudio: pass --images, the folder holding the project's images")
         # app may import training, never the reverse at import time: the importer reuses `label pull`'s mask code.
         module = importlib.import_module("app.import_labelstudio")
+        if args.source.startswith(("http://", "https://")):
+            if args.images or not args.project:
+                raise SystemExit("scaleseg data import labelstudio URL: pass --project (the project's id or title) and no "
+                                 "--images; the images are fetched from that Label Studio")
+            return module.import_labelstudio_url(args.source, args.project, args.out, load_palette(args.palette),
+                                                 args.val, args.seed, args.force)
+        if not args.images:
+            raise SystemExit("scaleseg data import labelstudio: pass --images, the folder holding the project's images "
+                             "(or import from the running Label Studio: its URL as SOURCE, with --project)")
         return module.import_labelstudio(args.source, args.out, args.images, load_palette(args.palette), args.val,
                                          args.seed, args.force)
     from .data.import_cvat import import_cvat
@@ -263,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=HELP)
     i.add_argument("format", choices=["folder", "coco", "cvat", "labelstudio", "voc", "cityscapes"], help="the source's format")
     i.add_argument("source", help="folder: the folder holding images/ and masks/; coco: the annotation JSON; cvat: the "
-                   "'Segmentation mask 1.1' zip or its folder; labelstudio: the JSON export; voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
+                   "'Segmentation mask 1.1' zip or its folder; labelstudio: the JSON export, or the URL of the running Label Studio "
+                   "(with --project; token from env LABEL_STUDIO_API_KEY); voc: VOCdevkit/VOC2012; cityscapes: the Cityscapes root")
     i.add_argument("out", help="dataset folder to write (must not exist or be empty, unless --force)")
     i.add_argument("--seed", type=int, default=0, help="seed of the labelled (voc, cityscapes) or val (others) draw (default: %(default)s)")
     i.add_argument("--force", action="store_true", help="replace an existing non-empty OUT folder")
@@ -271,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--val", default="0.2", help="labelled images set aside for validation: a count (10) or a fraction (0.2, 1/5) (default: %(default)s)")
     own.add_argument("--images", default=None, help="folder: image folder relative to SOURCE (default images); coco: the "
                      "image folder (required); cvat: the image folder when the export has no JPEGImages/; labelstudio: the "
-                     "project's images (required)")
+                     "project's images (required with a JSON export)")
+    own.add_argument("--project", default=None, help="labelstudio from a URL: the project's id or title")
     own.add_argument("--masks", default="masks", help="folder: mask folder relative to SOURCE (default: %(default)s)")
     own.add_argument("--mask-suffix", default="", help="folder: what mask names add to their image's name, e.g. _mask")
     own.add_argument("--mask-format", default="auto", choices=["auto", "ids", "colors"],

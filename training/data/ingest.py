@@ -128,6 +128,21 @@ def content_index(data: Path) -> dict[str, str]:
     return {h: i for i, h in by_id.items()}
 
 
+def store_image(data: Path, rgb: np.ndarray, known: dict[str, str]) -> tuple[str, bool]:
+    """(image id, whether it was added): a decoded image is stored as images/u_<pixel hash>.png, unless the
+    dataset holds its pixels already, under any id (``known``: pixel hash -> id, from content_index), whose id
+    it then gets. ``known`` learns the new image; no split is touched."""
+    digest = pixel_hash(rgb)
+    if digest in known:
+        return known[digest], False
+    image_id = "u_" + digest[:16]
+    new = find_image(data, image_id) is None
+    if new:
+        write_image(data / "images" / f"{image_id}.png", rgb)
+    known[digest] = image_id
+    return image_id, new
+
+
 def _entries(path: Path, budget: _Budget, entry_limit: int):
     """(display name, bytes or the reason it was rejected) for a file, or for each file inside a zip, one at a
     time; stops with UploadTooLarge when the upload's budget runs out."""
@@ -184,14 +199,11 @@ def ingest(data: str | Path, files: list[str | Path], max_pixels: int = MAX_PIXE
                     continue
                 finally:
                     del payload  # before the next entry is read: one entry's bytes in memory at a time
-                digest = pixel_hash(rgb)
-                image_id = "u_" + digest[:16]
-                if digest in known or find_image(data, image_id) is not None:
+                image_id, new = store_image(data, rgb, known)
+                if new:
+                    report.added.append(image_id)
+                else:
                     report.duplicates.append(name)
-                    continue
-                write_image(data / "images" / f"{image_id}.png", rgb)
-                known[digest] = image_id
-                report.added.append(image_id)
         except UploadTooLarge as err:
             report.invalid[Path(file).name] = str(err)
             break
