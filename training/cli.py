@@ -105,6 +105,26 @@ def cmd_data_add(args) -> int:
     return 0 if report.added or report.duplicates else 1
 
 
+def cmd_data_add_class(args) -> int:
+    from .data.palette import add_class, hex_color
+    added = add_class(args.data, args.name, args.color)
+    print(f"added class {added.id} {added.name!r} ({hex_color(added.color)}) to {Path(args.data) / 'classes.json'}. "
+          f"Masks keep their ids: label the new class (mask value {added.id}, or `scaleseg label push`), then fine-tune "
+          "a run on the earlier classes with `scaleseg train DATA --init-from RUN/best.pt`.")
+    return 0
+
+
+def _class_color(text: str) -> tuple[int, int, int]:
+    """argparse type of --color: #rrggbb or R,G,B."""
+    from .data.folder import DatasetError
+    from .data.palette import parse_color
+    try:
+        return parse_color([int(p) for p in text.split(",")] if "," in text else text, "--color")
+    except (DatasetError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not #rrggbb or R,G,B with integers 0..255, e.g. #ff8000 or "
+                                         "255,128,0") from None
+
+
 def _color(text: str) -> tuple[int, int, int]:
     """argparse type of --ignore-color."""
     from .data.folder import DatasetError
@@ -372,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("paths", nargs="+", help="image files, folders (searched recursively), glob patterns or .zip archives")
     a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this (default: %(default)s)")
     a.set_defaults(func=cmd_data_add)
+    ac = data.add_parser("add-class", help="append a class to a dataset's classes.json",
+                         description="Append a class (the next id) to DATA/classes.json, atomically. The earlier ids keep "
+                         "their meaning, so masks stay valid, and `scaleseg train --init-from` a run on the earlier classes "
+                         "keeps its weights and learns the new class.", formatter_class=HELP)
+    ac.add_argument("data", help="dataset folder")
+    ac.add_argument("name", help="the new class's name (unique, case-insensitively)")
+    ac.add_argument("--color", type=_class_color, default=None, help="its colour in masks and overlays, #rrggbb or "
+                    "R,G,B (default: the first VOC palette colour no class has)")
+    ac.set_defaults(func=cmd_data_add_class)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
                    "(see `scaleseg pretrain --help`)", add_help=False)
