@@ -233,16 +233,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _data_class_names(source: str | Path, classes: list[dict], data: str | Path) -> list[str]:
-    """The class names, once the model's and the dataset's agree."""
+def _data_class_names(source: str | Path, classes: list[dict], data: str | Path, error: type[Exception]) -> list[str]:
+    """The class names, once the model's and the dataset's agree (else ``error``)."""
     from .data.folder import load_classes
     ours, theirs = [c["name"] for c in classes], [c.name for c in load_classes(data)]
     if ours != theirs:
         added = len(ours) < len(theirs) and theirs[:len(ours)] == ours
         hint = (f" The dataset gained {theirs[len(ours):]} since: train with `--init-from` this model's checkpoint to "
                 "learn them." if added else " Evaluate on data with the same classes.")
-        raise ValueError(f"{source}: trained on {len(ours)} classes {ours}, but {Path(data) / 'classes.json'} lists "
-                         f"{len(theirs)} {theirs}.{hint}")
+        raise error(f"{source}: trained on {len(ours)} classes {ours}, but {Path(data) / 'classes.json'} lists "
+                    f"{len(theirs)} {theirs}.{hint}")
     return ours
 
 
@@ -263,13 +263,10 @@ def _eval_checkpoint(args) -> dict:
     from .evaluate import evaluate
 
     _refuse(args, {"--backend": "auto", "--precision": "auto", "--tile": False},
-            "these choose how a model package runs; pass the package folder to score it, or --mode sliding for a "
-            "checkpoint's large images.")
+            "these choose how a model package runs; pass the package folder to score it (a checkpoint takes "
+            "--mode sliding for large images).")
     model, classes, cfg = load_inference_model(load_checkpoint(args.model), args.model)
-    try:
-        names = _data_class_names(args.model, classes, args.data)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    names = _data_class_names(args.model, classes, args.data, CheckpointError)
     cif_scales = args.cif_scales or (DEFAULT_CIF_SCALES if args.cif else None)
     if cif_scales and model.cif is None:
         raise CheckpointError(f"{args.model}: has no CIF module ({cfg.method} run); --cif and --cif-scales need a scalematch checkpoint.")
@@ -303,10 +300,7 @@ def _eval_package(args) -> dict:
             "checkpoint options; a model package runs the graph it serves: --cif picks its CIF graph (scales fixed at "
             "export), --backend the runtime, --tile segments large images in tiles.")
     meta = read_meta(directory)
-    try:
-        names = _data_class_names(directory, meta["classes"], args.data)
-    except ValueError as err:
-        raise BackendError(str(err)) from None
+    names = _data_class_names(directory, meta["classes"], args.data, BackendError)
     segmenter = Segmenter.load(directory, cif=args.cif, backend=args.backend, precision=args.precision)
     print(f"{directory}: {GRAPHS[args.cif]} on {segmenter.description}", flush=True)
     cif_scales = meta["graphs"][GRAPHS[args.cif]]["cif_scales"] if args.cif else ()

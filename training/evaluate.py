@@ -71,7 +71,7 @@ def evaluate(model, dataset, class_names: Sequence[str], device: torch.device, m
     per_scale = score(lambda x: predict(model, x, mode, window, cif_scales), dataset, class_names, device, scales,
                       rank, world, progress)
     model.train(was_training)
-    return {"mode": f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode, "scales": per_scale}
+    return {"mode": mode_name(mode, cif_scales), "scales": per_scale}
 
 
 def evaluate_segmenter(segmenter, dataset, class_names: Sequence[str], scales: Sequence[float] = (1.0,),
@@ -82,9 +82,13 @@ def evaluate_segmenter(segmenter, dataset, class_names: Sequence[str], scales: S
         out, _ = segmenter.predict(x[0].permute(1, 2, 0).numpy(), tile=tile)
         return torch.from_numpy(out.astype(np.int64))[None]
 
-    mode = "tiled" if tile else "whole"
-    return {"mode": f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode,
+    return {"mode": mode_name("tiled" if tile else "whole", cif_scales),
             "scales": score(labels, dataset, class_names, torch.device("cpu"), scales, progress=progress)}
+
+
+def mode_name(mode: str, cif_scales: Sequence[float] | None) -> str:
+    """The result's 'mode': whole, sliding or tiled, with the CIF scales when CIF fused them."""
+    return f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode
 
 
 def rescale(image: torch.Tensor, s: float) -> torch.Tensor:
