@@ -393,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("data", help="dataset folder")
     ac.add_argument("name", help="the new class's name (unique, case-insensitively)")
     ac.add_argument("--color", type=_class_color, default=None, help="its colour in masks and overlays, #rrggbb or "
-                    "R,G,B (default: the first VOC palette colour no class has)")
+                    "R,G,B; without it, the first VOC palette colour no class has")
     ac.set_defaults(func=cmd_data_add_class)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
