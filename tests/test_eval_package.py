@@ -21,7 +21,7 @@ def test_fp32_package_scores_as_its_checkpoint(package, checkpoints, tiny_data, 
     capsys.readouterr()
     assert main(["eval", str(package), str(tiny_data), "--precision", "fp32", "--json", str(pkg)]) == 0
     out = capsys.readouterr().out
-    assert "model.onnx on onnxruntime (CPUExecutionProvider), fp32" in out and "| **mIoU** |" in out and "IoU @x0.5" in out
+    assert "model.onnx on onnxruntime (" in out and "), fp32" in out and "| **mIoU** |" in out and "IoU @x0.5" in out
     report = json.loads(pkg.read_text())
     assert report["package"] == str(package) and report["images"] == 4 and report["mode"] == "whole"
     assert list(scores(pkg)) == ["0.5", "1.0", "2.0"]

@@ -171,9 +171,9 @@ def test_triton_repository_has_int8_models(int8_package, tmp_path):
 
 
 def test_eval_scores_the_int8_graph_as_served(int8_package, tiny_data, tmp_path, capsys):
-    """`scaleseg eval` on the package runs what serving runs: INT8 by default on a CPU, FP32 when asked."""
+    """`scaleseg eval --precision int8|fp32` on the package runs the graph serving would run at that precision."""
     int8, fp32 = tmp_path / "int8.json", tmp_path / "fp32.json"
-    assert main(["eval", str(int8_package), str(tiny_data), "--scales", "1", "--json", str(int8)]) == 0
+    assert main(["eval", str(int8_package), str(tiny_data), "--scales", "1", "--precision", "int8", "--json", str(int8)]) == 0
     assert main(["eval", str(int8_package), str(tiny_data), "--scales", "1", "--precision", "fp32", "--json", str(fp32)]) == 0
     got, reference = json.loads(int8.read_text()), json.loads(fp32.read_text())
     assert got["backend"].endswith("int8") and reference["backend"].endswith("fp32")
