@@ -90,7 +90,7 @@ def summary(out: Path, checkpoint: Path, model: Path, report: dict) -> str:
 
 def main(argv: list[str]) -> int:
     from export.package import export_package
-    from training.cli import cmd_eval
+    from training.cli import build_parser, cmd_eval
     from training.data.synth import synthesize
 
     args = parser().parse_args(argv)
@@ -99,8 +99,7 @@ def main(argv: list[str]) -> int:
     if not (data / "classes.json").is_file():
         synthesize(data, force=True, **DATA)
     checkpoint = train(data, out, args)
-    cmd_eval(argparse.Namespace(checkpoint=str(checkpoint), data=str(data), split="val", mode="whole", window=0,
-                                scales=(0.5, 1.0, 2.0), cif_scales=None, device="auto", json=str(out / "eval.json")))
+    cmd_eval(build_parser().parse_args(["eval", str(checkpoint), str(data), "--json", str(out / "eval.json")]))
     if not (model / "meta.json").is_file():
         export_package(checkpoint, model, with_probs=True, cif_scales=(0.5, 2.0), data=data, force=True)
     print(summary(out, checkpoint, model, json.loads((out / "eval.json").read_text())), flush=True)

@@ -7,12 +7,13 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from .spawn import python_command
 
 REPO = Path(__file__).resolve().parents[1]
 # In a checkout the venv sits beside the project's own (.venv-labelstudio, git-ignored); otherwise in the cache.
@@ -27,7 +28,7 @@ def ensure_venv() -> Path:
     marker = VENV / f".label-studio-{VERSION}"
     if not marker.is_file():
         print(f"installing label-studio {VERSION} into {VENV} (first time only, a few minutes)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run(python_command("venv", str(VENV)), check=True)
         subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
         marker.touch()
     return exe

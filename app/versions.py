@@ -20,13 +20,14 @@ import datetime as dt
 import importlib.util
 import json
 import subprocess
-import sys
 import threading
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from serving.backends import current_gpu
 from training.data.folder import read_split, write_text
+
+from .spawn import python_command, python_env
 
 
 def _now() -> str:
@@ -114,11 +115,11 @@ def train_command(recipe: RetrainRecipe, data: Path, method: str, iterations: in
     """`scaleseg train` of one retraining job. Encoder weights are named only for a run from scratch
     (fine-tuning replaces the encoder with the serving weights); a weights file that is gone falls back to
     ImageNet's. selftrain's teacher is the serving package, which labels the unlabelled images once."""
-    cmd = [sys.executable, "-m", "training.cli", "train", str(data), "--method", method, "--max-iters", str(iterations),
-           "--eval-every", str(iterations), "--crop-size", str(recipe.crop_size), "--batch-size", str(recipe.batch_size),
-           "--backbone", recipe.backbone, "--lr", str(recipe.lr), "--num-workers", str(recipe.num_workers),
-           "--out", str(out), "--device", recipe.device,
-           "--force"]  # a failed job's folder is reused: the next version gets its name
+    cmd = python_command("training.cli", "train", str(data), "--method", method, "--max-iters", str(iterations),
+                         "--eval-every", str(iterations), "--crop-size", str(recipe.crop_size), "--batch-size",
+                         str(recipe.batch_size), "--backbone", recipe.backbone, "--lr", str(recipe.lr), "--num-workers",
+                         str(recipe.num_workers), "--out", str(out), "--device", recipe.device,
+                         "--force")  # a failed job's folder is reused: the next version gets its name
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]
     else:
@@ -138,8 +139,8 @@ def tensorrt_ready() -> bool:
 
 def export_command(checkpoint: Path, package: Path, data: Path, method: str, tensorrt: bool) -> list[str]:
     """`scaleseg export` of a new version: the CIF graph for ScaleMatch, a TensorRT engine when ``tensorrt``."""
-    cmd = [sys.executable, "-m", "training.cli", "export", str(checkpoint), "--out", str(package), "--with-probs",
-           "--data", str(data), "--force"]
+    cmd = python_command("training.cli", "export", str(checkpoint), "--out", str(package), "--with-probs",
+                         "--data", str(data), "--force")
     if method == "scalematch":
         cmd += ["--cif-scales", "0.5,2.0"]
     if tensorrt:
@@ -159,8 +160,8 @@ def package_runtime(meta: dict, gpu: str | None) -> str:
 def evaluate_package(package: Path, data: Path, out: Path, log, device: str = "auto") -> dict:
     """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process; the
     report goes to ``out`` (never into the package, which may be read-only)."""
-    _run("evaluation", [sys.executable, "-m", "training.cli", "eval", str(package / "checkpoint.pt"), str(data),
-                        "--json", str(out), "--device", device], log)
+    _run("evaluation", python_command("training.cli", "eval", str(package / "checkpoint.pt"), str(data),
+                                      "--json", str(out), "--device", device), log)
     scales = json.loads(out.read_text())["scales"]
     return {"miou": scales["1.0"]["miou"], "miou_x0.5": scales["0.5"]["miou"], "miou_x2.0": scales["2.0"]["miou"]}
 
@@ -171,7 +172,7 @@ def _run(stage: str, cmd: list[str], log) -> None:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     start = log.tell()
-    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=python_env()).returncode
     if code != 0:
         log.flush()
         with open(log.name, "rb") as fh:

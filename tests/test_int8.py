@@ -168,3 +168,14 @@ def test_triton_repository_has_int8_models(int8_package, tmp_path):
         assert config.name == model and config.platform == "onnxruntime_onnx"
         assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
         assert (repo / model / "1" / "model.onnx").read_bytes() == (int8_package / graph).read_bytes()
+
+
+def test_eval_scores_the_int8_graph_as_served(int8_package, tiny_data, tmp_path, capsys):
+    """`scaleseg eval --precision int8|fp32` on the package runs the graph serving would run at that precision."""
+    int8, fp32 = tmp_path / "int8.json", tmp_path / "fp32.json"
+    assert main(["eval", str(int8_package), str(tiny_data), "--scales", "1", "--precision", "int8", "--json", str(int8)]) == 0
+    assert main(["eval", str(int8_package), str(tiny_data), "--scales", "1", "--precision", "fp32", "--json", str(fp32)]) == 0
+    got, reference = json.loads(int8.read_text()), json.loads(fp32.read_text())
+    assert got["backend"].endswith("int8") and reference["backend"].endswith("fp32")
+    drop = reference["scales"]["1.0"]["miou"] - got["scales"]["1.0"]["miou"]
+    assert drop <= json.loads((int8_package / "meta.json").read_text())["int8"]["gate"]["max_miou_drop"] + 1e-6

@@ -112,6 +112,26 @@ def cmd_data_add(args) -> int:
     return 0 if report.added or report.duplicates else 1
 
 
+def cmd_data_add_class(args) -> int:
+    from .data.palette import add_class, hex_color
+    added = add_class(args.data, args.name, args.color)
+    print(f"added class {added.id} {added.name!r} ({hex_color(added.color)}) to {Path(args.data) / 'classes.json'}. "
+          f"Masks keep their ids: label the new class (mask value {added.id}, or `scaleseg label push`), then fine-tune "
+          "a run on the earlier classes with `scaleseg train DATA --init-from RUN/best.pt`.")
+    return 0
+
+
+def _class_color(text: str) -> tuple[int, int, int]:
+    """argparse type of --color: #rrggbb or R,G,B."""
+    from .data.folder import DatasetError
+    from .data.palette import parse_color
+    try:
+        return parse_color([int(p) for p in text.split(",")] if "," in text else text, "--color")
+    except (DatasetError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not #rrggbb or R,G,B with integers 0..255, e.g. #ff8000 or "
+                                         "255,128,0") from None
+
+
 def _color(text: str) -> tuple[int, int, int]:
     """argparse type of --ignore-color."""
     from .data.folder import DatasetError
@@ -200,35 +220,105 @@ def cmd_train(argv: list[str]) -> int:
 
 
 # --- eval -------------------------------------------------------------------------------------------
+DEFAULT_CIF_SCALES = (0.5, 2.0)  # a checkpoint's --cif without --cif-scales, as `scaleseg predict --cif`
+
+
 def cmd_eval(args) -> int:
-    import torch
-
-    from .checkpoint import CheckpointError, load_checkpoint, load_inference_model
-    from .data.datasets import EvalSet
-    from .data.folder import load_classes, read_split
-    from .engine import resolve_device
-    from .evaluate import evaluate, format_table
-
-    model, classes, cfg = load_inference_model(load_checkpoint(args.checkpoint), args.checkpoint)
-    data_classes = load_classes(args.data)
-    if [c["name"] for c in classes] != [c.name for c in data_classes]:
-        raise CheckpointError(
-            f"{args.checkpoint}: trained on {len(classes)} classes {[c['name'] for c in classes]}, but "
-            f"{Path(args.data) / 'classes.json'} lists {len(data_classes)} {[c.name for c in data_classes]}. "
-            "Evaluate on data with the same classes.")
-    if args.cif_scales and model.cif is None:
-        raise CheckpointError(f"{args.checkpoint}: has no CIF module ({cfg.method} run); --cif-scales needs a scalematch checkpoint.")
-    device = resolve_device(args.device)
-    dataset = EvalSet(args.data, read_split(args.data, args.split), len(classes), args.split)
-    with torch.inference_mode():
-        result = evaluate(model.to(device), dataset, [c["name"] for c in classes], device, args.mode,
-                          args.window or cfg.data.crop_size, args.scales, args.cif_scales, progress=True)
-    result.update({"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split, "images": len(dataset)})
+    from .evaluate import format_table
+    model = Path(args.model)
+    if model.is_dir():
+        result = _eval_package(args)
+    elif model.is_file():
+        result = _eval_checkpoint(args)
+    else:
+        raise FileNotFoundError(f"{model}: no such checkpoint or model package. Pass best.pt or last.pt of "
+                                "`scaleseg train`, or a folder written by `scaleseg export`.")
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return 0
+
+
+def _data_class_names(source: str | Path, classes: list[dict], data: str | Path, error: type[Exception]) -> list[str]:
+    """The class names, once the model's and the dataset's agree (else ``error``)."""
+    from .data.folder import load_classes
+    ours, theirs = [c["name"] for c in classes], [c.name for c in load_classes(data)]
+    if ours != theirs:
+        added = len(ours) < len(theirs) and theirs[:len(ours)] == ours
+        hint = (f" The dataset gained {theirs[len(ours):]} since: train with `--init-from` this model's checkpoint to "
+                "learn them." if added else " Evaluate on data with the same classes.")
+        raise error(f"{source}: trained on {len(ours)} classes {ours}, but {Path(data) / 'classes.json'} lists "
+                    f"{len(theirs)} {theirs}.{hint}")
+    return ours
+
+
+def _refuse(args, flags: dict[str, object], why: str) -> None:
+    """Exit naming the ``flags`` given a value other than their default: they do not apply to this kind of model."""
+    given = [flag for flag, default in flags.items() if getattr(args, flag.lstrip("-").replace("-", "_")) != default]
+    if given:
+        raise SystemExit(f"scaleseg eval: {', '.join(given)}: {why}")
+
+
+def _eval_checkpoint(args) -> dict:
+    import torch
+
+    from .checkpoint import CheckpointError, load_checkpoint, load_inference_model
+    from .data.datasets import EvalSet
+    from .data.folder import read_split
+    from .engine import resolve_device
+    from .evaluate import evaluate
+
+    _refuse(args, {"--backend": "auto", "--precision": "auto", "--tile": False},
+            "these choose how a model package runs; pass the package folder to score it (a checkpoint takes "
+            "--mode sliding for large images).")
+    model, classes, cfg = load_inference_model(load_checkpoint(args.model), args.model)
+    names = _data_class_names(args.model, classes, args.data, CheckpointError)
+    cif_scales = args.cif_scales or (DEFAULT_CIF_SCALES if args.cif else None)
+    if cif_scales and model.cif is None:
+        raise CheckpointError(f"{args.model}: has no CIF module ({cfg.method} run); --cif and --cif-scales need a scalematch checkpoint.")
+    device = resolve_device(args.device)
+    dataset = EvalSet(args.data, read_split(args.data, args.split), len(classes), args.split)
+    with torch.inference_mode():
+        result = evaluate(model.to(device), dataset, names, device, args.mode, args.window or cfg.data.crop_size,
+                          args.scales, cif_scales, progress=True)
+    return {**result, "checkpoint": str(args.model), "data": str(args.data), "split": args.split, "images": len(dataset)}
+
+
+def _eval_package(args) -> dict:
+    """Score the graph a model package serves, on the backend and precision `scaleseg serve` would pick (or the ones
+    asked for), through serving's own Segmenter."""
+    from serving.backends import BackendError
+    from serving.repository import read_meta
+    from serving.segmenter import GRAPHS, Segmenter
+
+    from .data.datasets import EvalSet
+    from .data.folder import read_split
+    from .evaluate import evaluate_segmenter
+
+    directory = Path(args.model)
+    if not (directory / "meta.json").is_file():
+        runs = [directory / name for name in ("best.pt", "last.pt") if (directory / name).is_file()]
+        hint = (f"it holds a training run: pass {runs[0]} to score its checkpoint, or export it with `scaleseg export "
+                f"{runs[0]} --out MODEL` and pass MODEL" if runs else
+                "pass a folder written by `scaleseg export`, or a checkpoint (.pt) written by `scaleseg train`")
+        raise BackendError(f"{directory}: not a model package (it has no meta.json); {hint}.")
+    _refuse(args, {"--mode": "whole", "--window": 0, "--cif-scales": None, "--device": "auto"},
+            "checkpoint options; a model package runs the graph it serves: --cif picks its CIF graph (scales fixed at "
+            "export), --backend the runtime, --tile segments large images in tiles.")
+    meta = read_meta(directory)
+    names = _data_class_names(directory, meta["classes"], args.data, BackendError)
+    segmenter = Segmenter.load(directory, cif=args.cif, backend=args.backend, precision=args.precision)
+    print(f"{directory}: {GRAPHS[args.cif]} on {segmenter.description}", flush=True)
+    cif_scales = meta["graphs"][GRAPHS[args.cif]]["cif_scales"] if args.cif else ()
+    dataset = EvalSet(args.data, read_split(args.data, args.split), len(names), args.split, normalise=False)
+    try:
+        result = evaluate_segmenter(segmenter, dataset, names, args.scales, cif_scales, args.tile, progress=True)
+    except ValueError as err:
+        raise BackendError(f"{directory}: {err}. --tile segments large images in tiles; --scales 1 scores the "
+                           "images at their own size.") from None
+    return {**result, "package": str(directory), "backend": segmenter.description, "data": str(args.data),
+            "split": args.split, "images": len(dataset)}
 
 
 def scales(text: str) -> tuple[float, ...]:
@@ -244,6 +334,7 @@ def scales(text: str) -> tuple[float, ...]:
 
 # --- entry point ------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from serving.precision import PRECISIONS  # serving is in every install and imports no training code
     p = argparse.ArgumentParser(prog="scaleseg", description="Semi-supervised segmentation: data, training, export, "
                                 "serving and active labeling. `scaleseg COMMAND --help` explains each command.")
     p.add_argument("--version", action="version", version=f"scaleseg {__version__}")
@@ -304,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("paths", nargs="+", help="image files, folders (searched recursively), glob patterns or .zip archives")
     a.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this (default: %(default)s)")
     a.set_defaults(func=cmd_data_add)
+    ac = data.add_parser("add-class", help="append a class to a dataset's classes.json",
+                         description="Append a class (the next id) to DATA/classes.json, atomically. The earlier ids keep "
+                         "their meaning, so masks stay valid, and `scaleseg train --init-from` a run on the earlier classes "
+                         "keeps its weights and learns the new class.", formatter_class=HELP)
+    ac.add_argument("data", help="dataset folder")
+    ac.add_argument("name", help="the new class's name (unique, case-insensitively)")
+    ac.add_argument("--color", type=_class_color, default=None, help="its colour in masks and overlays, #rrggbb or "
+                    "R,G,B; without it, the first VOC palette colour no class has")
+    ac.set_defaults(func=cmd_data_add_class)
 
     sub.add_parser("pretrain", help="self-supervised encoder pretraining on the dataset's own images "
                    "(see `scaleseg pretrain --help`)", add_help=False)
@@ -318,17 +418,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("app", help="the web app: predict, rank, label with Label Studio, retrain (see `scaleseg app --help`)", add_help=False)
     sub.add_parser("label", help="active labeling with Label Studio: push, pull, status (see `scaleseg label --help`)", add_help=False)
 
-    e = sub.add_parser("eval", help="mIoU, per-class IoU and scale robustness of a checkpoint", formatter_class=HELP)
-    e.add_argument("checkpoint", help="best.pt or last.pt of `scaleseg train`")
-    e.add_argument("data", help="dataset folder with the checkpoint's classes")
+    e = sub.add_parser("eval", help="mIoU, per-class IoU and scale robustness of a checkpoint or a model package",
+                       description="Score a checkpoint, or a model package exactly as it is served (its ONNX, INT8 or "
+                       "TensorRT graph), on a dataset split with masks.", formatter_class=HELP)
+    e.add_argument("model", help="best.pt or last.pt of `scaleseg train`, or a model package folder of `scaleseg export`")
+    e.add_argument("data", help="dataset folder with the model's classes")
     e.add_argument("--split", default="val", help="split whose images (with masks) are scored: val, labeled or unlabeled")
-    e.add_argument("--mode", default="whole", choices=["whole", "sliding"],
-                   help="whole image at once, or sliding windows (the Cityscapes protocol)")
-    e.add_argument("--window", type=int, default=0, help="sliding window side; 0: the training crop")
     e.add_argument("--scales", type=scales, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
-    e.add_argument("--cif-scales", type=scales, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
-    e.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    e.add_argument("--cif", action="store_true", help="CIF multi-scale inference: a package's CIF graph "
+                   "(model.cif.onnx), or a checkpoint's CIF module at --cif-scales (0.5,2.0 unless given)")
     e.add_argument("--json", help="also write the result as JSON")
+    ck = e.add_argument_group("checkpoint options")
+    ck.add_argument("--mode", default="whole", choices=["whole", "sliding"],
+                    help="whole image at once, or sliding windows (the Cityscapes protocol)")
+    ck.add_argument("--window", type=int, default=0, help="sliding window side; 0: the training crop")
+    ck.add_argument("--cif-scales", type=scales, default=None, help="CIF multi-scale inference, e.g. 0.5,2.0")
+    ck.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pk = e.add_argument_group("model package options (as `scaleseg predict` and `serve`)")
+    pk.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"],
+                    help="auto takes a TensorRT engine built for this GPU when present, else ONNX Runtime")
+    pk.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="auto: the INT8 graph where the package has one and no GPU runs the FP32 graph")
+    pk.add_argument("--tile", action="store_true", help="segment images larger than one pass takes in overlapping tiles")
     e.set_defaults(func=cmd_eval)
     return p
 

@@ -42,7 +42,8 @@ class ModelConfig:
     pretrained: str = hp("imagenet", "encoder weights: imagenet (published weights; EfficientNet-Lite's ship with "
                                      "scaleseg, ResNets download once into the torch hub cache), none (random init), "
                                      "or a local .pth file")
-    init_from: str = hp("", "checkpoint whose network weights start this run (fine-tuning); same classes required")
+    init_from: str = hp("", "checkpoint whose network weights start this run (fine-tuning): the same classes, or its "
+                            "classes first with classes added later after them (their classifier part starts fresh)")
     output_stride: int = hp(16, "encoder output stride, 16 (layer4 dilated) or 8 (layer3+4 dilated)")
     encoder_bn: str = hp("train", "encoder BatchNorm: train (batch statistics, as the papers) or frozen (the pretrained "
                                   "running statistics are kept, scale and shift still learn; for small batches)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +191,8 @@ class Trainer:
                       flush=True)
 
         # Settings that cannot work are refused before any weights are read or downloaded.
+        self.init_source = (init_source(Path(cfg.model.init_from), self.classes, self.root)
+                            if cfg.model.init_from and not cfg.run.resume else None)
         b, world = cfg.data.batch_size, self.dist.world
         if b < 2 and not (self.device_kind == "cuda" and world > 1):
             raise ConfigError(f"--batch-size {b}: BatchNorm (ASPP's image-pooling branch) needs at least 2 images per "
@@ -230,8 +232,8 @@ class Trainer:
         self.method.prepare(self)
         if cfg.run.resume:
             self._resume()
-        elif cfg.model.init_from:
-            self._init_from(Path(cfg.model.init_from))
+        elif cfg.model.init_from:  # selftrain's --student-init teacher names it only in prepare()
+            self._init_from(self.init_source or init_source(Path(cfg.model.init_from), self.classes, self.root))
         self.ddp = DistributedDataParallel(self.method, broadcast_buffers=False) if self.dist.enabled else self.method
 
     # --- data --------------------------------------------------------------------------------------
@@ -313,21 +315,32 @@ class Trainer:
                                   "resume with the same number of processes for an exact continuation.")
         set_rng_state(states[self.dist.rank])
 
-    def _init_from(self, path: Path) -> None:
-        """Start from another run's network (CIF is kept from it when both have one, else fresh)."""
-        ckpt = load_checkpoint(path)
-        if [c["name"] for c in ckpt["classes"]] != [c.name for c in self.classes]:
-            raise CheckpointError(f"{path}: trained on classes {[c['name'] for c in ckpt['classes']]}, this dataset has "
-                                  f"{[c.name for c in self.classes]}; --init-from needs the same classes.")
-        state = ckpt["inference"]["state_dict"]
+    def _init_from(self, source: InitSource) -> None:
+        """Start from another run's network (CIF is kept from it when both have one, else fresh). A tensor shaped by
+        the class count (the classifier) of a run on fewer classes keeps the earlier classes' weights; the new
+        classes' part keeps this run's initialisation."""
+        names = {id(module): name for name, module in self.method.named_modules()}
+        kept, grown = [], []
         for net, prefix in self.method.init_targets():
             own = {k: v for k, v in net.state_dict().items() if k.startswith(prefix)}
-            missing = [k for k in own if k not in state and not k.startswith("cif.")]
-            wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+            missing = [k for k in own if k not in source.state and not k.startswith("cif.")]
+            dims = {k: class_dim(source.state[k].shape, own[k].shape, source.num_classes, len(self.classes))
+                    for k in own if k in source.state and own[k].shape != source.state[k].shape}
+            wrong = [k for k, dim in dims.items() if dim is None]
             if missing or wrong:
-                raise CheckpointError(f"{path}: does not fit --backbone {self.cfg.model.backbone} "
+                raise CheckpointError(f"{source.path}: does not fit --backbone {self.cfg.model.backbone} "
                                       f"({len(missing)} missing, {len(wrong)} differently shaped tensors).")
-            net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+            weights = {k: v for k, v in source.state.items() if k in own and k not in dims}
+            for k, dim in dims.items():
+                weights[k] = own[k].clone()
+                weights[k].narrow(dim, 0, source.num_classes).copy_(source.state[k])
+            net.load_state_dict(weights, strict=False)
+            where = names[id(net)]
+            kept += [f"{where}.{k}" for k in weights if k not in dims]
+            grown += [f"{where}.{k}" for k in dims]
+        if self.progress:
+            networks = [names[id(net)] for net, _ in self.method.init_targets()]
+            print(init_report(source, self.classes, kept, grown, list(self.method.state_dict()), networks), flush=True)
 
     # --- loop --------------------------------------------------------------------------------------
     def validate(self) -> dict:
@@ -426,6 +439,69 @@ class Trainer:
                 self._save("best.pt")
         if save_now:
             self._save("last.pt")
+
+
+@dataclass
+class InitSource:
+    """The network weights --init-from starts from, and the classes they were trained on."""
+    path: Path
+    state: dict
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def init_source(path: Path, classes: list, root: Path) -> InitSource:
+    """--init-from's checkpoint, once its classes fit the dataset's: the same, or the first of them in the same
+    order (classes added later, as `scaleseg data add-class` appends them)."""
+    ckpt = load_checkpoint(path)
+    old, new = [c["name"] for c in ckpt["classes"]], [c.name for c in classes]
+    if len(old) > len(new):
+        raise CheckpointError(f"{path}: trained on {len(old)} classes {old}, but {root / 'classes.json'} lists "
+                              f"{len(new)} {new}; --init-from can add classes, never drop them. Start from a run on "
+                              "these classes, or without --init-from.")
+    if new[:len(old)] != old:
+        raise CheckpointError(f"{path}: trained on classes {old}, but {root / 'classes.json'} lists {new}; --init-from "
+                              "needs the run's classes first, in the same order (new classes after them, as `scaleseg "
+                              "data add-class` appends them), or its classifier would label pixels as the wrong class.")
+    return InitSource(path, ckpt["inference"]["state_dict"], old)
+
+
+def class_dim(old: torch.Size, new: torch.Size, old_classes: int, new_classes: int) -> int | None:
+    """The dimension by which a tensor of a run on ``old_classes`` differs from this run's on ``new_classes``; None
+    when the shapes differ in another way."""
+    differ = [d for d, (a, b) in enumerate(zip(old, new)) if a != b]
+    if len(old) != len(new) or len(differ) != 1 or (old[differ[0]], new[differ[0]]) != (old_classes, new_classes):
+        return None
+    return differ[0]
+
+
+def init_report(source: InitSource, classes: list, kept: list[str], grown: list[str], every: list[str],
+                networks: list[str]) -> str:
+    """What --init-from kept, re-initialised for new classes, and left fresh: state-dict keys of the method, by
+    network (``networks``: the names of those it loads) and module."""
+    def modules(keys):
+        groups: dict[str, list[str]] = {}
+        for key in keys:
+            net = next((n for n in networks if key.startswith(f"{n}.")), None)
+            if net is None:
+                groups.setdefault(key.split(".")[0], [])
+            else:
+                groups.setdefault(net, []).append(key[len(net) + 1:].split(".")[0])
+        return ", ".join(f"{g} ({', '.join(dict.fromkeys(parts))})" if parts else g for g, parts in groups.items())
+
+    added = [c.name for c in classes[source.num_classes:]]
+    lines = [f"init from {source.path}: kept {len(kept)} tensors: {modules(kept)}"]
+    if grown:
+        lines.append(f"  re-initialised for {len(classes)} classes (new: {', '.join(added)}), the {source.num_classes} "
+                     f"earlier classes' weights kept: {modules(grown)}")
+    loaded = {*kept, *grown}
+    fresh = [k for k in every if k not in loaded and not k.endswith("num_batches_tracked")]
+    if fresh:
+        lines.append(f"  fresh (not in the checkpoint's network): {modules(fresh)}")
+    return "\n".join(lines)
 
 
 def config_from_checkpoint(ckpt: dict) -> TrainConfig:

@@ -1,10 +1,12 @@
 """Evaluation: mIoU from a confusion matrix over the whole split (255 ignored), whole-image or
 sliding-window prediction, and the scale-robustness protocol (ScaleMatch Fig. 1a: rescale the input by
-0.5 / 1.0 / 2.0, predict, resize the labels back with nearest neighbour, score against the original)."""
+0.5 / 1.0 / 2.0, predict, resize the labels back with nearest neighbour, score against the original).
+A checkpoint's network and a model package's graph (through serving's Segmenter) are scored by the same code."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -62,10 +64,44 @@ def predict(model, image: torch.Tensor, mode: str = "whole", window: int = 0,
 def evaluate(model, dataset, class_names: Sequence[str], device: torch.device, mode: str = "whole",
              window: int = 0, scales: Sequence[float] = (1.0,), cif_scales: Sequence[float] | None = None,
              rank: int = 0, world: int = 1, progress: bool = False) -> dict:
-    """{'mode', 'scales': {'1.0': {'miou', 'pixel_acc', 'iou': {class: IoU}}}}; each process scores a
-    disjoint share of the images and the confusion matrices are summed, so nothing is counted twice."""
+    """{'mode', 'scales': {'1.0': {'miou', 'pixel_acc', 'iou': {class: IoU}}}} of a network over ``dataset``
+    (normalised images)."""
     was_training = model.training
     model.eval()
+    per_scale = score(lambda x: predict(model, x, mode, window, cif_scales), dataset, class_names, device, scales,
+                      rank, world, progress)
+    model.train(was_training)
+    return {"mode": mode_name(mode, cif_scales), "scales": per_scale}
+
+
+def evaluate_segmenter(segmenter, dataset, class_names: Sequence[str], scales: Sequence[float] = (1.0,),
+                       cif_scales: Sequence[float] = (), tile: bool = False, progress: bool = False) -> dict:
+    """The same result for a model package's graph behind a ``serving.segmenter.Segmenter`` (what `scaleseg serve`
+    and `predict` run), over ``dataset``'s uint8 images: the graph normalises, resizes and takes the argmax itself."""
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        out, _ = segmenter.predict(x[0].permute(1, 2, 0).numpy(), tile=tile)
+        return torch.from_numpy(out.astype(np.int64))[None]
+
+    return {"mode": mode_name("tiled" if tile else "whole", cif_scales),
+            "scales": score(labels, dataset, class_names, torch.device("cpu"), scales, progress=progress)}
+
+
+def mode_name(mode: str, cif_scales: Sequence[float] | None) -> str:
+    """The result's 'mode': whole, sliding or tiled, with the CIF scales when CIF fused them."""
+    return f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode
+
+
+def rescale(image: torch.Tensor, s: float) -> torch.Tensor:
+    """An image batch resized by ``s`` (bilinear, as the networks resize); uint8 images stay uint8."""
+    out = F.interpolate(image.float(), scale_factor=s, mode="bilinear", align_corners=True)
+    return out.round().clamp(0, 255).to(torch.uint8) if image.dtype == torch.uint8 else out
+
+
+def score(labels_of: Callable[[torch.Tensor], torch.Tensor], dataset, class_names: Sequence[str], device: torch.device,
+          scales: Sequence[float] = (1.0,), rank: int = 0, world: int = 1, progress: bool = False) -> dict:
+    """{'1.0': {'miou', 'pixel_acc', 'iou'}, ...}: ``labels_of`` (image batch [1, 3, h, w] -> class ids [1, h, w]) at
+    each input scale, its labels resized back to the mask with nearest neighbour. Each process scores a disjoint
+    share of the images and the confusion matrices are summed, so nothing is counted twice."""
     k = len(class_names)
     cms = {s: torch.zeros(k, k, dtype=torch.long, device=device) for s in scales}
     indices = range(rank, len(dataset), world)
@@ -74,14 +110,14 @@ def evaluate(model, dataset, class_names: Sequence[str], device: torch.device, m
         image = sample["image"].unsqueeze(0).to(device)
         target = sample["mask"].unsqueeze(0).to(device)
         for s in scales:
-            x = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=True)
-            pred = predict(model, x, mode, window, cif_scales)
+            try:
+                pred = labels_of(image if s == 1.0 else rescale(image, s)).to(device)
+            except ValueError as err:  # an image the backend refuses at this scale (too large or too small)
+                raise ValueError(f"image {sample['id']!r} at x{s}: {err}") from None
             if s != 1.0:
                 pred = F.interpolate(pred[:, None].float(), size=target.shape[-2:], mode="nearest")[:, 0].long()
             cms[s] += confusion_matrix(pred, target, k)
-    model.train(was_training)
-    return {"mode": f"{mode}+cif:" + ",".join(map(str, cif_scales)) if cif_scales else mode,
-            "scales": {str(s): metrics_from_confusion(all_reduce_sum(cms[s]), class_names) for s in scales}}
+    return {str(s): metrics_from_confusion(all_reduce_sum(cms[s]), class_names) for s in scales}
 
 
 def format_table(result: dict) -> str:

@@ -114,10 +114,12 @@ class MixedSet(Dataset):
 
 
 class EvalSet(Dataset):
-    """Whole images and masks at their own size, for validation and `scaleseg eval` (batch size 1)."""
+    """Whole images and masks at their own size, for validation and `scaleseg eval` (batch size 1). Images are
+    normalised float32, or with ``normalise=False`` uint8 [3, H, W] as a model package's graph takes them."""
 
-    def __init__(self, root: str | Path, ids: list[str], num_classes: int, split: str = "val"):
+    def __init__(self, root: str | Path, ids: list[str], num_classes: int, split: str = "val", normalise: bool = True):
         self.root, self.ids, self.num_classes, self.split = Path(root), ids, num_classes, split
+        self.normalise = normalise
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -126,7 +128,8 @@ class EvalSet(Dataset):
         image_id = self.ids[index]
         img = load_image(image_path(self.root, image_id, self.split))
         mask = load_mask(mask_path(self.root, image_id), self.num_classes, img.size)
-        return {"image": T.to_tensor(img), "mask": torch.from_numpy(mask.astype(np.int64)), "id": image_id}
+        image = T.to_tensor(img) if self.normalise else torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        return {"image": image, "mask": torch.from_numpy(mask.astype(np.int64)), "id": image_id}
 
 
 class EpochSampler(Sampler):

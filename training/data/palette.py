@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .folder import IGNORE, ClassInfo, DatasetError, _default_color
+from .folder import IGNORE, ClassInfo, DatasetError, _default_color, load_classes, write_classes
 
 MAX_LISTED = 20  # unknown colours or values named in one error message
 
@@ -102,6 +102,32 @@ def classes_from_entries(entries, where: str) -> list[ClassInfo]:
                                "a colour mask could not tell them apart.")
         seen[c.color] = c.name
     return classes
+
+
+def add_class(root: str | Path, name: str, color: tuple[int, int, int] | None = None) -> ClassInfo:
+    """Append a class to DATA/classes.json (atomically) with the next id, and ``color`` or the first VOC palette
+    colour from that id on that no class has. Existing masks keep their meaning: the ids before it do not move."""
+    path = Path(root) / "classes.json"
+    classes = load_classes(root)
+    name = name.strip()
+    if not name:
+        raise DatasetError(f"{path}: a class needs a non-empty name.")
+    same = next((c for c in classes if c.name.casefold() == name.casefold()), None)
+    if same is not None:
+        raise DatasetError(f"{path}: already has the class {same.name!r} (id {same.id}); choose another name.")
+    new_id = len(classes)
+    if new_id >= IGNORE:
+        raise DatasetError(f"{path}: already has {new_id} classes (ids 0..{IGNORE - 1}); id {IGNORE} means 'ignore', "
+                           "so no class can be added.")
+    owners = {c.color: c.name for c in classes}
+    if color is not None and color in owners:
+        raise DatasetError(f"{path}: the class {owners[color]!r} already has the colour {hex_color(color)}; a colour mask "
+                           "could not tell them apart. Choose another --color.")
+    if color is None:
+        color = next(rgb for rgb in (tuple(_default_color(i % 256)) for i in range(new_id, new_id + 256)) if rgb not in owners)
+    added = ClassInfo(new_id, name, color)
+    write_classes(root, [*classes, added])
+    return added
 
 
 class ColorMapper:

@@ -1,0 +1,101 @@
+"""A class added later: `scaleseg data add-class` appends it to classes.json, and `train --init-from` a run on the
+earlier classes keeps that run's weights, re-initialising only the class-shaped part of its classifier."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from training import engine
+from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, save_checkpoint
+from training.cli import main
+from training.data.folder import load_classes
+from training.data.validate import check_dataset
+from training.engine import Trainer, class_dim
+
+
+def test_add_class_appends_the_next_id(data_copy, capsys):
+    masks = {p.name: p.read_bytes() for p in (data_copy / "masks").iterdir()}
+    assert main(["data", "add-class", str(data_copy), "tree", "--color", "10,200,30"]) == 0
+    assert "added class 5 'tree' (#0ac81e)" in capsys.readouterr().out
+    assert main(["data", "add-class", str(data_copy), "sky"]) == 0
+    classes = load_classes(data_copy)
+    assert [(c.id, c.name) for c in classes[5:]] == [(5, "tree"), (6, "sky")] and classes[5].color == (10, 200, 30)
+    assert len({c.color for c in classes}) == 7  # the default colour is one no class has
+    assert {p.name: p.read_bytes() for p in (data_copy / "masks").iterdir()} == masks
+    assert check_dataset(data_copy) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["Disc"], "already has the class 'disc' (id 1)"),
+    (["tree", "--color", "#800000"], "the class 'disc' already has the colour #800000"),
+    (["  "], "a class needs a non-empty name"),
+])
+def test_add_class_refuses_duplicates_and_clashes(data_copy, capsys, args, message):
+    before = (data_copy / "classes.json").read_bytes()
+    assert main(["data", "add-class", str(data_copy), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert (data_copy / "classes.json").read_bytes() == before
+
+
+def test_add_class_refuses_past_255_classes_and_bad_colours(tmp_path, capsys):
+    (tmp_path / "classes.json").write_text(json.dumps([{"id": i, "name": f"c{i}", "color": [i, 0, 0]} for i in range(255)]))
+    assert main(["data", "add-class", str(tmp_path), "more"]) == 2
+    assert "id 255 means 'ignore', so no class can be added" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["data", "add-class", str(tmp_path), "x", "--color", "300,0,0"])
+    assert "is not #rrggbb or R,G,B" in capsys.readouterr().err
+
+
+def test_init_from_fewer_classes_keeps_the_network_and_grows_the_classifier(checkpoints, data_copy, tmp_path, capsys):
+    assert main(["data", "add-class", str(data_copy), "tree"]) == 0
+    cfg = tiny_config(data_copy, tmp_path / "run", method="psmt")
+    cfg.model.init_from = str(checkpoints["supervised"])
+    cfg.run.max_iters = 1
+    trainer = Trainer(cfg)
+    out = capsys.readouterr().out
+    assert "kept 522 tensors: model (encoder, aspp, reduce, fuse), teachers.0 (encoder" in out
+    assert "re-initialised for 6 classes (new: tree), the 5 earlier classes' weights kept: model (classifier), " \
+           "teachers.0 (classifier), teachers.1 (classifier)" in out
+    source = load_checkpoint(checkpoints["supervised"])["inference"]["state_dict"]
+    for net in (trainer.method.model, *trainer.method.teachers):
+        state = net.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in source.items() if not k.startswith("classifier."))
+        assert state["classifier.weight"].shape[0] == 6 and torch.equal(state["classifier.weight"][:5], source["classifier.weight"])
+        assert torch.equal(state["classifier.bias"][:5], source["classifier.bias"])
+        assert not torch.equal(state["classifier.weight"][5], torch.zeros_like(state["classifier.weight"][5]))
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["inference"]["state_dict"]["classifier.weight"].shape[0] == 6
+
+
+@pytest.fixture
+def refuse_building(monkeypatch):
+    """Refusals come before any network is built."""
+    def build(*args, **kwargs):
+        raise AssertionError("a network was built before the --init-from checkpoint was checked")
+    monkeypatch.setattr(engine, "build_method", build)
+
+
+def test_init_from_refuses_more_or_reordered_classes(checkpoints, tiny_data, tmp_path, refuse_building):
+    ckpt = inference_payload(load_checkpoint(checkpoints["supervised"]))
+    more = dict(ckpt, classes=[*ckpt["classes"], {"id": 5, "name": "tree", "color": [9, 9, 9]}])
+    save_checkpoint(tmp_path / "more.pt", more)
+    classes = [dict(c) for c in ckpt["classes"]]
+    classes[1]["name"], classes[2]["name"] = classes[2]["name"], classes[1]["name"]
+    save_checkpoint(tmp_path / "reordered.pt", dict(ckpt, classes=classes))
+    cfg = tiny_config(tiny_data, tmp_path / "run")
+    cfg.model.init_from = str(tmp_path / "more.pt")
+    with pytest.raises(CheckpointError, match="trained on 6 classes .* can add classes, never drop them"):
+        Trainer(cfg, progress=False)
+    cfg.model.init_from = str(tmp_path / "reordered.pt")
+    with pytest.raises(CheckpointError, match="needs the run's classes first, in the same order"):
+        Trainer(cfg, progress=False)
+
+
+def test_class_dim():
+    assert class_dim(torch.Size([5, 256, 1, 1]), torch.Size([6, 256, 1, 1]), 5, 6) == 0
+    assert class_dim(torch.Size([5]), torch.Size([6]), 5, 6) == 0
+    assert class_dim(torch.Size([5, 256, 1, 1]), torch.Size([6, 128, 1, 1]), 5, 6) is None  # another backbone too
+    assert class_dim(torch.Size([64, 3, 7, 7]), torch.Size([32, 3, 7, 7]), 5, 6) is None
