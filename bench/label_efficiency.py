@@ -62,10 +62,17 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     else:
         raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, textures or photos")
     pool = read_split(path, "labeled")
-    random.Random(seed).shuffle(pool)
-    write_split(path, "labeled", sorted(pool[:n_labeled]))
-    write_split(path, "unlabeled", sorted(pool[n_labeled:]))
+    labelled = labelled_subset(pool, n_labeled, seed)
+    write_split(path, "labeled", labelled)
+    write_split(path, "unlabeled", sorted(set(pool) - set(labelled)))
     return path
+
+
+def labelled_subset(pool: list[str], n_labeled: int, seed: int) -> list[str]:
+    """The ``n_labeled`` pool images a seed labels (the pool in generation order), sorted."""
+    pool = list(pool)
+    random.Random(seed).shuffle(pool)
+    return sorted(pool[:n_labeled])
 
 
 def method_parts(method: str) -> tuple[str, str, list[str]]:

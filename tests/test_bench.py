@@ -241,3 +241,27 @@ def test_demo_recipe_summary_checks_every_class_on_every_seed(tmp_path):
     assert (a["meets_target"], b["meets_target"], c["meets_target"]) == (False, False, True)
     assert a["weakest"] == {"iou": 69.0, "class": "disc", "seed": 1}
     assert a["iou"]["disc"][0] == pytest.approx(74.5) and b["minutes"][0] == pytest.approx(5.0)
+
+
+def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
+    import random
+
+    import torch
+
+    from bench.label_efficiency import labelled_subset
+    from bench.linear_probe import probe
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=gen) * 4
+    labels = torch.randint(0, 3, (600,), generator=gen)
+    feats = centres[labels] + torch.randn(600, 8, generator=gen)
+    labels[:5] = 255  # ignored pixels are left out of the fit and the score
+    miou, per_class = probe(feats[:400], labels[:400], feats[400:], labels[400:], 3, seed=0)
+    assert miou > 95 and len(per_class) == 3
+    shuffled = torch.randint(0, 3, (400,), generator=gen)  # labels unrelated to the features: chance level
+    assert probe(feats[:400], shuffled, feats[400:], labels[400:], 3, seed=0)[0] < 50
+
+    pool = [f"tex_{i:05d}" for i in range(64)]
+    expected = list(pool)
+    random.Random(2).shuffle(expected)
+    assert labelled_subset(pool, 2, 2) == sorted(expected[:2])
