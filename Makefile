@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python bench/train_speed.py
 	$(BIN)/python bench/label_efficiency.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/decoder_cost.py
 	$(BIN)/python bench/serve_load.py
 
 clean:

@@ -33,6 +33,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, help="labelled images per step")
     r.add_argument("--lr", type=float, help="backbone learning rate")
     r.add_argument("--backbone", help="encoder of a retraining from scratch")
+    r.add_argument("--decoder", choices=["standard", "light"], help="DeepLabV3+ head of a retraining from scratch")
     r.add_argument("--pretrained", help="encoder weights of a retraining from scratch: imagenet, none or a .pth file")
     r.add_argument("--num-workers", type=int, help="data-loading worker processes")
     r.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"],
@@ -40,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "lr", "backbone", "pretrained", "num_workers", "device")
+RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "lr", "backbone", "decoder", "pretrained", "num_workers", "device")
 
 
 def retrain_overrides(args: argparse.Namespace) -> dict:

@@ -88,6 +88,7 @@ class RetrainRecipe:
     batch_size: int = 4          # labelled images per step
     lr: float = 0.01             # backbone learning rate
     backbone: str = "efficientnet_lite0"  # encoder of a run from scratch (the small-data recipe's)
+    decoder: str = "standard"    # DeepLabV3+ head: standard or light; fine-tuning needs the serving model's
     pretrained: str = "imagenet"  # its weights: imagenet, none, or a .pth file ('' in old packages: none)
     num_workers: int = 1         # data-loading worker processes
     device: str = "auto"         # where training and evaluation run: auto (CUDA, then MPS, then CPU), cuda, mps or cpu
@@ -101,7 +102,8 @@ def recipe_from_package(package: Path, **overrides) -> RetrainRecipe:
     data, optim, model, run = (config.get(k, {}) for k in ("data", "optim", "model", "run"))
     found = {"method": meta.get("method"), "iterations": run.get("max_iters") or None,
              "crop_size": data.get("crop_size"), "batch_size": data.get("batch_size"), "lr": optim.get("lr"),
-             "backbone": model.get("backbone") or meta.get("backbone"), "pretrained": model.get("pretrained"),
+             "backbone": model.get("backbone") or meta.get("backbone"), "decoder": model.get("decoder"),
+             "pretrained": model.get("pretrained"),
              "num_workers": data.get("num_workers")}
     unknown = set(overrides) - {f.name for f in fields(RetrainRecipe)}
     if unknown:
@@ -117,8 +119,8 @@ def train_command(recipe: RetrainRecipe, data: Path, method: str, iterations: in
     ImageNet's. selftrain's teacher is the serving package, which labels the unlabelled images once."""
     cmd = python_command("training.cli", "train", str(data), "--method", method, "--max-iters", str(iterations),
                          "--eval-every", str(iterations), "--crop-size", str(recipe.crop_size), "--batch-size",
-                         str(recipe.batch_size), "--backbone", recipe.backbone, "--lr", str(recipe.lr), "--num-workers",
-                         str(recipe.num_workers), "--out", str(out), "--device", recipe.device,
+                         str(recipe.batch_size), "--backbone", recipe.backbone, "--decoder", recipe.decoder, "--lr",
+                         str(recipe.lr), "--num-workers", str(recipe.num_workers), "--out", str(out), "--device", recipe.device,
                          "--force")  # a failed job's folder is reused: the next version gets its name
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]

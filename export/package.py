@@ -130,7 +130,7 @@ def export_package(checkpoint: Path, out: Path, with_probs: bool = False, cif_sc
             "input": {"name": "image", "datatype": "uint8", "layout": "NCHW", "channels": "RGB",
                       "normalisation": "inside the graph: (x - 255*mean) / (255*std)", "mean": MEAN, "std": STD},
             **io_spec(onnx_model), "graphs": graphs,
-            "method": cfg.method, "backbone": cfg.model.backbone, "crop_size": cfg.data.crop_size,
+            "method": cfg.method, "backbone": cfg.model.backbone, "decoder": cfg.model.decoder, "crop_size": cfg.data.crop_size,
             "train_config": cfg.to_dict(),
             "data_fingerprint": ckpt.get("data_fingerprint"), "labeled_count": ckpt.get("labeled_count"),
             "iteration": ckpt.get("iteration"), "metrics": ckpt.get("metrics"), "opset": opset,

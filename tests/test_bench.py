@@ -265,3 +265,17 @@ def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
     expected = list(pool)
     random.Random(2).shuffle(expected)
     assert labelled_subset(pool, 2, 2) == sorted(expected[:2])
+
+
+def test_decoder_cost_rows_for_both_heads(tmp_path):
+    """bench/decoder_cost.py, shrunk: one FP32 and one INT8 row per head, the light one far fewer MACs."""
+    cmd = [sys.executable, str(REPO / "bench" / "decoder_cost.py"), "--size", "64", "--rounds", "2", "--threads", "1",
+           "--calib-count", "1", "--results", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "decoder_cost.json").read_text())["rows"]
+    assert [(r["decoder"], r["precision"]) for r in rows] == [("standard", "fp32"), ("standard", "int8"),
+                                                               ("light", "fp32"), ("light", "int8")]
+    assert all(r["runs"] == 2 and r["images_per_sec_min"] <= r["images_per_sec"] <= r["images_per_sec_max"] for r in rows)
+    assert rows[2]["gmac"] < rows[0]["gmac"] / 3 and rows[0]["speedup_over_standard"] == 1.0
+    assert "| light | int8 |" in (tmp_path / "decoder_cost.md").read_text()

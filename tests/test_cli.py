@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from training import __version__
+from training.checkpoint import load_checkpoint
 from training.cli import _train_parser, build_parser, main, parse_train_args
 from training.config import ConfigError, resolved_config
 from training.methods import METHODS, get_method
@@ -86,6 +87,23 @@ def test_config_file_round_trip_flags_win_and_old_config_json(tiny_data, tmp_pat
     old = tmp_path / "config.json"  # what runs wrote before config.yaml
     old.write_text(json.dumps(parse_train_args(argv[1:]).to_dict(), indent=2))
     assert resolved_config(parse_train_args(["--config", str(old)])) == expected
+
+
+def test_decoder_by_flag_or_config_file_and_fine_tuning_needs_the_same_head(tiny_data, tmp_path, capsys):
+    assert parse_train_args([str(tiny_data)]).model.decoder == "standard"  # the papers' head stays the default
+    assert parse_train_args([str(tiny_data), "--decoder", "light"]).model.decoder == "light"
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {decoder: light}\n")
+    assert parse_train_args([str(tiny_data), "--config", str(path)]).model.decoder == "light"
+    argv = ["train", str(tiny_data), "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32", "--batch-size",
+            "2", "--max-iters", "1", "--eval-every", "1", "--num-workers", "0", "--device", "cpu"]
+    assert main([*argv, "--decoder", "light", "--out", str(tmp_path / "light")]) == 0
+    assert load_checkpoint(tmp_path / "light" / "last.pt")["config"]["model"]["decoder"] == "light"
+    capsys.readouterr()
+    assert main([*argv, "--init-from", str(tmp_path / "light" / "last.pt"), "--out", str(tmp_path / "std")]) != 0
+    assert "--decoder standard" in capsys.readouterr().err
+    assert main([*argv, "--decoder", "mobile", "--out", str(tmp_path / "bad")]) != 0
+    assert "--decoder mobile: choose standard or light" in capsys.readouterr().err
 
 
 def test_hand_written_config_file_flat_or_by_section(tiny_data, tmp_path):

@@ -1,5 +1,5 @@
 """Artefacts made before a change keep working: a checkpoint and a run folder from before `--pretrained
-imagenet`, `--encoder-bn` and config.yaml, and a model package whose meta.json is format 1."""
+imagenet`, `--encoder-bn`, `--decoder` and config.yaml, and a model package whose meta.json is format 1."""
 from __future__ import annotations
 
 import dataclasses
@@ -25,10 +25,10 @@ FORMAT1_META = Path(__file__).parent / "compat" / "meta-format1.json"
 
 def as_before(config: dict) -> dict:
     """A saved config dict in the shape earlier versions wrote: `pretrained: ""` meant random init, and
-    there were no encoder_bn or snapshot_every fields."""
+    there were no encoder_bn, decoder or snapshot_every fields."""
     config = json.loads(json.dumps(config))
     config["model"]["pretrained"] = ""
-    del config["model"]["encoder_bn"]
+    del config["model"]["encoder_bn"], config["model"]["decoder"]
     del config["run"]["snapshot_every"]
     return config
 
@@ -48,7 +48,7 @@ def old_run(checkpoint: Path, out: Path, **run) -> Path:
 def test_old_checkpoint_evaluates_resumes_and_fine_tunes(checkpoints, tiny_data, tmp_path):
     run = old_run(checkpoints["supervised"], tmp_path / "old")
     model, classes, cfg = load_inference_model(load_checkpoint(run / "last.pt"), run / "last.pt")
-    assert cfg.model.encoder_bn == "train" and cfg.run.snapshot_every == 0  # what those runs did
+    assert cfg.model.encoder_bn == "train" and cfg.model.decoder == "standard" and cfg.run.snapshot_every == 0  # what those runs did
     assert len(classes) == 5
     assert scaleseg(["eval", str(run / "last.pt"), str(tiny_data)]) == 0
     # --resume takes the old run's settings as its base; no ImageNet weights are fetched for it
@@ -78,7 +78,8 @@ def test_old_run_config_json_reruns_without_replacing_the_run(checkpoints, tmp_p
     written = yaml.safe_load((rerun / CONFIG_FILE).read_text())
     for section in ("data", "optim", "aux"):
         assert written[section] == old[section]
-    assert {k: v for k, v in written["model"].items() if k != "encoder_bn"} == old["model"]
+    assert {k: v for k, v in written["model"].items() if k not in ("encoder_bn", "decoder")} == old["model"]
+    assert written["model"]["decoder"] == "standard"
     assert written["method"] == old["method"] and written["method_cfg"] == old["method_cfg"]
 
 

@@ -163,27 +163,32 @@ def test_lite_weights_file_for_another_variant_is_refused(tmp_path):
         build_encoder("efficientnet_lite0", 16, str(package_weights("efficientnet_lite2")))
 
 
-def test_lite0_run_exports_cif_and_int8_graphs_with_parity(tiny_data, tmp_path):
-    """A ScaleMatch run on the ImageNet Lite0 encoder goes through export: single-scale and CIF graphs at
-    parity with PyTorch on dynamic shapes, and INT8 graphs that ONNX Runtime runs (a two-step model says
-    nothing about INT8 accuracy, so the gate is opened here; tests/test_int8.py tests the gate)."""
+@pytest.mark.parametrize("decoder", ["standard", "light"])
+def test_lite0_run_exports_cif_and_int8_graphs_with_parity(tiny_data, tmp_path, decoder):
+    """A ScaleMatch run on the ImageNet Lite0 encoder, with either DeepLabV3+ head, goes through export:
+    single-scale and CIF graphs at parity with PyTorch on dynamic shapes, and INT8 graphs that ONNX Runtime
+    runs (a two-step model says nothing about INT8 accuracy, so the gate is opened here; tests/test_int8.py
+    tests the gate). The package records the head, and its checkpoint rebuilds it."""
     import json
 
     from export.package import export_package
     from export.quantize import Gate
     from serving.backends import OnnxRuntimeBackend
+    from training.checkpoint import load_checkpoint, load_inference_model
     from training.engine import Trainer
 
     from .conftest import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "run", method="scalematch")
-    cfg.model = ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet")
+    cfg.model = ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet", decoder=decoder)
     cfg.run.max_iters, cfg.run.eval_every = 2, 2
     Trainer(cfg, progress=False).fit()
     meta = export_package(tmp_path / "run" / "last.pt", tmp_path / "pkg", cif_scales=(0.5, 2.0), data=tiny_data,
                           quantize="int8", int8_gate=Gate(min_agreement=0.0, max_miou_drop=100.0),
                           progress=lambda *a, **k: None)
-    assert meta["backbone"] == "efficientnet_lite0" and meta["parity"]["passed"]
+    assert meta["backbone"] == "efficientnet_lite0" and meta["decoder"] == decoder and meta["parity"]["passed"]
+    model, _, _ = load_inference_model(load_checkpoint(tmp_path / "pkg" / "checkpoint.pt"))
+    assert (model.fuse[0][0].groups > 1) == (decoder == "light")
     for runs in meta["parity"]["graphs"].values():
         assert runs[0]["label_agreement"] >= 0.999
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 45, 62), dtype=np.uint8)

@@ -32,10 +32,11 @@ def batches(seed: int = 0):
     return labeled, unl(), unl()
 
 
-def make(name: str, backbone: str = "resnet18", **overrides):
+def make(name: str, backbone: str = "resnet18", decoder: str = "standard", **overrides):
     torch.manual_seed(0)
     cls = get_method(name)
-    return cls(cls.Config(**overrides), ModelConfig(backbone=backbone, pretrained="none"), K, cross_entropy).train()
+    return cls(cls.Config(**overrides), ModelConfig(backbone=backbone, pretrained="none", decoder=decoder), K,
+               cross_entropy).train()
 
 
 CTX = StepContext(iteration=0, epoch=0, total_iters=10, iters_per_epoch=5)
@@ -44,7 +45,19 @@ CTX = StepContext(iteration=0, epoch=0, total_iters=10, iters_per_epoch=5)
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_one_step_returns_finite_named_losses(name, backbone):
-    method = make(name, backbone)
+    assert_one_step_trains(make(name, backbone))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_steps_on_the_light_decoder(name):
+    """--decoder light (depthwise-separable head) on the encoder it is meant for: every forward variant the
+    methods use (FP decoding, PS-MT's decoder input, CIF, hooks on the fuse convolutions) runs and trains."""
+    method = make(name, "efficientnet_lite0", decoder="light")
+    assert method.model.fuse[0][0].groups == 304  # the depthwise convolution really is there
+    assert_one_step_trains(method)
+
+
+def assert_one_step_trains(method) -> None:
     losses = method(*batches(), CTX)
     assert "loss" in losses and losses["loss"].requires_grad
     assert all(torch.isfinite(v).all() for v in losses.values())

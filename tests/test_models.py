@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from training.config import ConfigError, ModelConfig
-from training.models import build_model
+from training.models import DeepLabV3Plus, build_model
 from training.models.cif import CIF, q_shift
 from training.models.wkv import bi_wkv
 
@@ -129,3 +129,48 @@ def test_wkv_exports_to_onnx_with_dynamic_tokens(tmp_path):
     k, v = torch.randn(1, 53, 4) * 10, torch.randn(1, 53, 4)
     out = session.run(None, {"k": k.numpy(), "v": v.numpy()})[0]
     assert abs(out - Mix()(k, v).numpy()).max() < 1e-4
+
+
+def lite0(decoder: str, cif: bool = False):
+    return build_model(ModelConfig(backbone="efficientnet_lite0", pretrained="none", decoder=decoder), 3, cif=cif)
+
+
+def test_light_decoder_runs_every_forward_variant_and_standard_keeps_its_weights():
+    standard, light = lite0("standard", cif=True), lite0("light", cif=True)
+    # standard: the papers' full 3x3 convolutions under the keys earlier checkpoints hold
+    assert standard.fuse[0][0].weight.shape == (256, 304, 3, 3)
+    assert standard.aspp.branches[3][0].weight.shape == (256, 320, 3, 3)
+    # light: depthwise 3x3 (the ASPP's keeps its atrous rate), then pointwise 1x1, each with BN + ReLU
+    assert light.fuse[0][0].weight.shape == (304, 1, 3, 3) and light.fuse[0][3].weight.shape == (256, 304, 1, 1)
+    assert light.aspp.branches[3][0].groups == 320 and light.aspp.branches[3][0].dilation == (18, 18)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a checkpoint must say which head it holds
+        standard.load_state_dict(light.state_dict())
+
+    x = torch.randn(4, 3, 64, 64)
+    light.train()
+    clean, feat, fp, plain = light.forward_fp(x, feature_scale=0.75, plain=2, fp_from=2)
+    assert clean.shape == (4, 3, 64, 64) and fp.shape == (2, 3, 64, 64) and plain.shape == (2, 3, 64, 64)
+    assert feat.shape == (4, DeepLabV3Plus.FEATURE_CHANNELS, 12, 12)
+    f = light.decoder_input(*light.encode(x))
+    logits, feat = light.decode_from(f)
+    assert f.shape == (4, 304, 16, 16) and logits.shape == (4, 3, 16, 16) and feat.shape == (4, 256, 16, 16)
+    with torch.no_grad():
+        fused = light.eval().forward_multiscale(x[:1], (0.5, 2.0))
+    assert fused.shape == (1, 3, 64, 64) and torch.isfinite(fused).all()
+    with pytest.raises(ConfigError, match="--decoder mobile: choose standard or light"):
+        lite0("mobile")
+
+
+def test_light_decoder_costs_a_fraction_of_the_standard_head():
+    """Lite0 at 512x512: 27.5 GMAC with the standard head, 21 of them in the stride-4 fuse convolutions; the
+    depthwise-separable head brings the whole network under a quarter of that and its head under a quarter
+    of the parameters."""
+    from bench.decoder_cost import head_parameters, macs_by_module
+
+    standard, light = lite0("standard"), lite0("light")
+    s, li = macs_by_module(standard, 512), macs_by_module(light, 512)
+    assert 27e9 < s[""] < 28e9 and 20e9 < s["fuse"] < 22e9  # the issue's count: the counter sees the real head
+    assert li["encoder"] == s["encoder"]  # only the head changes
+    assert li["fuse"] < s["fuse"] / 8 and li["aspp"] < s["aspp"] / 3
+    assert li[""] < s[""] / 4
+    assert head_parameters(light) < head_parameters(standard) / 4

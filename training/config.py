@@ -48,6 +48,9 @@ class ModelConfig:
     encoder_bn: str = hp("train", "encoder BatchNorm: train (batch statistics, as the papers) or frozen (the pretrained "
                                   "running statistics are kept, scale and shift still learn; for small batches)")
     aspp_dilations: tuple = hp((6, 12, 18), "ASPP atrous rates for output stride 16")
+    decoder: str = hp("standard", "DeepLabV3+ head: standard (the papers') or light (depthwise-separable 3x3s in the ASPP "
+                                  "and the stride-4 decoder, as DeepLabV3+'s MobileNet variants; about 4x fewer "
+                                  "multiply-adds with efficientnet_lite0 at 512x512)")
 
 
 @dataclass

@@ -328,8 +328,9 @@ class Trainer:
                     for k in own if k in source.state and own[k].shape != source.state[k].shape}
             wrong = [k for k, dim in dims.items() if dim is None]
             if missing or wrong:
-                raise CheckpointError(f"{source.path}: does not fit --backbone {self.cfg.model.backbone} "
-                                      f"({len(missing)} missing, {len(wrong)} differently shaped tensors).")
+                raise CheckpointError(f"{source.path}: does not fit --backbone {self.cfg.model.backbone} --decoder "
+                                      f"{self.cfg.model.decoder} ({len(missing)} missing, {len(wrong)} differently shaped "
+                                      "tensors); give the run's own --backbone and --decoder.")
             weights = {k: v for k, v in source.state.items() if k in own and k not in dims}
             for k, dim in dims.items():
                 weights[k] = own[k].clone()
