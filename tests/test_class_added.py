@@ -3,17 +3,21 @@ earlier classes keeps that run's weights, re-initialising only the class-shaped 
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import tiny_config
 from training import engine
 from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, save_checkpoint
 from training.cli import main
-from training.data.folder import load_classes
+from training.data.folder import load_classes, mask_path, read_split
 from training.data.validate import check_dataset
 from training.engine import Trainer, class_dim
+from training.evaluate import score
 
 
 def test_add_class_appends_the_next_id(data_copy, capsys):
@@ -99,3 +103,69 @@ def test_class_dim():
     assert class_dim(torch.Size([5]), torch.Size([6]), 5, 6) == 0
     assert class_dim(torch.Size([5, 256, 1, 1]), torch.Size([6, 128, 1, 1]), 5, 6) is None  # another backbone too
     assert class_dim(torch.Size([64, 3, 7, 7]), torch.Size([32, 3, 7, 7]), 5, 6) is None
+
+
+def paint_val(data, value: int) -> None:
+    """Every val mask's top-left 12x12 corner set to ``value``: a new class's pixels, or their ignored twin."""
+    for image_id in read_split(data, "val"):
+        mask = np.array(Image.open(mask_path(data, image_id)))
+        mask[:12, :12] = value
+        Image.fromarray(mask).save(mask_path(data, image_id))
+
+
+def eval_json(args, out) -> dict:
+    assert main(["eval", *map(str, args), "--scales", "1", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_known_classes_ignores_the_pixels_of_added_classes(checkpoints, package, data_copy, tmp_path, capsys):
+    ignored = tmp_path / "ignored"  # the same val masks with the new class's pixels marked 255 and the old classes.json
+    shutil.copytree(data_copy, ignored)
+    paint_val(ignored, 255)
+    assert main(["data", "add-class", str(data_copy), "tree"]) == 0
+    paint_val(data_copy, 5)
+    old = checkpoints["supervised"]
+    capsys.readouterr()
+    assert main(["eval", str(old), str(data_copy)]) == 2
+    assert "gained ['tree'] since: --known-classes scores the 5 classes this model knows" in capsys.readouterr().err
+    for model in (old, package):  # a checkpoint in PyTorch and a package through serving's Segmenter
+        known = eval_json([model, data_copy, "--known-classes"], tmp_path / "known.json")
+        assert f"scoring the 5 classes {model} knows; pixels labelled ['tree'] are ignored" in capsys.readouterr().out
+        assert known["scales"] == eval_json([model, ignored], tmp_path / "same.json")["scales"]
+        assert list(known["scales"]["1.0"]["iou"]) == [c.name for c in load_classes(ignored)]
+
+    # a model on all 6 classes, scored on the 5 the old one knows: the same pixels, and its "tree" is wrong where
+    # it lands on an old class
+    cfg = tiny_config(data_copy, tmp_path / "new", method="supervised")
+    cfg.model.init_from, cfg.run.max_iters = str(old), 1
+    Trainer(cfg, progress=False).fit()
+    new = tmp_path / "new" / "last.pt"
+    assert len(eval_json([new, data_copy], tmp_path / "all.json")["scales"]["1.0"]["iou"]) == 6
+    capsys.readouterr()
+    versus = eval_json([new, data_copy, "--known-classes", old], tmp_path / "versus.json")
+    assert f"scoring the 5 classes {old} knows" in capsys.readouterr().out
+    assert list(versus["scales"]["1.0"]["iou"]) == [c.name for c in load_classes(ignored)]
+
+
+def test_eval_known_classes_refuses_what_does_not_line_up(checkpoints, data_copy, tmp_path, capsys):
+    old = checkpoints["supervised"]
+    assert main(["eval", str(old), str(data_copy), "--known-classes", str(tmp_path / "gone.pt")]) == 2
+    assert "--known-classes " + str(tmp_path / "gone.pt") + ": no such checkpoint or model package" in capsys.readouterr().err
+    ckpt = inference_payload(load_checkpoint(old))
+    other = [dict(c) for c in ckpt["classes"]]
+    other[1]["name"], other[2]["name"] = other[2]["name"], other[1]["name"]
+    save_checkpoint(tmp_path / "reordered.pt", dict(ckpt, classes=other))
+    assert main(["eval", str(old), str(data_copy), "--known-classes", str(tmp_path / "reordered.pt")]) == 2
+    assert "must be the first classes of the model scored, in the same order" in capsys.readouterr().err
+    (data_copy / "classes.json").write_text(json.dumps([{"id": c["id"], "name": c["name"], "color": c["color"]} for c in other]))
+    assert main(["eval", str(old), str(data_copy), "--known-classes"]) == 2
+    assert "--known-classes needs the model's classes first in classes.json" in capsys.readouterr().err
+
+
+def test_a_prediction_of_a_class_not_scored_counts_against_the_true_class():
+    # scored: classes 0 and 1; class 2 (added later) and 255 are ignored in the truth, and a prediction of 2 on a
+    # pixel of class 0 is a miss for class 0
+    sample = {"image": torch.zeros(1, 3, 2, 3), "mask": torch.tensor([[0, 0, 1], [1, 2, 255]]), "id": "a"}
+    pred = torch.tensor([[[0, 2, 1], [1, 1, 0]]])
+    result = score(lambda x: pred, [dict(sample, image=sample["image"][0])], ["a", "b"], torch.device("cpu"))["1.0"]
+    assert result["iou"] == {"a": 50.0, "b": 100.0} and result["miou"] == 75.0 and result["pixel_acc"] == 75.0
