@@ -3,13 +3,16 @@ earlier classes keeps that run's weights, re-initialising only the class-shaped 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from app.versions import Registry, Retrainer, register_initial
 from tests.conftest import tiny_config
 from training import engine
 from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, save_checkpoint
@@ -169,3 +172,56 @@ def test_a_prediction_of_a_class_not_scored_counts_against_the_true_class():
     pred = torch.tensor([[[0, 2, 1], [1, 1, 0]]])
     result = score(lambda x: pred, [dict(sample, image=sample["image"][0])], ["a", "b"], torch.device("cpu"))["1.0"]
     assert result["iou"] == {"a": 50.0, "b": 100.0} and result["miou"] == 75.0 and result["pixel_acc"] == 75.0
+
+
+def paint_labeled(data, value: int) -> None:
+    """The new class in the training masks too, so a retraining sees it."""
+    for image_id in read_split(data, "labeled"):
+        mask = np.array(Image.open(mask_path(data, image_id)))
+        mask[-12:, -12:] = value
+        Image.fromarray(mask).save(mask_path(data, image_id))
+
+
+def test_app_retrain_after_a_class_was_added(package, data_copy, tmp_path):
+    """The serving model knows 5 classes, the dataset 6: selftrain (whose teacher could never label the new class)
+    becomes supervised, and the new version is compared with the serving one on the 5 classes both know."""
+    registry = Registry(tmp_path / "work")
+    register_initial(registry, package, data_copy, "cpu")
+    assert main(["data", "add-class", str(data_copy), "tree"]) == 0
+    paint_val(data_copy, 5)
+    paint_labeled(data_copy, 5)
+    promoted = []
+    retrainer = Retrainer(registry, data_copy, promoted.append, {"device": "cpu"})
+    job = retrainer.start("selftrain", 2, from_current=True)
+    assert job.method == "supervised" and job.added == ["tree"]
+    assert job.note == "selftrain's teacher, the serving model v1, knows 5 classes and not ['tree']: training supervised instead"
+    deadline = time.time() + 300
+    while retrainer.busy and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status == "done", job.message
+    assert "--init-from" in (job.run_dir / "train.log").read_text()  # from the serving model's weights
+    classes = lambda name: list(json.loads((job.run_dir / name).read_text())["scales"]["1.0"]["iou"])  # noqa: E731
+    assert len(classes("eval-new.json")) == 6 and classes("eval-new-known.json") == classes("eval-serving.json")
+    assert len(classes("eval-serving.json")) == 5
+    new, compared, serving = (job.result[k]["miou"] for k in ("new", "compared", "serving"))
+    assert job.promoted == (compared >= serving) and bool(promoted) == job.promoted
+    assert (f"v2 (ONNX Runtime): mIoU {new:.2f} on all 6 classes; on the 5 classes v1 knows {compared:.2f} vs serving "
+            f"{serving:.2f}") in job.message and job.message.endswith(f"({job.note})")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda classes: "[{", "not valid JSON"),
+    (lambda classes: json.dumps([classes[0], dict(classes[1], name=classes[2]["name"]),
+                                 dict(classes[2], name=classes[1]["name"]), *classes[3:]]),
+     "Classes can only be added after the existing ones (`scaleseg data add-class`), never renamed, reordered or removed"),
+    (lambda classes: json.dumps(classes[:4]), "never renamed, reordered or removed"),
+])
+def test_app_retrain_refuses_a_broken_or_changed_classes_json(package, data_copy, tmp_path, damage, message):
+    registry = Registry(tmp_path / "work")
+    registry.add({"name": "v1", "dir": str(package), "method": "scalematch"})
+    classes = json.loads((data_copy / "classes.json").read_text())
+    (data_copy / "classes.json").write_text(damage(classes))
+    retrainer = Retrainer(registry, data_copy, lambda package: None, {"device": "cpu"})
+    with pytest.raises(RuntimeError, match=re.escape(message)) as err:
+        retrainer.start("supervised", 2)
+    assert "nothing was started" in str(err.value) and retrainer.job is None
