@@ -200,7 +200,8 @@ def test_app_retrain_after_a_class_was_added(package, data_copy, tmp_path):
         time.sleep(0.5)
     assert job.status == "done", job.message
     assert "--init-from" in (job.run_dir / "train.log").read_text()  # from the serving model's weights
-    classes = lambda name: list(json.loads((job.run_dir / name).read_text())["scales"]["1.0"]["iou"])  # noqa: E731
+    def classes(report: str) -> list[str]:
+        return list(json.loads((job.run_dir / report).read_text())["scales"]["1.0"]["iou"])
     assert len(classes("eval-new.json")) == 6 and classes("eval-new-known.json") == classes("eval-serving.json")
     assert len(classes("eval-serving.json")) == 5
     new, compared, serving = (job.result[k]["miou"] for k in ("new", "compared", "serving"))
