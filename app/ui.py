@@ -246,7 +246,7 @@ class App:
             job = self.s.retrainer.start(method, int(iterations), start_from == "current model", promote)
         except RuntimeError as err:
             raise user_error(str(err)) from None
-        return f"Started {job.name}: {method}, {job.iterations} iterations."
+        return f"Started {job.name}: {job.method}, {job.iterations} iterations." + (f" Note: {job.note}." if job.note else "")
 
     def retrain_status(self):
         job = self.s.retrainer.job

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from serving.backends import current_gpu
-from training.data.folder import read_split, write_text
+from training.data.folder import DatasetError, load_classes, read_split, write_text
 
 from .spawn import python_command, python_env
 
@@ -159,11 +159,13 @@ def package_runtime(meta: dict, gpu: str | None) -> str:
     return f"TensorRT {engine.get('tensorrt')} ({engine.get('precision', 'fp32')})"
 
 
-def evaluate_package(package: Path, data: Path, out: Path, log, device: str = "auto") -> dict:
+def evaluate_package(package: Path, data: Path, out: Path, log, device: str = "auto", classes_of: Path | None = None) -> dict:
     """mIoU of a package's network on DATA's val split at x0.5 / x1 / x2, in a separate process; the
-    report goes to ``out`` (never into the package, which may be read-only)."""
+    report goes to ``out`` (never into the package, which may be read-only). Only the classes the package knows are
+    scored (a dataset may have gained classes since), or with ``classes_of`` those of that older package."""
     _run("evaluation", python_command("training.cli", "eval", str(package / "checkpoint.pt"), str(data),
-                                      "--json", str(out), "--device", device), log)
+                                      "--json", str(out), "--device", device, "--known-classes",
+                                      *([str(classes_of)] if classes_of else [])), log)
     scales = json.loads(out.read_text())["scales"]
     return {"miou": scales["1.0"]["miou"], "miou_x0.5": scales["0.5"]["miou"], "miou_x2.0": scales["2.0"]["miou"]}
 
@@ -197,6 +199,24 @@ def register_initial(registry: Registry, package: Path, data: Path, device: str 
                          "labeled": meta.get("labeled_count"), "created": _now(), "source": "initial", **scores})
 
 
+def class_change(package: Path | None, data: Path) -> tuple[list[str], list[str]]:
+    """(the classes ``package`` was trained on, the classes DATA gained since), refusing a classes.json that is broken
+    or that changed the package's classes: a retraining on it would label pixels as the wrong class."""
+    try:
+        theirs = [c.name for c in load_classes(data)]
+    except DatasetError as err:
+        raise RuntimeError(f"{err} Retraining needs a valid classes.json; nothing was started.") from None
+    if package is None:
+        return theirs, []
+    ours = [c["name"] for c in json.loads((Path(package) / "meta.json").read_text())["classes"]]
+    if theirs[:len(ours)] != ours:
+        raise RuntimeError(f"{Path(data) / 'classes.json'} lists {theirs}, but the serving model was trained on {ours}. "
+                           "Classes can only be added after the existing ones (`scaleseg data add-class`), never renamed, "
+                           "reordered or removed, since every mask and model would then mean other classes. Restore "
+                           "the serving model's classes in classes.json; nothing was started.")
+    return ours, theirs[len(ours):]
+
+
 @dataclass
 class RetrainJob:
     name: str
@@ -204,6 +224,9 @@ class RetrainJob:
     iterations: int
     from_current: bool
     run_dir: Path
+    known: list[str] = field(default_factory=list)  # the serving model's classes
+    added: list[str] = field(default_factory=list)  # classes the dataset gained since the serving model
+    note: str = ""                                   # why the job differs from what was asked
     status: str = "starting"          # starting, training, evaluating, exporting, done, failed
     message: str = ""
     total: int = 0
@@ -244,10 +267,18 @@ class Retrainer:
         with self._lock:
             if self.busy:
                 raise RuntimeError(f"retraining {self.job.name} is still {self.job.status}; one job at a time.")
-            if method == "selftrain" and self.registry.serving() is None:
+            current = self.registry.serving()
+            if method == "selftrain" and current is None:
                 raise RuntimeError("selftrain needs a serving model to label the unlabelled images; promote one first.")
+            known, added = class_change(Path(current["dir"]) if current else None, self.data)
+            note = ""
+            if method == "selftrain" and added:
+                # the teacher's pseudo-labels could never hold the new classes, so its student would unlearn them
+                method, note = "supervised", (f"selftrain's teacher, the serving model {current['name']}, knows "
+                                              f"{len(known)} classes and not {added}: training supervised instead")
             name = self.registry.next_name()
-            self.job = RetrainJob(name, method, iterations, from_current, self.registry.work / "runs" / name, total=iterations)
+            self.job = RetrainJob(name, method, iterations, from_current, self.registry.work / "runs" / name,
+                                  known=known, added=added, note=note, total=iterations)
             threading.Thread(target=self._run, args=(self.job, promote), daemon=True).start()
             return self.job
 
@@ -268,19 +299,31 @@ class Retrainer:
                 _run("export", export_command(job.run_dir / "last.pt", package, self.data, job.method, tensorrt_ready()), log)
                 job.status = "evaluating"
                 scores = evaluate_package(package, self.data, job.run_dir / "eval-new.json", log, recipe.device)
-                baseline = (evaluate_package(Path(current["dir"]), self.data, job.run_dir / "eval-serving.json", log,
-                                             recipe.device) if current else None)
+                compared, baseline = scores, None
+                if current:
+                    serving = Path(current["dir"])
+                    if job.added:  # the serving model knows only the earlier classes: compare the two on those
+                        compared = evaluate_package(package, self.data, job.run_dir / "eval-new-known.json", log,
+                                                    recipe.device, classes_of=serving)
+                    baseline = evaluate_package(serving, self.data, job.run_dir / "eval-serving.json", log, recipe.device)
             entry = self.registry.add({"name": job.name, "dir": str(package.resolve()), "method": job.method,
                                        "labeled": len(read_split(self.data, "labeled")), "created": _now(),
                                        "source": "retrain", "run": str(job.run_dir), **scores})
-            job.result = {"new": scores, "serving": baseline}
-            better = baseline is None or scores["miou"] >= baseline["miou"]
+            job.result = {"new": scores, "serving": baseline, "compared": compared}
+            better = baseline is None or compared["miou"] >= baseline["miou"]
             if promote == "always" or (promote == "if-not-worse" and better):
                 self.promote(entry["name"])
                 job.promoted = True
             runtime = package_runtime(json.loads((package / "meta.json").read_text()), current_gpu())
-            job.message = (f"{job.name} ({runtime}): mIoU {scores['miou']:.2f}" + (f" vs serving {baseline['miou']:.2f}" if baseline else "")
-                           + ("; promoted" if job.promoted else "; not promoted (worse than the serving model)"))
+            versus = ""
+            if baseline and job.added:
+                versus = (f" on all {len(job.known) + len(job.added)} classes; on the {len(job.known)} classes "
+                          f"{current['name']} knows {compared['miou']:.2f} vs serving {baseline['miou']:.2f}")
+            elif baseline:
+                versus = f" vs serving {baseline['miou']:.2f}"
+            job.message = (f"{job.name} ({runtime}): mIoU {scores['miou']:.2f}{versus}"
+                           + ("; promoted" if job.promoted else "; not promoted (worse than the serving model)")
+                           + (f" ({job.note})" if job.note else ""))
             job.status = "done"
         except Exception as err:  # the job fails as a whole; the serving model is untouched
             job.status, job.message = "failed", f"{job.name} failed: {err}"

@@ -3,17 +3,24 @@ earlier classes keeps that run's weights, re-initialising only the class-shaped 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from app.versions import Registry, Retrainer, register_initial
 from tests.conftest import tiny_config
 from training import engine
 from training.checkpoint import CheckpointError, inference_payload, load_checkpoint, save_checkpoint
 from training.cli import main
-from training.data.folder import load_classes
+from training.data.folder import load_classes, mask_path, read_split
 from training.data.validate import check_dataset
 from training.engine import Trainer, class_dim
+from training.evaluate import score
 
 
 def test_add_class_appends_the_next_id(data_copy, capsys):
@@ -99,3 +106,123 @@ def test_class_dim():
     assert class_dim(torch.Size([5]), torch.Size([6]), 5, 6) == 0
     assert class_dim(torch.Size([5, 256, 1, 1]), torch.Size([6, 128, 1, 1]), 5, 6) is None  # another backbone too
     assert class_dim(torch.Size([64, 3, 7, 7]), torch.Size([32, 3, 7, 7]), 5, 6) is None
+
+
+def paint_val(data, value: int) -> None:
+    """Every val mask's top-left 12x12 corner set to ``value``: a new class's pixels, or their ignored twin."""
+    for image_id in read_split(data, "val"):
+        mask = np.array(Image.open(mask_path(data, image_id)))
+        mask[:12, :12] = value
+        Image.fromarray(mask).save(mask_path(data, image_id))
+
+
+def eval_json(args, out) -> dict:
+    assert main(["eval", *map(str, args), "--scales", "1", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_eval_known_classes_ignores_the_pixels_of_added_classes(checkpoints, package, data_copy, tmp_path, capsys):
+    ignored = tmp_path / "ignored"  # the same val masks with the new class's pixels marked 255 and the old classes.json
+    shutil.copytree(data_copy, ignored)
+    paint_val(ignored, 255)
+    assert main(["data", "add-class", str(data_copy), "tree"]) == 0
+    paint_val(data_copy, 5)
+    old = checkpoints["supervised"]
+    capsys.readouterr()
+    assert main(["eval", str(old), str(data_copy)]) == 2
+    assert "gained ['tree'] since: --known-classes scores the 5 classes this model knows" in capsys.readouterr().err
+    for model in (old, package):  # a checkpoint in PyTorch and a package through serving's Segmenter
+        known = eval_json([model, data_copy, "--known-classes"], tmp_path / "known.json")
+        assert f"scoring the 5 classes {model} knows; pixels labelled ['tree'] are ignored" in capsys.readouterr().out
+        assert known["scales"] == eval_json([model, ignored], tmp_path / "same.json")["scales"]
+        assert list(known["scales"]["1.0"]["iou"]) == [c.name for c in load_classes(ignored)]
+
+    # a model on all 6 classes, scored on the 5 the old one knows: the same pixels, and its "tree" is wrong where
+    # it lands on an old class
+    cfg = tiny_config(data_copy, tmp_path / "new", method="supervised")
+    cfg.model.init_from, cfg.run.max_iters = str(old), 1
+    Trainer(cfg, progress=False).fit()
+    new = tmp_path / "new" / "last.pt"
+    assert len(eval_json([new, data_copy], tmp_path / "all.json")["scales"]["1.0"]["iou"]) == 6
+    capsys.readouterr()
+    versus = eval_json([new, data_copy, "--known-classes", old], tmp_path / "versus.json")
+    assert f"scoring the 5 classes {old} knows" in capsys.readouterr().out
+    assert list(versus["scales"]["1.0"]["iou"]) == [c.name for c in load_classes(ignored)]
+
+
+def test_eval_known_classes_refuses_what_does_not_line_up(checkpoints, data_copy, tmp_path, capsys):
+    old = checkpoints["supervised"]
+    assert main(["eval", str(old), str(data_copy), "--known-classes", str(tmp_path / "gone.pt")]) == 2
+    assert "--known-classes " + str(tmp_path / "gone.pt") + ": no such checkpoint or model package" in capsys.readouterr().err
+    ckpt = inference_payload(load_checkpoint(old))
+    other = [dict(c) for c in ckpt["classes"]]
+    other[1]["name"], other[2]["name"] = other[2]["name"], other[1]["name"]
+    save_checkpoint(tmp_path / "reordered.pt", dict(ckpt, classes=other))
+    assert main(["eval", str(old), str(data_copy), "--known-classes", str(tmp_path / "reordered.pt")]) == 2
+    assert "must be the first classes of the model scored, in the same order" in capsys.readouterr().err
+    (data_copy / "classes.json").write_text(json.dumps([{"id": c["id"], "name": c["name"], "color": c["color"]} for c in other]))
+    assert main(["eval", str(old), str(data_copy), "--known-classes"]) == 2
+    assert "--known-classes needs the model's classes first in classes.json" in capsys.readouterr().err
+
+
+def test_a_prediction_of_a_class_not_scored_counts_against_the_true_class():
+    # scored: classes 0 and 1; class 2 (added later) and 255 are ignored in the truth, and a prediction of 2 on a
+    # pixel of class 0 is a miss for class 0
+    sample = {"image": torch.zeros(1, 3, 2, 3), "mask": torch.tensor([[0, 0, 1], [1, 2, 255]]), "id": "a"}
+    pred = torch.tensor([[[0, 2, 1], [1, 1, 0]]])
+    result = score(lambda x: pred, [dict(sample, image=sample["image"][0])], ["a", "b"], torch.device("cpu"))["1.0"]
+    assert result["iou"] == {"a": 50.0, "b": 100.0} and result["miou"] == 75.0 and result["pixel_acc"] == 75.0
+
+
+def paint_labeled(data, value: int) -> None:
+    """The new class in the training masks too, so a retraining sees it."""
+    for image_id in read_split(data, "labeled"):
+        mask = np.array(Image.open(mask_path(data, image_id)))
+        mask[-12:, -12:] = value
+        Image.fromarray(mask).save(mask_path(data, image_id))
+
+
+def test_app_retrain_after_a_class_was_added(package, data_copy, tmp_path):
+    """The serving model knows 5 classes, the dataset 6: selftrain (whose teacher could never label the new class)
+    becomes supervised, and the new version is compared with the serving one on the 5 classes both know."""
+    registry = Registry(tmp_path / "work")
+    register_initial(registry, package, data_copy, "cpu")
+    assert main(["data", "add-class", str(data_copy), "tree"]) == 0
+    paint_val(data_copy, 5)
+    paint_labeled(data_copy, 5)
+    promoted = []
+    retrainer = Retrainer(registry, data_copy, promoted.append, {"device": "cpu"})
+    job = retrainer.start("selftrain", 2, from_current=True)
+    assert job.method == "supervised" and job.added == ["tree"]
+    assert job.note == "selftrain's teacher, the serving model v1, knows 5 classes and not ['tree']: training supervised instead"
+    deadline = time.time() + 300
+    while retrainer.busy and time.time() < deadline:
+        time.sleep(0.5)
+    assert job.status == "done", job.message
+    assert "--init-from" in (job.run_dir / "train.log").read_text()  # from the serving model's weights
+    def classes(report: str) -> list[str]:
+        return list(json.loads((job.run_dir / report).read_text())["scales"]["1.0"]["iou"])
+    assert len(classes("eval-new.json")) == 6 and classes("eval-new-known.json") == classes("eval-serving.json")
+    assert len(classes("eval-serving.json")) == 5
+    new, compared, serving = (job.result[k]["miou"] for k in ("new", "compared", "serving"))
+    assert job.promoted == (compared >= serving) and bool(promoted) == job.promoted
+    assert (f"v2 (ONNX Runtime): mIoU {new:.2f} on all 6 classes; on the 5 classes v1 knows {compared:.2f} vs serving "
+            f"{serving:.2f}") in job.message and job.message.endswith(f"({job.note})")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda classes: "[{", "not valid JSON"),
+    (lambda classes: json.dumps([classes[0], dict(classes[1], name=classes[2]["name"]),
+                                 dict(classes[2], name=classes[1]["name"]), *classes[3:]]),
+     "Classes can only be added after the existing ones (`scaleseg data add-class`), never renamed, reordered or removed"),
+    (lambda classes: json.dumps(classes[:4]), "never renamed, reordered or removed"),
+])
+def test_app_retrain_refuses_a_broken_or_changed_classes_json(package, data_copy, tmp_path, damage, message):
+    registry = Registry(tmp_path / "work")
+    registry.add({"name": "v1", "dir": str(package), "method": "scalematch"})
+    classes = json.loads((data_copy / "classes.json").read_text())
+    (data_copy / "classes.json").write_text(damage(classes))
+    retrainer = Retrainer(registry, data_copy, lambda package: None, {"device": "cpu"})
+    with pytest.raises(RuntimeError, match=re.escape(message)) as err:
+        retrainer.start("supervised", 2)
+    assert "nothing was started" in str(err.value) and retrainer.job is None

@@ -240,17 +240,47 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _data_class_names(source: str | Path, classes: list[dict], data: str | Path, error: type[Exception]) -> list[str]:
-    """The class names, once the model's and the dataset's agree (else ``error``)."""
+def _scored_classes(args, source: str | Path, classes: list[dict], error: type[Exception]) -> tuple[list[str], int]:
+    """(the names of the classes to score, the dataset's class count), once the model's classes and the dataset's
+    agree (else ``error``). With --known-classes, the classes that this model, or the model it names, was trained on
+    are scored; the dataset may have gained classes after them (`data add-class`)."""
     from .data.folder import load_classes
-    ours, theirs = [c["name"] for c in classes], [c.name for c in load_classes(data)]
-    if ours != theirs:
-        added = len(ours) < len(theirs) and theirs[:len(ours)] == ours
-        hint = (f" The dataset gained {theirs[len(ours):]} since: train with `--init-from` this model's checkpoint to "
-                "learn them." if added else " Evaluate on data with the same classes.")
-        raise error(f"{source}: trained on {len(ours)} classes {ours}, but {Path(data) / 'classes.json'} lists "
-                    f"{len(theirs)} {theirs}.{hint}")
-    return ours
+    ours, theirs = [c["name"] for c in classes], [c.name for c in load_classes(args.data)]
+    listed = Path(args.data) / "classes.json"
+    if args.known_classes is None:
+        if ours != theirs:
+            added = len(ours) < len(theirs) and theirs[:len(ours)] == ours
+            hint = (f" The dataset gained {theirs[len(ours):]} since: --known-classes scores the {len(ours)} classes "
+                    "this model knows; train with `--init-from` this model's checkpoint to learn the new ones."
+                    if added else " Evaluate on data with the same classes.")
+            raise error(f"{source}: trained on {len(ours)} classes {ours}, but {listed} lists {len(theirs)} {theirs}.{hint}")
+        return ours, len(theirs)
+    if theirs[:len(ours)] != ours:
+        raise error(f"{source}: trained on {len(ours)} classes {ours}, but {listed} lists {len(theirs)} {theirs}. "
+                    "--known-classes needs the model's classes first in classes.json, in the same order, as "
+                    "`scaleseg data add-class` keeps them; evaluate on data with the model's classes.")
+    known, named = ours, source
+    if args.known_classes:  # another model's classes: an old model's, to compare this one with it
+        named = args.known_classes
+        known = [c["name"] for c in _model_classes(Path(named), error)]
+        if ours[:len(known)] != known:
+            raise error(f"--known-classes {named}: trained on {known}, but {source} on {ours}; the classes of the model "
+                        "named must be the first classes of the model scored, in the same order.")
+    if len(known) < len(theirs):
+        print(f"scoring the {len(known)} classes {named} knows; pixels labelled {theirs[len(known):]} are ignored",
+              flush=True)
+    return known, len(theirs)
+
+
+def _model_classes(model: Path, error: type[Exception]) -> list[dict]:
+    """The classes of a model package (its meta.json) or a checkpoint."""
+    from .checkpoint import load_checkpoint
+    if (model / "meta.json").is_file():
+        return json.loads((model / "meta.json").read_text())["classes"]
+    if model.is_file():
+        return load_checkpoint(model)["classes"]
+    raise error(f"--known-classes {model}: no such checkpoint or model package. Pass a model's best.pt or last.pt, or "
+                "a folder written by `scaleseg export`, or give --known-classes no value for the scored model's classes.")
 
 
 def _refuse(args, flags: dict[str, object], why: str) -> None:
@@ -273,12 +303,12 @@ def _eval_checkpoint(args) -> dict:
             "these choose how a model package runs; pass the package folder to score it (a checkpoint takes "
             "--mode sliding for large images).")
     model, classes, cfg = load_inference_model(load_checkpoint(args.model), args.model)
-    names = _data_class_names(args.model, classes, args.data, CheckpointError)
+    names, count = _scored_classes(args, args.model, classes, CheckpointError)
     cif_scales = args.cif_scales or (DEFAULT_CIF_SCALES if args.cif else None)
     if cif_scales and model.cif is None:
         raise CheckpointError(f"{args.model}: has no CIF module ({cfg.method} run); --cif and --cif-scales need a scalematch checkpoint.")
     device = resolve_device(args.device)
-    dataset = EvalSet(args.data, read_split(args.data, args.split), len(classes), args.split)
+    dataset = EvalSet(args.data, read_split(args.data, args.split), count, args.split)
     with torch.inference_mode():
         result = evaluate(model.to(device), dataset, names, device, args.mode, args.window or cfg.data.crop_size,
                           args.scales, cif_scales, progress=True)
@@ -307,11 +337,11 @@ def _eval_package(args) -> dict:
             "checkpoint options; a model package runs the graph it serves: --cif picks its CIF graph (scales fixed at "
             "export), --backend the runtime, --tile segments large images in tiles.")
     meta = read_meta(directory)
-    names = _data_class_names(directory, meta["classes"], args.data, BackendError)
+    names, count = _scored_classes(args, directory, meta["classes"], BackendError)
     segmenter = Segmenter.load(directory, cif=args.cif, backend=args.backend, precision=args.precision)
     print(f"{directory}: {GRAPHS[args.cif]} on {segmenter.description}", flush=True)
     cif_scales = meta["graphs"][GRAPHS[args.cif]]["cif_scales"] if args.cif else ()
-    dataset = EvalSet(args.data, read_split(args.data, args.split), len(names), args.split, normalise=False)
+    dataset = EvalSet(args.data, read_split(args.data, args.split), count, args.split, normalise=False)
     try:
         result = evaluate_segmenter(segmenter, dataset, names, args.scales, cif_scales, args.tile, progress=True)
     except ValueError as err:
@@ -427,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scales", type=scales, default=(0.5, 1.0, 2.0), help="input scales (robustness protocol)")
     e.add_argument("--cif", action="store_true", help="CIF multi-scale inference: a package's CIF graph "
                    "(model.cif.onnx), or a checkpoint's CIF module at --cif-scales (0.5,2.0 unless given)")
+    e.add_argument("--known-classes", nargs="?", const="", default=None, metavar="MODEL",
+                   help="score only the classes the model knows when the dataset gained classes since it was trained "
+                   "(`data add-class`): pixels of the new classes are ignored. With MODEL (a checkpoint or package "
+                   "on fewer classes), score MODEL's classes, to compare a new model with an old one on the same classes")
     e.add_argument("--json", help="also write the result as JSON")
     ck = e.add_argument_group("checkpoint options")
     ck.add_argument("--mode", default="whole", choices=["whole", "sliding"],

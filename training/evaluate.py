@@ -23,9 +23,12 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
 
 
 def metrics_from_confusion(cm: torch.Tensor, class_names: Sequence[str]) -> dict:
+    """Metrics of the first len(class_names) classes; further rows and columns (predictions of classes that are not
+    scored) count against the classes whose pixels they took."""
+    k = len(class_names)
     cm = cm.double()
-    inter = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - inter
+    inter = cm.diag()[:k]
+    union = cm.sum(0)[:k] + cm.sum(1)[:k] - inter
     iou = inter / union.clamp(min=1)
     present = union > 0  # classes absent from both prediction and ground truth do not count
     miou = float(iou[present].mean()) if present.any() else 0.0
@@ -101,14 +104,19 @@ def score(labels_of: Callable[[torch.Tensor], torch.Tensor], dataset, class_name
           scales: Sequence[float] = (1.0,), rank: int = 0, world: int = 1, progress: bool = False) -> dict:
     """{'1.0': {'miou', 'pixel_acc', 'iou'}, ...}: ``labels_of`` (image batch [1, 3, h, w] -> class ids [1, h, w]) at
     each input scale, its labels resized back to the mask with nearest neighbour. Each process scores a disjoint
-    share of the images and the confusion matrices are summed, so nothing is counted twice."""
+    share of the images and the confusion matrices are summed, so nothing is counted twice.
+
+    Only ``class_names`` (the first classes of the dataset) are scored: pixels labelled with a later class are ignored,
+    and a prediction of a later class is wrong wherever it lands, so a model on a dataset that gained classes since
+    another one was trained compares with it on the classes both know (`scaleseg eval --known-classes`)."""
     k = len(class_names)
-    cms = {s: torch.zeros(k, k, dtype=torch.long, device=device) for s in scales}
+    cms = {s: torch.zeros(k + 1, k + 1, dtype=torch.long, device=device) for s in scales}  # + one column: any other class
     indices = range(rank, len(dataset), world)
     for i in tqdm(indices, desc="eval", unit="img", disable=not progress, leave=False):
         sample = dataset[i]
         image = sample["image"].unsqueeze(0).to(device)
         target = sample["mask"].unsqueeze(0).to(device)
+        target = target.masked_fill(target >= k, IGNORE)
         for s in scales:
             try:
                 pred = labels_of(image if s == 1.0 else rescale(image, s)).to(device)
@@ -116,7 +124,7 @@ def score(labels_of: Callable[[torch.Tensor], torch.Tensor], dataset, class_name
                 raise ValueError(f"image {sample['id']!r} at x{s}: {err}") from None
             if s != 1.0:
                 pred = F.interpolate(pred[:, None].float(), size=target.shape[-2:], mode="nearest")[:, 0].long()
-            cms[s] += confusion_matrix(pred, target, k)
+            cms[s] += confusion_matrix(pred.clamp(max=k), target, k + 1)
     return {str(s): metrics_from_confusion(all_reduce_sum(cms[s]), class_names) for s in scales}
 
 
