@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from fractions import Fraction
 from pathlib import Path
 
@@ -176,26 +176,27 @@ _RUN_LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
 
 
-def one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
+def one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_checkpoint: bool = False) -> dict:
     """One run's row, trained unless finished; a run another worker is training is waited for, not repeated."""
     with _LOCKS_LOCK:
         lock = _RUN_LOCKS.setdefault((benchmark, fraction, method, seed), threading.Lock())
     with lock:
-        return _one_run(args, benchmark, fraction, method, seed)
+        return _one_run(args, benchmark, fraction, method, seed, need_checkpoint)
 
 
-def _one_run(args, benchmark: str, fraction: str, method: str, seed: int) -> dict:
+def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_checkpoint: bool = False) -> dict:
     data, n_labeled = one_dataset(args, benchmark, fraction, seed)
     out = data.parent / method / f"seed{seed}"
     row_file = out / "row.json"
-    if row_file.is_file():
+    # A row adopted from the committed results has no checkpoint; a teacher needs one, so it trains again.
+    if row_file.is_file() and (not need_checkpoint or (out / "last.pt").is_file()):
         return json.loads(row_file.read_text())
     warm = warm_up(args, benchmark, fraction, seed) if args.warm_start else None
     extra, teacher_s = [], 0.0
     if method_parts(method)[0] == "selftrain":
         # The teacher is this seed's supervised run: the same labels, iterations and optimiser, so the
         # student's total cost is that run's time plus its own (pseudo-labelling included).
-        teacher = one_run(args, benchmark, fraction, "supervised", seed)
+        teacher = one_run(args, benchmark, fraction, "supervised", seed, need_checkpoint=True)
         extra, teacher_s = ["--teacher", str(data.parent / "supervised" / f"seed{seed}")], teacher.get("wall_s") or 0.0
     records, rss = train(args, f"{benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled", method, data, out,
                          seed, args.iters, args.lr, warm, extra)
@@ -377,6 +378,7 @@ def main() -> None:
     else:
         work.mkdir(parents=True, exist_ok=True)
         settings.write_text(json.dumps(budget))
+    adopt_published(work, Path(args.results) / f"{args.name}.json", budget)
 
     args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(bench, frac, method, int(seed)) for seed in args.seeds.split(",") for bench in args.benchmarks.split(",")
@@ -387,9 +389,26 @@ def main() -> None:
         if args.warm_start:  # likewise the shared warm-up runs
             for future in [pool.submit(warm_up, args, *cell) for cell in dict.fromkeys((b, f, s) for b, f, _, s in runs)]:
                 future.result()
-        for future in [pool.submit(one_run, args, *r) for r in runs]:
+        for future in as_completed([pool.submit(one_run, args, *r) for r in runs]):
             future.result()
-    publish(work, budget, Path(args.results), args.name)
+            publish(work, budget, Path(args.results), args.name)  # results grow as runs finish
+
+
+def adopt_published(work: Path, published: Path, budget: dict) -> None:
+    """Count the runs in the committed results as finished, so a study continues across machines and working
+    stretches from what was published; results of another budget are never mixed in."""
+    if not published.is_file():
+        return
+    payload = json.loads(published.read_text())
+    if payload.get("budget") != budget:
+        print(f"{published}: another budget ({payload.get('budget')}); its runs are not continued, and this study's "
+              "results will replace it (give a study its own --name to keep both)", flush=True)
+        return
+    for row in payload["rows"]:
+        row_file = work / row["benchmark"] / row["fraction"].replace("/", "_") / row["method"] / f"seed{row['seed']}" / "row.json"
+        if not row_file.is_file():
+            row_file.parent.mkdir(parents=True, exist_ok=True)
+            row_file.write_text(json.dumps(row, indent=1))
 
 
 def publish(work: Path, budget: dict, results: Path, name: str) -> None:

@@ -32,7 +32,7 @@ def test_texture_scenes_are_deterministic_multiscale_and_valid(tmp_path):
 
 def study(work: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "bench" / "label_efficiency.py"), "--benchmarks", "synthetic", "--fractions", "1/4",
-           "--methods", "supervised", "--seeds", "0,1", "--iters", "2", "--eval-every", "1", "--pool", "8", "--n-val", "2",
+           "--methods", "supervised", "--seeds", "0,1", "--iters", "6", "--eval-every", "3", "--pool", "8", "--n-val", "2",
            "--size", "48", "--crop", "32", "--batch", "2", "--work", str(work), "--results", str(results), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -43,7 +43,7 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     payload = json.loads((results / "label_efficiency.json").read_text())
     assert sorted(r["seed"] for r in payload["rows"]) == [0, 1]
-    assert [len(r["curve"]) for r in payload["rows"]] == [2, 2]  # validated at iterations 1 and 2
+    assert [len(r["curve"]) for r in payload["rows"]] == [2, 2]  # validated at iterations 3 and 6
     (line,) = payload["summary"]
     assert line["method"] == "supervised" and line["seeds"] == [0, 1] and len(line["miou_x1.0"]) == 2
     assert (results / "label_efficiency_curves.png").stat().st_size > 0
@@ -54,7 +54,9 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
 
     runs = sorted(work.glob("synthetic/*/supervised/seed*"))
     kept = (runs[0] / "row.json").stat().st_mtime_ns
-    (runs[1] / "row.json").unlink()  # seed 1 unfinished: its checkpoint is there, its row is not
+    (runs[1] / "row.json").unlink()  # seed 1 unfinished: its checkpoint is there, its row is not (here or published)
+    published_seed0 = {**payload, "rows": [r for r in payload["rows"] if r["seed"] == 0]}
+    (results / "label_efficiency.json").write_text(json.dumps(published_seed0))
     again = study(work, results, "--resume")
     assert again.returncode == 0, again.stderr[-2000:]
     assert (runs[0] / "row.json").stat().st_mtime_ns == kept
@@ -70,10 +72,23 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     assert published.returncode == 0 and "==" not in published.stdout
     assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
 
+    # Another machine or working stretch: a fresh --work continues from the committed results, training nothing.
+    elsewhere = study(tmp_path / "elsewhere", results)
+    assert elsewhere.returncode == 0 and "==" not in elsewhere.stdout, elsewhere.stderr[-2000:]
+    assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
+    # selftrain's teacher needs a checkpoint, which a published row does not carry: it is trained again first
+    student = study(tmp_path / "student", results, "--methods", "supervised,selftrain", "--seeds", "0")
+    assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
+    assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
+    other_budget = study(tmp_path / "other", results, "--lr", "0.02", "--seeds", "0")  # never mixed with those rows
+    assert other_budget.returncode == 0 and "another budget" in other_budget.stdout and "==" in other_budget.stdout
+    assert [r["seed"] for r in json.loads((results / "label_efficiency.json").read_text())["rows"]] == [0]
+
 
 def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
-    done = study(work, results, "--methods", "supervised,fixmatch", "--seeds", "0", "--warm-start", "2", "--name", "warm")
+    done = study(work, results, "--methods", "supervised,fixmatch", "--seeds", "0", "--warm-start", "2", "--name", "warm",
+                 "--iters", "2", "--eval-every", "1")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert done.stdout.count("warm-up (supervised) seed 0") == 1  # one warm-up, two methods
     warm = next(work.glob("synthetic/*/warm-up/seed0"))
