@@ -88,22 +88,33 @@ def test_page_blocks_run(page, tmp_path):
                 continue
             script = shrink(code, ports)
             argv = ["bash", "-euo", "pipefail", "-c", script] if language == "bash" else [sys.executable, "-c", script]
-            proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    start_new_session=True)
-            groups.append(proc.pid)
-            try:
-                out, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
-                pytest.fail(f"{where}: still running after {BLOCK_TIMEOUT_S} s\n{script}\n--- output ---\n{out[-3000:]}")
-            assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{script}\n--- output ---\n{out[-3000:]}"
+            run_block(argv, work, env, groups, where, script)
     finally:
-        for group in groups:
-            try:
-                os.killpg(group, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_groups(groups)
+
+
+def run_block(argv: list[str], work: Path, env: dict, groups: list[int], where: str, script: str,
+              stdin: str | None = None) -> None:
+    """Run one block in its own process group (kept in ``groups``, so servers it leaves behind can be stopped);
+    fail the test with its output if it fails or outlives BLOCK_TIMEOUT_S."""
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.PIPE if stdin is not None else None,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    groups.append(proc.pid)
+    try:
+        out, _ = proc.communicate(stdin, timeout=BLOCK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{where}: still running after {BLOCK_TIMEOUT_S} s\n{script}\n--- output ---\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{script}\n--- output ---\n{out[-3000:]}"
+
+
+def stop_groups(groups: list[int]) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def test_shrink_reaches_flags_and_config_keys():

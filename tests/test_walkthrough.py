@@ -8,20 +8,16 @@ to label in Label Studio, the test annotates every new task through Label Studio
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from app.labeling import load_state, prediction_result
 from app.labelstudio import LabelStudio
-from tests.test_docs import BLOCK_TIMEOUT_S, FENCE as DOCS_FENCE, environment, free_port, shrink
+from tests.test_docs import FENCE as DOCS_FENCE, environment, free_port, run_block, shrink, stop_groups
 from training.checkpoint import load_checkpoint
 from training.data.folder import class_dicts, load_classes, mask_path, read_split
 
@@ -82,26 +78,13 @@ def test_walkthrough_runs(label_studio, tmp_path):
             where = f"docs/data.md walkthrough block {number} ({language})"
             script = shrink(code, ports).replace(PAGE_LABEL_STUDIO, label_studio.url)
             argv = ["bash", "-euo", "pipefail", "-c", script] if language == "bash" else [sys.executable, "-c", script]
-            proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
-            groups.append(proc.pid)
-            try:
-                out, _ = proc.communicate(f"{label_studio.token}\n", timeout=BLOCK_TIMEOUT_S)  # what `read` is typed
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                out, _ = proc.communicate()
-                pytest.fail(f"{where}: still running after {BLOCK_TIMEOUT_S} s\n{script}\n--- output ---\n{out[-3000:]}")
-            assert proc.returncode == 0, f"{where}: exit {proc.returncode}\n{script}\n--- output ---\n{out[-3000:]}"
+            run_block(argv, work, env, groups, where, script, stdin=f"{label_studio.token}\n")  # what `read` is typed
             if "export LABEL_STUDIO_URL" in script:  # the reader's shell keeps them for the blocks that follow
                 env.update(LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=label_studio.token)
             if "scaleseg label push" in script:
                 labelled.append(label_new_tasks(work / "data", client))
     finally:
-        for group in groups:
-            try:
-                os.killpg(group, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        stop_groups(groups)
 
     # what the reader ends with: both pushes labelled and pulled, the tree in the masks and in the last model
     data = work / "data"
