@@ -2,8 +2,9 @@
 
 - ``synthetic``: the multi-scale shapes set of ``scaleseg data synth``;
 - ``textures``: real photographic textures from scikit-image's bundled images (bench/texture_scenes.py);
-- ``photos``: the same scenes widened (several photographs per class, recoloured, turned, unevenly lit), so
-  that a few labels no longer cover a class: the label-bound benchmark.
+- ``photos``: the same scenes widened (several photographs per class, recoloured, turned, unevenly lit).
+Both are label-bound on the ImageNet encoder (bench/linear_probe.py); ``textures`` also within 2,400 CPU
+iterations of fine-tuning, where ``photos`` still underfits (docs/benchmarks.md, label headroom).
 
 One run is (benchmark, labelled fraction, method, seed). Each trains in its own process (`scaleseg train`,
 DeepLabV3+ on ``--backbone`` with ``--pretrained`` weights, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2

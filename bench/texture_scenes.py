@@ -10,13 +10,12 @@ Photometric noise (per-object gain and contrast, per-image brightness, Gaussian 
 brightness from giving the classes away; the grey textures (grass, brick, gravel) and the grey
 backgrounds can only be told apart by their texture.
 
-``variety="wide"`` (the ``photos`` benchmark) widens every class, because with one texture per class a
-handful of labelled images already covers it and a few labels do nearly as well as all of them: each class
-draws from several photographs (brick or printed text, gravel or a pile of coins, stained tissue or a cell
-culture), a texture is sampled at 0.7-1.4x its zoom and turned by a multiple of 90 degrees, half the
-backgrounds get a random hue and half the objects a hue turned by up to 35 degrees (colour varies within a
-class, as in natural photos, so a method's colour jitter does not contradict the labels), and the light
-falls off across the image in a random direction.
+``variety="wide"`` (the ``photos`` benchmark) widens every class: each class draws from several
+photographs (brick or printed text, gravel or a pile of coins, stained tissue or a cell culture), a
+texture is sampled at 0.7-1.4x its zoom and turned by a multiple of 90 degrees, half the backgrounds get a
+random hue and half the objects a hue turned by up to 35 degrees (colour varies within a class, as in
+natural photos, so a method's colour jitter does not contradict the labels), and the light falls off across
+the image in a random direction.
 """
 from __future__ import annotations
 
