@@ -34,10 +34,12 @@ from .protocol import DATATYPES, MAX_DIMS, ProtocolError, TensorSpec, datatype_o
 from .repository import Repository, ServedModel
 
 log = logging.getLogger("scaleseg.serving")
+# An RPC of the protocol that this server does not offer is the client's request, not a server fault: 405
+# (method not allowed) inside, UNIMPLEMENTED on the wire.
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-              409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-              415: grpc.StatusCode.INVALID_ARGUMENT, 501: grpc.StatusCode.UNIMPLEMENTED,
+              405: grpc.StatusCode.UNIMPLEMENTED, 409: grpc.StatusCode.FAILED_PRECONDITION,
+              413: grpc.StatusCode.RESOURCE_EXHAUSTED, 415: grpc.StatusCode.INVALID_ARGUMENT,
               503: grpc.StatusCode.UNAVAILABLE}
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 # Which InferTensorContents field carries each datatype when a client sends typed values instead of raw bytes.
@@ -124,7 +126,7 @@ class InferenceService:
         implementation = getattr(self, name, None)
         if implementation is None:
             raise ProtocolError(f"{name} is not offered by this server (no shared memory, trace or log settings); "
-                                "send tensors in the request and see the server's own log", 501)
+                                "send tensors in the request and see the server's own log", 405)
         return implementation
 
     @staticmethod
