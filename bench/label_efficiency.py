@@ -130,9 +130,14 @@ def run(cmd: list[str], log: Path, threads: int) -> float:
     return usage.ru_maxrss / 1024
 
 
+def cell_folder(work: Path, benchmark: str, fraction: str) -> Path:
+    """Where the datasets and runs of one (benchmark, fraction) live: runs in METHOD/seedN below it."""
+    return Path(work) / benchmark / fraction.replace("/", "_")
+
+
 def one_dataset(args, benchmark: str, fraction: str, seed: int) -> tuple[Path, int]:
     n_labeled = max(1, round(args.pool * Fraction(fraction)))
-    root = Path(args.work) / benchmark / fraction.replace("/", "_")
+    root = cell_folder(args.work, benchmark, fraction)
     return make_data(benchmark, root / f"data_seed{seed}", n_labeled, args.pool - n_labeled, args.n_val, args.size, seed), n_labeled
 
 
@@ -406,7 +411,7 @@ def adopt_published(work: Path, published: Path, budget: dict) -> None:
               "results will replace it (give a study its own --name to keep both)", flush=True)
         return
     for row in payload["rows"]:
-        row_file = work / row["benchmark"] / row["fraction"].replace("/", "_") / row["method"] / f"seed{row['seed']}" / "row.json"
+        row_file = cell_folder(work, row["benchmark"], row["fraction"]) / row["method"] / f"seed{row['seed']}" / "row.json"
         if not row_file.is_file():
             row_file.parent.mkdir(parents=True, exist_ok=True)
             row_file.write_text(json.dumps(row, indent=1))

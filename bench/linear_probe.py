@@ -1,11 +1,12 @@
 """Label headroom in minutes: a per-pixel linear probe on the frozen ImageNet encoder.
 
 Fine-tuning a network until it levels off costs CPU-hours per run; a linear classifier on frozen features
-costs seconds, and answers the question a label-efficiency study needs answered first: do more labels buy
-accuracy on this benchmark, or do a few labelled images already cover every class? The probe reads the
-encoder's four levels (upsampled to stride 4 and concatenated), standardises them on the labelled pixels
-and fits multinomial logistic regression; val mIoU is scored at stride 4 over every val image. It is a
-lower bound on what fine-tuning reaches, not a substitute for it; its use is the gap between fractions.
+costs a minute at most, and answers the question a label-efficiency study needs answered first: do more
+labels buy accuracy on this benchmark, or do a few labelled images already cover every class? The probe
+reads the encoder's four levels (upsampled to stride 4 and concatenated), standardises them on the
+labelled pixels and fits multinomial logistic regression; val mIoU is scored at stride 4 over every val
+image. It is not a substitute for fine-tuning (within a CPU budget it can score above or below it); its use
+is the gap between fractions.
 
 Datasets are the label-efficiency study's own (same pool, val set and per-seed labelled subsets), so the
 numbers line up with its runs. Results: bench/results/linear_probe.{json,md}.
@@ -28,8 +29,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS, machine, markdown_table, write_results  # noqa: E402
 from bench.label_efficiency import labelled_subset, make_data  # noqa: E402
-from training.data.folder import IGNORE, read_split  # noqa: E402
+from training.data.folder import IGNORE, load_classes, read_split  # noqa: E402
 from training.data.transforms import MEAN, STD  # noqa: E402
+from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: E402
 from training.models.encoders import build_encoder  # noqa: E402
 
 FIT_STEPS = 300  # full-batch Adam steps; the training loss has levelled off well before
@@ -72,11 +74,9 @@ def probe(train_x, train_y, val_x, val_y, num_classes: int, seed: int) -> tuple[
         loss.backward()
         opt.step()
     with torch.no_grad():
-        keep = val_y != IGNORE
-        pred = head((val_x[keep] - mu) / sd).argmax(1)
-    conf = torch.bincount(num_classes * val_y[keep] + pred, minlength=num_classes ** 2).reshape(num_classes, -1).double()
-    iou = conf.diag() / (conf.sum(0) + conf.sum(1) - conf.diag()).clamp(min=1)
-    return 100 * iou.mean().item(), [round(100 * v, 1) for v in iou.tolist()]
+        pred = head((val_x - mu) / sd).argmax(1)
+    result = metrics_from_confusion(confusion_matrix(pred, val_y, num_classes), [str(k) for k in range(num_classes)])
+    return result["miou"], [None if v is None else round(v, 1) for v in result["iou"].values()]
 
 
 def main() -> None:
@@ -102,7 +102,7 @@ def main() -> None:
         pool = {i: features(encoder, full, i) for i in generation_order}
         val = [features(encoder, full, i) for i in read_split(full, "val")]
         val_x, val_y = torch.cat([v[0] for v in val]), torch.cat([v[1] for v in val])
-        num_classes = int(max(val_y[val_y != IGNORE].max(), max(y[y != IGNORE].max() for _, y in pool.values()))) + 1
+        num_classes = len(load_classes(full))
         for fraction in args.fractions.split(","):
             scores = []
             for seed in seeds:
