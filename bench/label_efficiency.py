@@ -38,12 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
-from training.data.folder import read_split, write_split  # noqa: E402
+from training.data.folder import load_classes, mask_path, read_mask, read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
            "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
            "scalematch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
+PSEUDO_KEYS = ("pseudo_miou", "pseudo_miou_reliable", "pseudo_miou_relabelled_teacher", "pseudo_miou_relabelled_student")
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
 
@@ -214,6 +215,8 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
            "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
            "wall_s": wall, "total_s": wall + teacher_s}
+    if method_parts(method)[0] == "selftrain":
+        row.update(pseudo_label_quality(out, data))
     if method_parts(method)[0] == "scalematch":  # only ScaleMatch trains CIF
         report = out / "eval_cif.json"
         run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
@@ -223,6 +226,34 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     print(f"   {benchmark} {fraction} {method} seed {seed}: x0.5 {row['miou_x0.5']:.1f}  x1.0 {row['miou_x1.0']:.1f}  "
           f"x2.0 {row['miou_x2.0']:.1f}", flush=True)
     return row
+
+
+def pseudo_label_quality(run: Path, data: Path) -> dict:
+    """How right a selftrain run's pseudo-labels are, scored against the masks the benchmark keeps for its
+    unlabelled pool (a user's pool has none): the teacher's on every image and on the first stage's most
+    reliable share, and the student's round-1 labels on the images it re-labels."""
+    import torch
+    import yaml
+    from training.evaluate import confusion_matrix, metrics_from_confusion
+    from training.pseudo_labels import rank_images, read_manifest
+    names = [c.name for c in load_classes(data)]
+    share = yaml.safe_load((run / "config.yaml").read_text())["method_cfg"]["reliable_fraction"]
+    teacher = read_manifest(run / "pseudo" / "teacher")["images"]
+    order, _ = rank_images({i: teacher[i] for i in read_split(data, "unlabeled")})
+    reliable = order[:max(1, int(share * len(order)))]  # the cut SelfTrain.n_reliable makes
+
+    def miou(folder: Path, ids: list[str]) -> float | None:
+        cm = torch.zeros(len(names), len(names), dtype=torch.long)
+        for i in ids:
+            pred = torch.from_numpy(read_mask(folder / "labels" / f"{i}.png").astype("int64"))
+            cm += confusion_matrix(pred, torch.from_numpy(read_mask(mask_path(data, i)).astype("int64")), len(names))
+        return round(metrics_from_confusion(cm, names)["miou"], 2) if ids else None
+    student = run / "pseudo" / "round1"
+    relabelled = [i for i in order if (student / "labels" / f"{i}.png").is_file()]
+    return {"pseudo_miou": miou(run / "pseudo" / "teacher", order),
+            "pseudo_miou_reliable": miou(run / "pseudo" / "teacher", reliable),
+            "pseudo_miou_relabelled_teacher": miou(run / "pseudo" / "teacher", relabelled),
+            "pseudo_miou_relabelled_student": miou(student, relabelled)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -237,7 +268,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (bench, frac, method), rs in groups.items():
         line = {"benchmark": bench, "fraction": frac, "method": method, "seeds": sorted(r["seed"] for r in rs)}
-        for key in [f"miou_x{s}" for s in SCALES] + ["miou_cif", "sec_per_iter", "peak_rss_mib"]:
+        for key in [f"miou_x{s}" for s in SCALES] + ["miou_cif", "sec_per_iter", "peak_rss_mib", *PSEUDO_KEYS]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 line[key] = mean_std(vals)
@@ -306,6 +337,12 @@ def markdown(summary: list[dict]) -> str:
                              f"{gap(s.get('gap_closed'))} | {labels(s.get('labels_to_match'))} | "
                              f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if rss is None else f'{rss[0]:.0f}'} |")
             lines.append("")
+            for s in (here[m] for m in ordered(here) if "pseudo_miou" in here[m]):
+                lines += [f"{s['method']}, pseudo-labels scored against the pool's hidden masks (mIoU): the teacher's "
+                          f"{cell(s.get('pseudo_miou'))} on every unlabelled image, {cell(s.get('pseudo_miou_reliable'))} on "
+                          f"the most reliable share trained on first; on the images re-labelled in round 1, the teacher's "
+                          f"{cell(s.get('pseudo_miou_relabelled_teacher'))} and the student's "
+                          f"{cell(s.get('pseudo_miou_relabelled_student'))}.", ""]
     return "\n".join(lines)
 
 

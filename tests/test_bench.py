@@ -80,6 +80,9 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     student = study(tmp_path / "student", results, "--methods", "supervised,selftrain", "--seeds", "0")
     assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
     assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
+    selftrain = next(r for r in json.loads((results / "label_efficiency.json").read_text())["rows"] if r["method"] == "selftrain")
+    assert 0 <= selftrain["pseudo_miou"] <= 100 and 0 <= selftrain["pseudo_miou_reliable"] <= 100
+    assert "pseudo-labels scored against the pool's hidden masks" in (results / "label_efficiency.md").read_text()
     other_budget = study(tmp_path / "other", results, "--lr", "0.02", "--seeds", "0")  # never mixed with those rows
     assert other_budget.returncode == 0 and "another budget" in other_budget.stdout and "==" in other_budget.stdout
     assert [r["seed"] for r in json.loads((results / "label_efficiency.json").read_text())["rows"]] == [0]
@@ -236,6 +239,67 @@ def test_label_efficiency_gap_closed_and_labels_supervised_needs():
     half = 0.5 * (51 + 61)  # halfway from 1/8 to full supervised, in log(labels)
     assert summarise(rows + [row("1/32", 19, "fixmatch", 0, half)])[-1]["labels_to_match"] == round((75 * 600) ** 0.5, 1)
     assert "labels supervised needs" in markdown(summarise(rows))
+
+
+def test_pseudo_label_quality_scores_teacher_and_student_labels_on_the_pools_masks(tmp_path):
+    from bench.label_efficiency import pseudo_label_quality
+    from training.data.folder import write_mask, write_split
+    from training.pseudo_labels import CACHE_FORMAT, MANIFEST
+    data, run = tmp_path / "data", tmp_path / "run"
+    (data / "classes.json").parent.mkdir(parents=True)
+    (data / "classes.json").write_text(json.dumps([{"id": 0, "name": "a", "color": [0, 0, 0]},
+                                                   {"id": 1, "name": "b", "color": [255, 0, 0]}]))
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:, 2:] = 1  # half a, half b
+    ids = ["i0", "i1", "i2", "i3"]
+    write_split(data, "unlabeled", ids)
+    for i in ids:
+        write_mask(data / "masks" / f"{i}.png", truth)
+    # The teacher is right on its two most stable images and calls everything "a" on the others.
+    stability = {"i0": 90.0, "i1": 80.0, "i2": 10.0, "i3": 5.0}
+    teacher = run / "pseudo" / "teacher"
+    for i in ids:
+        write_mask(teacher / "labels" / f"{i}.png", truth if stability[i] > 50 else np.zeros_like(truth))
+    (teacher / MANIFEST).write_text(json.dumps({"format": CACHE_FORMAT, "identity": {}, "complete": True, "seconds": 0,
+                                                "images": {i: {"confidence": 0.9, "stability": stability[i]} for i in ids}}))
+    student = run / "pseudo" / "round1"  # round 1 re-labels the less reliable half, and gets it right
+    for i in ("i2", "i3"):
+        write_mask(student / "labels" / f"{i}.png", truth)
+    (run / "config.yaml").write_text(yaml.safe_dump({"method_cfg": {"reliable_fraction": 0.5}}))
+    quality = pseudo_label_quality(run, data)
+    # every image: a is right on its 32 pixels, plus 16 of b's called a (IoU 32/48); b is right on 16 of 32 (IoU 1/2)
+    assert quality == {"pseudo_miou": 58.33, "pseudo_miou_reliable": 100.0,
+                       "pseudo_miou_relabelled_teacher": 25.0, "pseudo_miou_relabelled_student": 100.0}
+
+
+def test_augment_sensitivity_scores_every_view_through_the_shared_scorer(checkpoints, tiny_data, tmp_path):
+    import torch
+
+    from bench.augment_sensitivity import VIEWS, ViewSet, markdown, sensitivity, summarise
+    from training.checkpoint import load_checkpoint, load_inference_model
+    from training.data.datasets import EvalSet
+    from training.data.folder import load_classes, read_split
+    from training.data.transforms import MEAN, STD
+    from training.evaluate import evaluate
+    run = checkpoints["supervised"].parent
+    row = sensitivity(run, tiny_data)
+    assert list(row["views"]) == list(VIEWS) and row["method"] == run.parent.name
+    names, ids = [c.name for c in load_classes(tiny_data)], read_split(tiny_data, "val")
+    model = load_inference_model(load_checkpoint(run / "last.pt"))[0]
+    plain = evaluate(model, EvalSet(tiny_data, ids, len(names)), names, torch.device("cpu"))["scales"]["1.0"]["miou"]
+    assert row["views"]["none"]["miou"] == pytest.approx(plain)  # the untouched view is `scaleseg eval`'s score
+    assert sensitivity(run, tiny_data) == row  # every view's draws are seeded per image
+    gray = ViewSet(tiny_data, ids, len(names), VIEWS["grayscale"])[0]["image"]
+    pixels = gray * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
+    assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
+    jittered = ViewSet(tiny_data, ids, len(names), VIEWS["colour jitter"])[0]["image"]
+    assert not torch.equal(jittered, ViewSet(tiny_data, ids, len(names), VIEWS["none"])[0]["image"])
+    (line,) = summarise([row, {**row, "seed": "seed1"}])
+    assert line["runs"] == 2 and line["views"]["none"]["miou"] == (row["views"]["none"]["miou"], 0.0)
+    assert "| grayscale |" in markdown([line])
+    bad = subprocess.run([sys.executable, str(REPO / "bench" / "augment_sensitivity.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a finished `scaleseg train --out` folder" in bad.stderr
 
 
 def test_demo_recipe_summary_checks_every_class_on_every_seed(tmp_path):

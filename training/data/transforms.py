@@ -62,21 +62,35 @@ def weak(img: Image.Image, mask: Image.Image, rng: np.random.Generator, crop: in
     return hflip(img, mask, rng)
 
 
+def colour_jitter(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """ColorJitter(0.5, 0.5, 0.5, 0.25): brightness, contrast, saturation and hue, in a random order."""
+    factors = {
+        "brightness": rng.uniform(0.5, 1.5),
+        "contrast": rng.uniform(0.5, 1.5),
+        "saturation": rng.uniform(0.5, 1.5),
+        "hue": rng.uniform(-0.25, 0.25),
+    }
+    for name in rng.permutation(list(factors)):
+        img = getattr(TF, f"adjust_{name}")(img, float(factors[name]))
+    return img
+
+
+def grayscale(img: Image.Image) -> Image.Image:
+    return TF.rgb_to_grayscale(img, num_output_channels=3)
+
+
+def blur(img: Image.Image, radius: float) -> Image.Image:
+    return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
 def strong(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A_s on top of A_w: colour jitter (0.5, 0.5, 0.5, 0.25) p=0.8, grayscale p=0.2, Gaussian blur p=0.5."""
     if rng.random() < 0.8:
-        factors = {
-            "brightness": rng.uniform(0.5, 1.5),
-            "contrast": rng.uniform(0.5, 1.5),
-            "saturation": rng.uniform(0.5, 1.5),
-            "hue": rng.uniform(-0.25, 0.25),
-        }
-        for name in rng.permutation(list(factors)):
-            img = getattr(TF, f"adjust_{name}")(img, float(factors[name]))
+        img = colour_jitter(img, rng)
     if rng.random() < 0.2:
-        img = TF.rgb_to_grayscale(img, num_output_channels=3)
+        img = grayscale(img)
     if rng.random() < 0.5:
-        img = img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.1, 2.0))))
+        img = blur(img, float(rng.uniform(0.1, 2.0)))
     return img
 
 
