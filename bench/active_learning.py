@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.simulate import simulate  # noqa: E402
-from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
-from bench.label_efficiency import make_data, mean_std  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, plot_bands, write_results  # noqa: E402
+from bench.label_efficiency import make_data  # noqa: E402
 
 STRATEGIES = ["random", "entropy", "margin", "least_confidence", "scale_disagreement", "coreset", "combined"]
 BUDGET_KEYS = ("method", "initial", "k", "rounds", "iters", "initial_iters", "crop_size", "batch_size", "lr", "pool", "size",

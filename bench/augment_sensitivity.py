@@ -16,7 +16,6 @@ lays them out) are one method: mean ± std over them.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, write_results  # noqa: E402
 from training.checkpoint import load_checkpoint, load_inference_model  # noqa: E402
 from training.data import transforms as T  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
@@ -80,15 +79,15 @@ def sensitivity(run: Path, data: Path | None = None) -> dict:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per method: each view's mIoU and per-class IoU, mean ± std over its runs."""
+    """Per method: each view's mIoU and per-class IoU, mean ± std over its runs (a class absent from val: None)."""
+    def ms(values):
+        values = [v for v in values if v is not None]
+        return mean_std(values) if values else None
     out = []
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
         line = {"method": method, "runs": len(rs), "views": {}}
         for view in VIEWS:
-            def ms(values):
-                values = [v for v in values if v is not None]
-                return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
             line["views"][view] = {"miou": ms([r["views"][view]["miou"] for r in rs]),
                                    "iou": {c: ms([r["views"][view]["iou"][c] for r in rs]) for c in rs[0]["views"][view]["iou"]}}
         out.append(line)

@@ -17,8 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.demo import COMMON, DATA, stage_args  # noqa: E402
-from bench.common import machine, markdown_table, write_results  # noqa: E402
-from bench.label_efficiency import mean_std  # noqa: E402
+from bench.common import machine, markdown_table, mean_std, write_results  # noqa: E402
 from training.cli import cmd_train  # noqa: E402
 from training.data.synth import synthesize  # noqa: E402
 

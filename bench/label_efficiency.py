@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, plot_bands, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, plot_bands, write_results  # noqa: E402
 from training.data.folder import load_classes, mask_path, read_mask, read_split, write_split  # noqa: E402
 
 METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
@@ -235,12 +235,14 @@ def pseudo_label_quality(run: Path, data: Path) -> dict:
     import torch
     import yaml
     from training.evaluate import confusion_matrix, metrics_from_confusion
+    from training.methods.selftrain import PSEUDO, reliable_count
     from training.pseudo_labels import rank_images, read_manifest
     names = [c.name for c in load_classes(data)]
     share = yaml.safe_load((run / "config.yaml").read_text())["method_cfg"]["reliable_fraction"]
-    teacher = read_manifest(run / "pseudo" / "teacher")["images"]
+    teacher_dir, student_dir = run / PSEUDO / "teacher", run / PSEUDO / "round1"
+    teacher = read_manifest(teacher_dir)["images"]
     order, _ = rank_images({i: teacher[i] for i in read_split(data, "unlabeled")})
-    reliable = order[:max(1, int(share * len(order)))]  # the cut SelfTrain.n_reliable makes
+    reliable = order[:reliable_count(share, len(order))]
 
     def miou(folder: Path, ids: list[str]) -> float | None:
         cm = torch.zeros(len(names), len(names), dtype=torch.long)
@@ -248,16 +250,10 @@ def pseudo_label_quality(run: Path, data: Path) -> dict:
             pred = torch.from_numpy(read_mask(folder / "labels" / f"{i}.png").astype("int64"))
             cm += confusion_matrix(pred, torch.from_numpy(read_mask(mask_path(data, i)).astype("int64")), len(names))
         return round(metrics_from_confusion(cm, names)["miou"], 2) if ids else None
-    student = run / "pseudo" / "round1"
-    relabelled = [i for i in order if (student / "labels" / f"{i}.png").is_file()]
-    return {"pseudo_miou": miou(run / "pseudo" / "teacher", order),
-            "pseudo_miou_reliable": miou(run / "pseudo" / "teacher", reliable),
-            "pseudo_miou_relabelled_teacher": miou(run / "pseudo" / "teacher", relabelled),
-            "pseudo_miou_relabelled_student": miou(student, relabelled)}
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+    relabelled = [i for i in order if (student_dir / "labels" / f"{i}.png").is_file()]
+    return {"pseudo_miou": miou(teacher_dir, order), "pseudo_miou_reliable": miou(teacher_dir, reliable),
+            "pseudo_miou_relabelled_teacher": miou(teacher_dir, relabelled),
+            "pseudo_miou_relabelled_student": miou(student_dir, relabelled)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:

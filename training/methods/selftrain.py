@@ -33,6 +33,11 @@ PSEUDO = "pseudo"  # OUT/pseudo/teacher/ holds the teacher's labels, OUT/pseudo/
 STUDENT_INITS = ("pretrained", "teacher")
 
 
+def reliable_count(fraction: float, n: int) -> int:
+    """How many of ``n`` ranked unlabelled images the first stage trains on."""
+    return max(1, int(fraction * n))  # ST++ takes len // 2
+
+
 @dataclass
 class SelfTrainConfig:
     teacher: str = hp("", "the teacher: a `scaleseg train` --out folder, a model package folder, or a .pt checkpoint")
@@ -108,7 +113,7 @@ class SelfTrain(Method):
         return epoch * trainer.iters_per_epoch
 
     def n_reliable(self, n: int) -> int:
-        return max(1, int(self.cfg.reliable_fraction * n))  # ST++ takes len // 2
+        return reliable_count(self.cfg.reliable_fraction, n)
 
     def ranked(self, trainer) -> tuple[list[str], str]:
         """The unlabelled ids, most reliable first, from the teacher's cache, and the criterion."""
