@@ -2,8 +2,9 @@
 
 - ``synthetic``: the multi-scale shapes set of ``scaleseg data synth``;
 - ``textures``: real photographic textures from scikit-image's bundled images (bench/texture_scenes.py);
-- ``photos``: the same scenes widened (several photographs per class, recoloured, turned, unevenly lit).
-Both are label-bound on the ImageNet encoder (bench/linear_probe.py); ``textures`` also within 2,400 CPU
+- ``photos``: the same scenes widened (several photographs per class, recoloured, turned, unevenly lit);
+- ``recoloured``: ``textures`` with every object's colour varied as far as the strong view varies it.
+``textures`` and ``photos`` are label-bound on the ImageNet encoder (bench/linear_probe.py); ``textures`` also within 2,400 CPU
 iterations of fine-tuning, where ``photos`` still underfits (docs/benchmarks.md, label headroom).
 
 One run is (benchmark, labelled fraction, method, seed). Each trains in its own process (`scaleseg train`,
@@ -45,6 +46,7 @@ METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatc
            "scalematch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
 PSEUDO_KEYS = ("pseudo_miou", "pseudo_miou_reliable", "pseudo_miou_relabelled_teacher", "pseudo_miou_relabelled_student")
+BENCHMARK_VARIETY = {"textures": "narrow", "photos": "wide", "recoloured": "recoloured"}  # bench/texture_scenes.py
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 
 
@@ -57,12 +59,11 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     if benchmark == "synthetic":
         from training.data.synth import synthesize
         synthesize(path, 5, pool_size, 0, n_val, size, POOL_SEED, force=True, progress=False)
-    elif benchmark in ("textures", "photos"):
+    elif benchmark in BENCHMARK_VARIETY:
         from bench.texture_scenes import synthesize_textures
-        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True,
-                            variety="wide" if benchmark == "photos" else "narrow")
+        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True, variety=BENCHMARK_VARIETY[benchmark])
     else:
-        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, textures or photos")
+        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, {', '.join(BENCHMARK_VARIETY)}")
     pool = read_split(path, "labeled")
     labelled = labelled_subset(pool, n_labeled, seed)
     write_split(path, "labeled", labelled)
@@ -214,7 +215,8 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
            "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
-           "wall_s": wall, "total_s": wall + teacher_s}
+           "wall_s": wall, "total_s": wall + teacher_s,
+           "threads": args.threads}  # a run's threads change its float sums, so its result, not only its speed
     if method_parts(method)[0] == "selftrain":
         row.update(pseudo_label_quality(out, data))
     if method_parts(method)[0] == "scalematch":  # only ScaleMatch trains CIF
@@ -391,6 +393,8 @@ def main() -> None:
     p.add_argument("--publish-only", action="store_true", help="write the results of the runs finished so far, train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with cores/jobs threads "
                    "(one thread per run is much faster than two when the cores are shared)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
     work = Path(args.work)
     settings = work / "settings.json"
@@ -419,7 +423,9 @@ def main() -> None:
         settings.write_text(json.dumps(budget))
     adopt_published(work, Path(args.results) / f"{args.name}.json", budget)
 
-    args.threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: must be 1 or more.")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     runs = [(bench, frac, method, int(seed)) for seed in args.seeds.split(",") for bench in args.benchmarks.split(",")
             for frac in args.fractions.split(",") for method in args.methods.split(",")]
     for bench, frac, _, seed in runs:  # datasets first, so that parallel runs never generate one twice

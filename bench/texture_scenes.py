@@ -16,6 +16,12 @@ texture is sampled at 0.7-1.4x its zoom and turned by a multiple of 90 degrees, 
 random hue and half the objects a hue turned by up to 35 degrees (colour varies within a class, as in
 natural photos, so a method's colour jitter does not contradict the labels), and the light falls off across
 the image in a random direction.
+
+``variety="recoloured"`` (the ``recoloured`` benchmark) keeps ``textures``' photographs and zoom but recolours
+every object and background as the methods' strong view does: hue turned by up to 90 degrees either way and
+one in five in grey. Class identity then lives in texture alone, so no view of A_s (colour jitter with hue
+0.25, grayscale p 0.2) asks for a label the image no longer shows; on ``textures`` cat fur and stained
+tissue are told apart by colour and fall to 0 IoU in grey (bench/augment_sensitivity.py).
 """
 from __future__ import annotations
 
@@ -39,6 +45,10 @@ TEXTURE_PATCH = 56            # source pixels across an object, whatever its siz
 # and 0.5-2x made the classes unlearnable in a CPU budget (supervised with 8x more labels scored lower).
 WIDE_OBJECT_HUE = 0.6
 WIDE_LOG_ZOOM = (-0.35, 0.35)
+# The recoloured variety's spread: A_s's colour jitter turns hue by up to 0.25 of a turn and greys p 0.2.
+RECOLOUR_HUE = np.pi / 2
+RECOLOUR_GREY = 0.2
+VARIETIES = ("narrow", "wide", "recoloured")
 
 
 def class_table() -> list[ClassInfo]:
@@ -117,8 +127,19 @@ def _vary(tex: np.ndarray, rng: np.random.Generator, max_hue: float) -> np.ndarr
     return _hue_rotate(tex, rng.uniform(-max_hue, max_hue)) if rng.random() < 0.5 else tex
 
 
+def _recolour(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The recoloured variety's change: a hue turned by up to RECOLOUR_HUE either way, then grey with
+    probability RECOLOUR_GREY (ITU-R 601 luma, as torchvision's rgb_to_grayscale)."""
+    img = _hue_rotate(img, rng.uniform(-RECOLOUR_HUE, RECOLOUR_HUE))
+    if rng.random() < RECOLOUR_GREY:
+        img = np.repeat(img @ np.array([0.299, 0.587, 0.114], np.float32)[:, None], 3, axis=2)
+    return img
+
+
 def render(index: int, seed: int, size: int, max_objects: int = 4, variety: str = "narrow") -> tuple[np.ndarray, np.ndarray]:
     """One RGB uint8 image and its uint8 mask, a pure function of (index, seed, size, variety)."""
+    if variety not in VARIETIES:
+        raise ValueError(f"variety {variety!r}: choose one of {', '.join(VARIETIES)}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index, 0x7E47])))
     wide = variety == "wide"
     backgrounds = WIDE_BACKGROUND_SOURCES if wide else BACKGROUND_SOURCES
@@ -126,6 +147,8 @@ def render(index: int, seed: int, size: int, max_objects: int = 4, variety: str 
     img = _patch(bg_src, int(rng.integers(size // 2, 2 * size)), size, rng)
     if wide:
         img = _vary(img, rng, np.pi)
+    elif variety == "recoloured":
+        img = _recolour(img, rng)
     img = img * rng.uniform(0.7, 1.2) + rng.uniform(-0.1, 0.1)
     mask = np.zeros((size, size), np.uint8)
     n = int(rng.integers(1, max_objects + 1))
@@ -140,6 +163,8 @@ def render(index: int, seed: int, size: int, max_objects: int = 4, variety: str 
             tex = _vary(tex, rng, WIDE_OBJECT_HUE)
         else:
             tex = _patch(_photo(list(CLASS_SOURCES.values())[cid - 1]), int(TEXTURE_PATCH * rng.uniform(0.8, 1.25)), side, rng)
+            if variety == "recoloured":
+                tex = _recolour(tex, rng)
         mean = tex.mean((0, 1), keepdims=True)
         tex = (tex - mean) * rng.uniform(0.7, 1.3) + mean * rng.uniform(0.75, 1.25) * rng.uniform(0.92, 1.08, 3)
         y0, x0 = int(rng.integers(-side // 4, size - side + side // 4 + 1)), int(rng.integers(-side // 4, size - side + side // 4 + 1))

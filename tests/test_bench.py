@@ -30,6 +30,33 @@ def test_texture_scenes_are_deterministic_multiscale_and_valid(tmp_path):
     assert check_dataset(data) == []
 
 
+def object_chroma(variety: str, cid: int, n: int = 120) -> list[np.ndarray]:
+    """Mean (R-G, B-Y) of every object of class ``cid`` wider than 6 px in the first ``n`` scenes."""
+    out = []
+    for i in range(n):
+        img, mask = render(i, 0, 64, variety=variety)
+        if (mask == cid).sum() > 36:
+            rgb = img[mask == cid].astype(np.float32)
+            out.append(np.array([(rgb[:, 0] - rgb[:, 1]).mean(), (rgb[:, 2] - rgb[:, :2].mean(1)).mean()]))
+    return out
+
+
+def test_recoloured_scenes_vary_colour_within_a_class_as_the_strong_view_does():
+    """Cat fur keeps one colour family in ``textures``; ``recoloured`` turns its hue and greys some objects, so
+    colour stops telling the classes apart while the masks stay valid."""
+    fur = 1 + list(CLASS_SOURCES).index("fur")
+    narrow, recoloured = object_chroma("narrow", fur), object_chroma("recoloured", fur)
+    assert len(narrow) > 5 and len(recoloured) > 5
+    spread = lambda chroma: float(np.linalg.norm(np.std(np.stack(chroma), 0)))  # noqa: E731
+    assert spread(recoloured) > 2 * spread(narrow)
+    # some objects are grey: only the per-channel gain of the scene noise is left (narrow: 30 or more)
+    assert min(np.linalg.norm(c) for c in recoloured) < 12 < min(np.linalg.norm(c) for c in narrow)
+    a, b = render(5, 0, 64, variety="recoloured"), render(5, 0, 64, variety="recoloured")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(ValueError, match="variety 'bright': choose one of narrow, wide, recoloured"):
+        render(0, 0, 64, variety="bright")
+
+
 def study(work: Path, results: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "bench" / "label_efficiency.py"), "--benchmarks", "synthetic", "--fractions", "1/4",
            "--methods", "supervised", "--seeds", "0,1", "--iters", "6", "--eval-every", "3", "--pool", "8", "--n-val", "2",
@@ -44,6 +71,7 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     payload = json.loads((results / "label_efficiency.json").read_text())
     assert sorted(r["seed"] for r in payload["rows"]) == [0, 1]
     assert [len(r["curve"]) for r in payload["rows"]] == [2, 2]  # validated at iterations 3 and 6
+    assert all(r["threads"] == max(1, (os.cpu_count() or 1)) for r in payload["rows"])  # one job: every core
     (line,) = payload["summary"]
     assert line["method"] == "supervised" and line["seeds"] == [0, 1] and len(line["miou_x1.0"]) == 2
     assert (results / "label_efficiency_curves.png").stat().st_size > 0
