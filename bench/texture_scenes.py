@@ -49,6 +49,7 @@ WIDE_LOG_ZOOM = (-0.35, 0.35)
 RECOLOUR_HUE = np.pi / 2
 RECOLOUR_GREY = 0.2
 VARIETIES = ("narrow", "wide", "recoloured")
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma: YIQ's Y, and grey as rgb_to_grayscale makes it
 
 
 def class_table() -> list[ClassInfo]:
@@ -114,7 +115,7 @@ def _blob(n: int, rng: np.random.Generator) -> np.ndarray:
 
 def _hue_rotate(img: np.ndarray, angle: float) -> np.ndarray:
     """Rotate the chroma of float RGB by ``angle`` radians in YIQ space (luminance kept)."""
-    yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+    yiq = np.array([LUMA, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
     c, s = np.cos(angle), np.sin(angle)
     rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]], np.float32)
     return img @ (np.linalg.inv(yiq) @ rot @ yiq).T.astype(np.float32)
@@ -132,7 +133,7 @@ def _recolour(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     probability RECOLOUR_GREY (ITU-R 601 luma, as torchvision's rgb_to_grayscale)."""
     img = _hue_rotate(img, rng.uniform(-RECOLOUR_HUE, RECOLOUR_HUE))
     if rng.random() < RECOLOUR_GREY:
-        img = np.repeat(img @ np.array([0.299, 0.587, 0.114], np.float32)[:, None], 3, axis=2)
+        img = np.repeat(img @ LUMA[:, None], 3, axis=2)
     return img
 
 
