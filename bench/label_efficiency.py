@@ -270,17 +270,18 @@ def summarise(rows: list[dict]) -> list[dict]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 line[key] = mean_std(vals)
-        sup = groups.get((bench, frac, "supervised"))
-        if sup and method != "supervised":
-            by_seed = {r["seed"]: r["miou_x1.0"] for r in sup}
-            gains = [r["miou_x1.0"] - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed]
-            if gains:
-                line["gain_x1.0"] = mean_std(gains)
-        full = groups.get((bench, "1", "supervised"))
-        if sup and full and frac != "1":
-            # share of the gap between supervised at this fraction and supervised on every image, in percent
-            low, high = mean_std([r["miou_x1.0"] for r in sup])[0], mean_std([r["miou_x1.0"] for r in full])[0]
-            line["gap_closed"] = 100 * (line["miou_x1.0"][0] - low) / (high - low) if high > low else None
+        by_seed = {r["seed"]: r["miou_x1.0"] for r in groups.get((bench, frac, "supervised"), [])}
+        seeds = [r["seed"] for r in rs if r["seed"] in by_seed]
+        if seeds and method != "supervised":
+            line["gain_x1.0"] = mean_std([r["miou_x1.0"] - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed])
+        full = {r["seed"]: r["miou_x1.0"] for r in groups.get((bench, "1", "supervised"), [])}
+        if seeds and full and frac != "1":
+            # share of the gap from supervised at this fraction to supervised on every image, in percent, on the
+            # method's own seeds (full supervision's mean over its seeds where it lacks one of them)
+            low = statistics.mean(by_seed[s] for s in seeds)
+            high = statistics.mean(full[s] for s in seeds) if all(s in full for s in seeds) else statistics.mean(full.values())
+            gain = line["gain_x1.0"][0] if method != "supervised" else 0.0
+            line["gap_closed"] = 100 * gain / (high - low) if high > low else None
         out.append(line)
     for line in out:
         if line["method"] != "supervised" or line["fraction"] != "1":
@@ -477,7 +478,7 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
             f"({head}), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "
             "the gain is paired by seed (same data and labelled subset); gap closed is the share of the distance from "
             "supervised at that fraction to supervised with every pool image labelled (fraction 1) that the method "
-            "covers, in percent; labels supervised needs is how many labelled images supervised training needs to "
+            "covers, in percent, on the method's own seeds (full supervision's mean over its seeds where it lacks one); labels supervised needs is how many labelled images supervised training needs to "
             "score the method's mean, interpolated in log(labels) between the measured fractions. s / iter is the median logged step time, "
             "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
             f"![curves]({name}_curves.png)")

@@ -264,6 +264,12 @@ def test_label_efficiency_gap_closed_and_labels_supervised_needs():
     assert uni["gain_x1.0"] == (10.0, 0.0) and uni["gap_closed"] == 50.0 and uni["labels_to_match"] == 75
     assert lines[("1/32", "cps")]["labels_to_match"] == "<=19" and lines[("1/32", "cps")]["gap_closed"] < 0
     assert lines[("1/8", "unimatch")]["labels_to_match"] == ">600"
+    # a method with fewer seeds is measured against supervised and full supervision on its own seeds only;
+    # where full supervision lacks the seed, against full supervision's mean
+    few = rows + [row("1/32", 19, "scalematch", 1, 52), row("1/32", 19, "supervised", 2, 31), row("1/32", 19, "mt", 2, 41)]
+    lines = {(s["fraction"], s["method"]): s for s in summarise(few)}
+    assert lines[("1/32", "scalematch")]["gap_closed"] == 50.0
+    assert lines[("1/32", "mt")]["gap_closed"] == 100 * 10 / (61 - 31)
     half = 0.5 * (51 + 61)  # halfway from 1/8 to full supervised, in log(labels)
     assert summarise(rows + [row("1/32", 19, "fixmatch", 0, half)])[-1]["labels_to_match"] == round((75 * 600) ** 0.5, 1)
     assert "labels supervised needs" in markdown(summarise(rows))

@@ -127,3 +127,24 @@ def test_malformed_framing_gets_the_json_error_shape(server, head):
     status, _, body = data.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in status.lower(), data[:300]
     assert set(json.loads(body)) == {"error"}
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v2/models/seg/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 900000000\r\n\r\n",                      # refused (413) before the body is read
+    b"POST /v2/models/seg/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",  # 400
+], ids=["413", "400"])
+def test_an_early_answer_reaches_a_client_that_is_still_sending(server, head):
+    """The server answers before it has read what the client sends; it half-closes and drops what keeps
+    coming (a lingering close), so the answer is not destroyed by the reset a full close would send."""
+    for _ in range(5):
+        sock = _connect(server)
+        sock.sendall(head)
+        sender = threading.Thread(target=_dribble, args=(sock, [b"x" * 65536] * 2000, 0.0), daemon=True)
+        sender.start()
+        data = _answer(sock)
+        sock.close()
+        sender.join(10)
+        assert not sender.is_alive()
+        assert data.startswith(b"HTTP/1.1 4"), data[:300]
+        assert set(json.loads(data.partition(b"\r\n\r\n")[2])) == {"error"}
