@@ -180,6 +180,10 @@ def warm_up(args, benchmark: str, fraction: str, seed: int) -> Path:
     return out / "last.pt"
 
 
+# "supervised:init-from=teacher": supervised training continued from this seed's supervised run for the
+# study's iterations again, so it costs what self-training from that teacher costs (the equal-time control)
+CONTINUED = "init-from=teacher"
+
 _RUN_LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
 
@@ -200,21 +204,29 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     if row_file.is_file() and (not need_checkpoint or (out / "last.pt").is_file()):
         return json.loads(row_file.read_text())
     warm = warm_up(args, benchmark, fraction, seed) if args.warm_start else None
-    extra, teacher_s = [], 0.0
-    if method_parts(method)[0] == "selftrain":
+    start = json.loads((warm.parent / "curve.json").read_text()) if warm else []  # the curve before this run's own
+    extra, teacher_s, trained, offset = [], 0.0, method, args.warm_start
+    continued = CONTINUED in method.split(":")[1:]
+    if method_parts(method)[0] == "selftrain" or continued:
         # The teacher is this seed's supervised run: the same labels, iterations and optimiser, so the
         # student's total cost is that run's time plus its own (pseudo-labelling included).
         teacher = one_run(args, benchmark, fraction, "supervised", seed, need_checkpoint=True)
-        extra, teacher_s = ["--teacher", str(data.parent / "supervised" / f"seed{seed}")], teacher.get("wall_s") or 0.0
-    records, rss = train(args, f"{benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled", method, data, out,
+        teacher_s, teacher_dir = teacher.get("wall_s") or 0.0, data.parent / "supervised" / f"seed{seed}"
+        if continued:  # self-training's control: the teacher trained on as long again, on its labels alone
+            if warm:
+                raise SystemExit(f"--methods {method}: already starts from the teacher; leave out --warm-start")
+            warm, trained = teacher_dir / "last.pt", ":".join(p for p in method.split(":") if p != CONTINUED)
+            start, offset = teacher["curve"], args.iters
+        else:
+            extra = ["--teacher", str(teacher_dir)]
+    records, rss = train(args, f"{benchmark} {fraction} {method} seed {seed}: {n_labeled} labelled", trained, data, out,
                          seed, args.iters, args.lr, warm, extra)
     wall = float((out / "wall_s.txt").read_text())
     steps = sorted(r["sec_per_iter"] for r in records if "sec_per_iter" in r)
-    own = curve(records, args.warm_start)
-    warm_curve = json.loads((warm.parent / "curve.json").read_text()) if warm else []
+    own = curve(records, offset)
     row = {"benchmark": benchmark, "fraction": fraction, "labeled": n_labeled, "method": method, "seed": seed,
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
-           "curve": warm_curve + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
+           "curve": start + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
            "wall_s": wall, "total_s": wall + teacher_s,
            "threads": args.threads}  # a run's threads change its float sums, so its result, not only its speed
     if method_parts(method)[0] == "selftrain":
@@ -266,7 +278,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for (bench, frac, method), rs in groups.items():
         line = {"benchmark": bench, "fraction": frac, "method": method, "seeds": sorted(r["seed"] for r in rs)}
-        for key in [f"miou_x{s}" for s in SCALES] + ["miou_cif", "sec_per_iter", "peak_rss_mib", *PSEUDO_KEYS]:
+        for key in [f"miou_x{s}" for s in SCALES] + ["miou_cif", "sec_per_iter", "total_s", "peak_rss_mib", *PSEUDO_KEYS]:
             vals = [r[key] for r in rs if r.get(key) is not None]
             if vals:
                 line[key] = mean_std(vals)
@@ -325,16 +337,17 @@ def markdown(summary: list[dict]) -> str:
     for bench in sorted({s["benchmark"] for s in summary}):
         for frac in sorted({s["fraction"] for s in summary if s["benchmark"] == bench}, key=Fraction):
             lines += [f"### {bench}, {frac} labelled", "",
-                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | gap closed % | labels supervised needs | s / iter | peak RSS MiB |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|"]
+                      "| method | seeds | mIoU x0.5 | mIoU x1.0 | mIoU x2.0 | CIF (0.5,1,2) | x1.0 gain over supervised (paired) | gap closed % | labels supervised needs | s / iter | minutes, teacher included | peak RSS MiB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
             here = {s["method"]: s for s in summary if s["benchmark"] == bench and s["fraction"] == frac}
             for s in (here[m] for m in ordered(here)):
                 rss = s.get("peak_rss_mib")
-                spi = s.get("sec_per_iter")
+                spi, total = s.get("sec_per_iter"), s.get("total_s")
                 lines.append(f"| {s['method']} | {len(s['seeds'])} | {cell(s.get('miou_x0.5'))} | {cell(s.get('miou_x1.0'))} | "
                              f"{cell(s.get('miou_x2.0'))} | {cell(s.get('miou_cif'))} | {cell(s.get('gain_x1.0'))} | "
                              f"{gap(s.get('gap_closed'))} | {labels(s.get('labels_to_match'))} | "
-                             f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if rss is None else f'{rss[0]:.0f}'} |")
+                             f"{'-' if spi is None else f'{spi[0]:.2f}'} | {'-' if total is None else f'{total[0] / 60:.0f}'} | "
+                             f"{'-' if rss is None else f'{rss[0]:.0f}'} |")
             lines.append("")
             for s in (here[m] for m in ordered(here) if "pseudo_miou" in here[m]):
                 lines += [f"{s['method']}, pseudo-labels scored against the pool's hidden masks (mIoU): the teacher's "
@@ -370,7 +383,9 @@ def main() -> None:
     p.add_argument("--pretrained", default="none", help="encoder weights of every run: none (random init) or imagenet")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated; METHOD+AUX adds an auxiliary loss, e.g. fixmatch+contextrast; "
-                   "METHOD:flag=value[:flag=value] sets the method's hyper-parameters, e.g. prcl:num-queries=32")
+                   "METHOD:flag=value[:flag=value] sets the method's hyper-parameters, e.g. prcl:num-queries=32; "
+                   "supervised:init-from=teacher continues each seed's supervised run as long again (self-training's "
+                   "equal-time control)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -480,7 +495,8 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
             "supervised at that fraction to supervised with every pool image labelled (fraction 1) that the method "
             "covers, in percent, on the method's own seeds (full supervision's mean over its seeds where it lacks one); labels supervised needs is how many labelled images supervised training needs to "
             "score the method's mean, interpolated in log(labels) between the measured fractions. s / iter is the median logged step time, "
-            "data loading included, on a machine shared with other work: compare it only within one table.\n\n"
+            "data loading included, and minutes the run's wall time plus its teacher's (selftrain, supervised:init-from=teacher), "
+            "on a machine shared with other work: compare them only within one table.\n\n"
             f"![curves]({name}_curves.png)")
     write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
                   markdown(summary), note, results, script="label_efficiency")

@@ -105,11 +105,18 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     assert elsewhere.returncode == 0 and "==" not in elsewhere.stdout, elsewhere.stderr[-2000:]
     assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
     # selftrain's teacher needs a checkpoint, which a published row does not carry: it is trained again first
-    student = study(tmp_path / "student", results, "--methods", "supervised,selftrain", "--seeds", "0")
+    student = study(tmp_path / "student", results, "--methods", "supervised,selftrain,supervised:init-from=teacher",
+                    "--seeds", "0")
     assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
     assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
-    selftrain = next(r for r in json.loads((results / "label_efficiency.json").read_text())["rows"] if r["method"] == "selftrain")
+    rows = {r["method"]: r for r in json.loads((results / "label_efficiency.json").read_text())["rows"] if r["seed"] == 0}
+    selftrain = rows["selftrain"]
     assert 0 <= selftrain["pseudo_miou"] <= 100 and 0 <= selftrain["pseudo_miou_reliable"] <= 100
+    # the equal-time control continues the teacher's weights on the labels alone, and counts the teacher's time
+    control, teacher = rows["supervised:init-from=teacher"], tmp_path / "student" / "synthetic" / "1_4" / "supervised" / "seed0"
+    assert str(teacher / "last.pt") in (teacher.parent.parent / "supervised:init-from=teacher" / "seed0" / "train.log").read_text()
+    assert control["total_s"] > control["wall_s"] > 0 and selftrain["total_s"] > selftrain["wall_s"] > 0
+    assert "minutes, teacher included" in (results / "label_efficiency.md").read_text()
     assert "pseudo-labels scored against the pool's hidden masks" in (results / "label_efficiency.md").read_text()
     other_budget = study(tmp_path / "other", results, "--lr", "0.02", "--seeds", "0")  # never mixed with those rows
     assert other_budget.returncode == 0 and "another budget" in other_budget.stdout and "==" in other_budget.stdout
