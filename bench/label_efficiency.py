@@ -213,8 +213,6 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
         teacher = one_run(args, benchmark, fraction, "supervised", seed, need_checkpoint=True)
         teacher_s, teacher_dir = teacher.get("wall_s") or 0.0, data.parent / "supervised" / f"seed{seed}"
         if continued:  # self-training's control: the teacher trained on as long again, on its labels alone
-            if warm:
-                raise SystemExit(f"--methods {method}: already starts from the teacher; leave out --warm-start")
             warm, trained = teacher_dir / "last.pt", ":".join(p for p in method.split(":") if p != CONTINUED)
             start, offset = teacher["curve"], args.iters
         else:
@@ -412,6 +410,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
+    if args.warm_start and CONTINUED in args.methods:
+        raise SystemExit(f"--methods supervised:{CONTINUED} starts from the teacher already; leave out --warm-start.")
     work = Path(args.work)
     settings = work / "settings.json"
     budget = {k: getattr(args, k) for k in ("iters", "eval_every", "crop", "size", "batch", "lr", "pool", "n_val")}

@@ -125,6 +125,8 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
 
 def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
+    both = study(work, results, "--methods", "supervised:init-from=teacher", "--warm-start", "2")
+    assert both.returncode != 0 and "leave out --warm-start" in both.stderr and not work.exists()
     done = study(work, results, "--methods", "supervised,fixmatch", "--seeds", "0", "--warm-start", "2", "--name", "warm",
                  "--iters", "2", "--eval-every", "1")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
