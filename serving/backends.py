@@ -49,7 +49,8 @@ class Backend(abc.ABC):
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0, precision: str = "fp32"):
+    def __init__(self, model_path: str | Path, providers: list | None = None, threads: int = 0, precision: str = "fp32",
+                 spinning: bool = True):
         import onnxruntime as ort
 
         self.precision = precision
@@ -64,6 +65,9 @@ class OnnxRuntimeBackend(Backend):
         options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # the guide's "session.intra_op.allow_spinning": idle workers sleep at once instead of
+            # spinning, which steals the cores from another session run right after (measured: bench/decoder_cost.py)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]

@@ -396,8 +396,45 @@ def test_decoder_cost_rows_for_both_heads(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "decoder_cost.json").read_text())["rows"]
-    assert [(r["decoder"], r["precision"]) for r in rows] == [("standard", "fp32"), ("standard", "int8"),
-                                                               ("light", "fp32"), ("light", "int8")]
+    assert [(r["decoder"], r["precision"]) for r in rows] == [
+        (d, p) for d in ("standard", "light") for p in ("fp32", "int8", "int8, float Pads")]
     assert all(r["runs"] == 2 and r["images_per_sec_min"] <= r["images_per_sec"] <= r["images_per_sec_max"] for r in rows)
-    assert rows[2]["gmac"] < rows[0]["gmac"] / 3 and rows[0]["speedup_over_standard"] == 1.0
+    assert rows[3]["gmac"] < rows[0]["gmac"] / 3 and rows[0]["speedup_over_standard"] == 1.0
+    assert rows[1]["speedup_over_float_pads"] == rows[1]["images_per_sec"] / rows[2]["images_per_sec"]
     assert "| light | int8 |" in (tmp_path / "decoder_cost.md").read_text()
+
+
+def test_inference_bench_times_each_head_and_says_where_the_time_goes(tmp_path):
+    """bench/inference.py, shrunk: every engine for the light head, and ONNX Runtime's kernel time by module."""
+    cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--size", "64", "--batches", "1", "--backbones", "resnet18",
+           "--decoders", "light", "--repeats", "1", "--threads", "1", "--calib-count", "1", "--profile-runs", "1",
+           "--name", "speed", "--results", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads((tmp_path / "speed.json").read_text())
+    assert {(r["engine"], r["graph"]) for r in out["rows"]} >= {("onnxruntime cpu int8", "single"), ("pytorch eager", "cif 0.5,1,2")}
+    assert all(r["decoder"] == "light" and r["min_ms"] <= r["p50_ms"] <= r["max_ms"] for r in out["rows"])
+    assert [s["engine"] for s in out["time_shares"]] == ["onnxruntime cpu", "onnxruntime cpu int8"]
+    for shares in out["time_shares"]:
+        assert sum(shares["by_module"].values()) == pytest.approx(100) and sum(shares["by_op"].values()) == pytest.approx(100)
+        assert {"encoder", "aspp"} <= set(shares["by_module"])
+    assert "QLinearConv" in out["time_shares"][1]["by_op"] and "QLinearConv" not in out["time_shares"][0]["by_op"]
+    assert "| light |" in (tmp_path / "speed.md").read_text()
+
+
+def test_int8_gate_bench_records_every_graph_and_the_default_gates_verdict(checkpoints, tiny_data, tmp_path):
+    from bench.int8_gate import main
+    from export.quantize import MAX_MIOU_DROP, MIN_AGREEMENT
+    runs = [checkpoints["scalematch"].parent, checkpoints["supervised"].parent]
+    main([*map(str, runs), "--data", str(tiny_data), "--calib-count", "2", "--threads", "1", "--name", "gate",
+          "--results", str(tmp_path)])
+    rows = json.loads((tmp_path / "gate.json").read_text())["rows"]
+    assert [(r["run"].split("/")[-1], r["graph"]) for r in rows] == [
+        (runs[0].name, "model.int8.onnx"), (runs[0].name, "model.cif.int8.onnx"), (runs[1].name, "model.int8.onnx")]
+    for r in rows:
+        assert r["miou_change"] == pytest.approx(r["miou_int8"] - r["miou_fp32"])
+        passes = r["label_agreement_pct"] >= 100 * MIN_AGREEMENT and -r["miou_change"] <= MAX_MIOU_DROP
+        assert r["ships"] == ("yes" if passes else "no")
+    assert not list(tmp_path.glob("*.onnx")) and "| model.cif.int8.onnx |" in (tmp_path / "gate.md").read_text()
+    with pytest.raises(SystemExit, match="no last.pt"):
+        main([str(tmp_path)])

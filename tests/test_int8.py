@@ -7,7 +7,9 @@ import json
 import shutil
 
 import numpy as np
+import onnxruntime
 import pytest
+import torch
 import tritonclient.http as triton
 from google.protobuf import text_format
 
@@ -179,3 +181,72 @@ def test_eval_scores_the_int8_graph_as_served(int8_package, tiny_data, tmp_path,
     assert got["backend"].endswith("int8") and reference["backend"].endswith("fp32")
     drop = reference["scales"]["1.0"]["miou"] - got["scales"]["1.0"]["miou"]
     assert drop <= json.loads((int8_package / "meta.json").read_text())["int8"]["gate"]["max_miou_drop"] + 1e-6
+
+
+class _SamePadded(torch.nn.Module):
+    """Lite0's pattern: ReLU6, then TF SAME padding in front of stride-2 convolutions (3x3 and a depthwise 5x5)."""
+
+    def __init__(self):
+        super().__init__()
+        from training.models.encoders.efficientnet_lite import SamePad
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(SamePad(3), torch.nn.Conv2d(3, 8, 3, 2), torch.nn.ReLU6(),
+                                        SamePad(5), torch.nn.Conv2d(8, 8, 5, 2, groups=8), torch.nn.ReLU6(),
+                                        torch.nn.Conv2d(8, 4, 1))
+
+    def forward(self, image):
+        return self.body(image.float() / 255)
+
+
+def test_quantized_same_padding_runs_on_uint8_with_identical_outputs(tmp_path):
+    import onnx
+
+    import export.quantize as quantize
+    src = tmp_path / "net.onnx"
+    torch.onnx.export(_SamePadded().eval(), (torch.zeros(1, 3, 32, 34, dtype=torch.uint8),), str(src), input_names=["image"],
+                      dynamic_axes={"image": {2: "H", 3: "W"}}, opset_version=17, dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, 256, (1, 3, 32, 32), dtype=np.uint8) for _ in range(4)]
+    quantize.quantize_graph(src, tmp_path / "folded.onnx", calib, "minmax")
+    quantize.quantize_graph(src, tmp_path / "plain.onnx", calib, "minmax", integer_padding=False)
+    folded, plain = (onnx.load(str(tmp_path / f"{n}.onnx")).graph for n in ("folded", "plain"))
+    producer = {o: n.op_type for n in folded.node for o in n.output}
+    pads = [n for n in folded.node if n.op_type == "Pad"]
+    assert len(pads) == 2 and all(producer[p.input[0]] != "DequantizeLinear" for p in pads)
+    assert len(folded.node) < len(plain.node)
+    sessions = [OnnxRuntimeBackend(tmp_path / f"{n}.onnx", providers=["CPUExecutionProvider"]) for n in ("folded", "plain")]
+    for side in [(32, 32), (31, 45), (17, 8)]:  # even and odd sides pad differently
+        x = rng.integers(0, 256, (1, 3, *side), dtype=np.uint8)
+        a, b = (s.infer(x) for s in sessions)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_integer_pads_leaves_pads_it_cannot_run_exactly():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import integer_pads
+
+    def graph(q_scale: float, pad_value: float):
+        inits = [numpy_helper.from_array(np.array(v, dtype=t), n) for n, v, t in
+                 [("s", 0.5, np.float32), ("z", 3, np.uint8), ("s2", q_scale, np.float32), ("pads", [0, 0, 0, 1, 0, 0, 1, 1], np.int64),
+                  ("v", pad_value, np.float32)]]
+        nodes = [helper.make_node("DequantizeLinear", ["x", "s", "z"], ["f"]),
+                 helper.make_node("Pad", ["f", "pads", "v"], ["p"], mode="constant"),
+                 helper.make_node("QuantizeLinear", ["p", "s2", "z"], ["y"]),
+                 helper.make_node("Shape", ["f"], ["shape"])]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, 1, 3, 4]),
+                               helper.make_tensor_value_info("shape", TensorProto.INT64, [4])], inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    x = np.array([[[[0, 7], [200, 255]]]], np.uint8)
+    for q_scale, pad_value, folds in [(0.5, 0.0, 1), (0.25, 0.0, 0), (0.5, 1.0, 0)]:
+        model = graph(q_scale, pad_value)
+        before = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+        assert integer_pads(model) == folds
+        onnx.checker.check_model(model)
+        after = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+        assert all(np.array_equal(a, b) for a, b in zip(before, after))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops == (["Pad", "Shape"] if folds else ["DequantizeLinear", "Pad", "QuantizeLinear", "Shape"])
