@@ -434,7 +434,8 @@ def test_int8_gate_bench_records_every_graph_and_the_default_gates_verdict(check
     for r in rows:
         assert r["miou_change"] == pytest.approx(r["miou_int8"] - r["miou_fp32"])
         passes = r["label_agreement_pct"] >= 100 * MIN_AGREEMENT and -r["miou_change"] <= MAX_MIOU_DROP
-        assert r["ships"] == ("yes" if passes else "no")
+        assert r["ships"] == ("yes" if passes else "no") and 0 <= r["uncertain_pct"] <= 100
+        assert r["agreement_confident_pct"] is None if r["uncertain_pct"] == 100 else 0 <= r["agreement_confident_pct"] <= 100
     assert not list(tmp_path.glob("*.onnx")) and "| model.cif.int8.onnx |" in (tmp_path / "gate.md").read_text()
     with pytest.raises(SystemExit, match="no last.pt"):
         main([str(tmp_path)])
