@@ -1,18 +1,18 @@
 """Inference speed on this machine: PyTorch eager (fp32, and bf16 autocast) vs ONNX Runtime (fp32, and the
 INT8 graph of `scaleseg export --quantize int8`) for the exported graph (uint8 in, labels + confidence
-out), DeepLabV3+ ResNet-18 / ResNet-50 (or any encoders and decoders given) at 512x512, batch 1 and 8; the CIF
-multi-scale graph's cost over the single-scale one; and where ONNX Runtime spends the single-scale graph's time
-at batch 1 (its profiler's kernel time by module and by operator). Random weights (speed does not depend on them; the INT8 graph is calibrated
-on random images, which sets its ranges but not its cost). On a GPU machine, ONNX Runtime's CUDA provider
-is added and asserted to be the one actually running."""
+out), DeepLabV3+ ResNet-18 / ResNet-50 (or any encoders and decoders given) at 512x512, batch 1 and 8;
+the CIF multi-scale graph's cost over the single-scale one; and where ONNX Runtime spends the single-scale
+graph's time at batch 1 (its profiler's kernel time by module and by operator). Random weights (speed does
+not depend on them; the INT8 graph is calibrated on random images, which sets its ranges but not its cost).
+On a GPU machine, ONNX Runtime's CUDA provider is added and asserted to be the one actually running."""
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-from collections import Counter
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,10 @@ def row(engine: str, model: dict, graph: str, batch: int, times: list[float]) ->
 
 def time_shares(path: Path, images: np.ndarray, threads: int, runs: int) -> dict[str, dict[str, float]]:
     """Percent of ONNX Runtime's kernel time over ``runs`` profiled runs (after one unprofiled warm-up), by the
-    module a node comes from (the exported graph names nodes by module path: /model/encoder/..., /model/aspp/...;
-    "graph" is what lies outside the network: normalisation, final upsampling, argmax and confidence) and by
-    operator type (after ONNX Runtime's fusions, e.g. QLinearConv). The profile goes to a file beside ``path``."""
+    module a node comes from and by operator type (after ONNX Runtime's fusions, e.g. QLinearConv). The exported
+    graph names nodes by module path (/model/encoder/..., /model/aspp/...); "model" is the network's own resizes
+    and concatenations (the logits' upsampling among them), "graph" what lies outside the network: the input's
+    normalisation, argmax and confidence. The profile goes to a file beside ``path``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
