@@ -18,12 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, machine, markdown_table, write_results  # noqa: E402
 from export.onnx_export import ExportError  # noqa: E402
 from export.package import export_package  # noqa: E402
-from export.quantize import DEFAULT_CALIB_COUNT, DEFAULT_METHOD, METHODS, Gate, gate_samples, gate_verdict  # noqa: E402
-from serving.backends import OnnxRuntimeBackend  # noqa: E402
+from export.quantize import CONFIDENT, DEFAULT_CALIB_COUNT, DEFAULT_METHOD, METHODS, Gate, gate_verdict  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.data.folder import find_image, read_split  # noqa: E402
-
-CONFIDENT = 0.8  # FP32 max-softmax at or above which a pixel counts as confidently labelled
 
 
 def run_label(run: Path) -> str:
@@ -31,34 +27,15 @@ def run_label(run: Path) -> str:
     return "/".join(run.resolve().parts[-3:])
 
 
-def agreement_by_confidence(fp32: Path, int8: Path, samples) -> dict:
-    """Where the two graphs' labels differ: the share of pixels FP32 labels with confidence below CONFIDENT,
-    and the label agreement on the confident rest (the gate's samples)."""
-    ref, got = (OnnxRuntimeBackend(g, providers=["CPUExecutionProvider"]) for g in (fp32, int8))
-    confident = agree_confident = total = 0
-    for image, _ in samples:
-        a, b = ref.infer(image), got.infer(image)
-        sure = a["confidence"][0] >= CONFIDENT
-        same = a["labels"][0] == b["labels"][0]
-        confident, total = confident + int(sure.sum()), total + sure.size
-        agree_confident += int((same & sure).sum())
-    return {"uncertain_pct": 100 * (1 - confident / total),
-            "agreement_confident_pct": 100 * agree_confident / confident if confident else None}
-
-
 def gate_rows(run: Path, data: Path | None, cif_scales: tuple[float, ...], calib_count: int, calib_method: str,
               work: Path) -> list[dict]:
     """One row per graph of ``run``'s last.pt: agreement, mIoU FP32 -> INT8, and the default gate's verdict."""
     checkpoint = run / "last.pt"
     has_cif = load_checkpoint(checkpoint)["inference"]["cif"]
-    package = work / f"{run_label(run).replace('/', '-')}-{calib_method}"
-    meta = export_package(checkpoint, package,
+    meta = export_package(checkpoint, work / f"{run_label(run).replace('/', '-')}-{calib_method}",
                           cif_scales=cif_scales if has_cif else None, data=data, quantize="int8", calib_count=calib_count,
                           calib_method=calib_method, int8_gate=Gate(min_agreement=0.0, max_miou_drop=math.inf),
                           progress=lambda line: print(" ", line))
-    data = data or Path(meta["train_config"]["data"]["root"])
-    samples = gate_samples(data, [p for p in (find_image(data, i) for i in read_split(data, "val")) if p])
-    fp32_of = {twin: graph for graph, twin in meta["int8"]["graphs"].items()}
     rows = []
     for graph, measured in meta["int8"]["gate"]["graphs"].items():
         verdict = gate_verdict(measured["label_agreement"], measured["miou_fp32"], measured["miou_int8"], Gate())
@@ -67,7 +44,9 @@ def gate_rows(run: Path, data: Path | None, cif_scales: tuple[float, ...], calib
                      "images": measured["images"], "label_agreement_pct": 100 * verdict["label_agreement"],
                      "miou_fp32": verdict["miou_fp32"], "miou_int8": verdict["miou_int8"],
                      "miou_change": -verdict["miou_drop"], "ships": "yes" if verdict["passed"] else "no",
-                     **agreement_by_confidence(package / fp32_of[graph], package / graph, samples)})
+                     "uncertain_pct": 100 * measured["uncertain_share"],
+                     "agreement_confident_pct": None if measured["agreement_confident"] is None
+                     else 100 * measured["agreement_confident"]})
     return rows
 
 

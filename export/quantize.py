@@ -50,6 +50,7 @@ GATE_IMAGES = 64                 # val images the gate runs (each at its own siz
 GATE_MAX_SIDE = 1024
 MIN_AGREEMENT = 0.99
 MAX_MIOU_DROP = 0.5              # mIoU points
+CONFIDENT = 0.8                  # FP32 confidence from which measure() also reports agreement apart (not gated)
 # Only these are quantized. Everything else stays float: the resizes, softmax and the max / argmax that make
 # labels and confidence, and CIF's gate and fusion arithmetic (Sigmoid / Mul / Add / Softmax). Measured on the
 # tiny model with entropy calibration (README "INT8 on CPU"): quantizing Resize too cost 0.4 points of label
@@ -245,21 +246,27 @@ def quantize_graph(src: Path, dst: Path, calibration: Sequence[np.ndarray], meth
 
 
 def measure(fp32: Path, int8: Path, samples: Sequence[tuple[np.ndarray, np.ndarray]], num_classes: int, gate: Gate) -> dict:
-    """Run both graphs on ``samples``; the gate's verdict for the INT8 one."""
+    """Run both graphs on ``samples``; the gate's verdict for the INT8 one, and beside it the share of pixels
+    FP32 labels below CONFIDENT and the agreement on the rest (where a disagreement is not a near-tie)."""
     ref = OnnxRuntimeBackend(fp32, providers=["CPUExecutionProvider"])
     got = OnnxRuntimeBackend(int8, providers=["CPUExecutionProvider"])
-    agree = total = 0
+    agree = total = confident = agree_confident = 0
     cm_ref = torch.zeros(num_classes, num_classes, dtype=torch.long)
     cm_got = torch.zeros_like(cm_ref)
     for image, mask in samples:
-        a, b = ref.infer(image)["labels"][0], got.infer(image)["labels"][0]
-        agree, total = agree + int((a == b).sum()), total + a.size
+        expected = ref.infer(image)
+        a, b = expected["labels"][0], got.infer(image)["labels"][0]
+        same, sure = a == b, expected["confidence"][0] >= CONFIDENT
+        agree, total = agree + int(same.sum()), total + a.size
+        confident, agree_confident = confident + int(sure.sum()), agree_confident + int((same & sure).sum())
         target = torch.from_numpy(mask.astype(np.int64))
         cm_ref += confusion_matrix(torch.from_numpy(a.astype(np.int64)), target, num_classes)
         cm_got += confusion_matrix(torch.from_numpy(b.astype(np.int64)), target, num_classes)
     names = [str(k) for k in range(num_classes)]
     return gate_verdict(agree / total, metrics_from_confusion(cm_ref, names)["miou"],
-                        metrics_from_confusion(cm_got, names)["miou"], gate) | {"images": len(samples)}
+                        metrics_from_confusion(cm_got, names)["miou"], gate) | {
+        "images": len(samples), "uncertain_share": 1 - confident / total,
+        "agreement_confident": agree_confident / confident if confident else None}
 
 
 def quantize_package(folder: Path, graphs: Sequence[str], calibration: Sequence[np.ndarray], calib_source: str,

@@ -40,6 +40,9 @@ def test_export_quantize_int8_writes_gated_graphs_and_meta(int8_package, tiny_da
     assert meta["precisions"] == ["fp32", "int8"]
     assert record["graphs"] == {"model.onnx": "model.int8.onnx", "model.cif.onnx": "model.cif.int8.onnx"}
     assert record["format"] == "QDQ" and record["activations"] == "uint8" and record["weights"] == "int8, per channel"
+    for verdict in record["gate"]["graphs"].values():
+        assert 0 <= verdict["uncertain_share"] <= 1
+        assert verdict["agreement_confident"] is None or 0 <= verdict["agreement_confident"] <= 1
     assert record["calibration"]["method"] == "entropy" and record["calibration"]["count"] == 12  # every unlabelled image
     gate = record["gate"]
     assert gate["passed"] and gate["min_agreement"] == 0.99 and gate["max_miou_drop"] == 0.5
