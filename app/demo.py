@@ -26,14 +26,22 @@ DATA = {"num_classes": 5, "n_labeled": 64, "n_unlabeled": 192, "n_val": 48, "siz
 COMMON = ["--config", "small-data", "--num-workers", "1"]  # training/recipes/small-data.yaml
 SUPERVISED_LR = 0.01
 SCALEMATCH_LR = 0.005
+SUPERVISED_ITERS, SCALEMATCH_ITERS = 1500, 250  # shorter stages miss the triangle (docs/benchmarks.md, the demo's recipe)
+
+
+def precision_flags(cpu_bf16: bool) -> list[str]:
+    """bfloat16 autocast where the CPU computes it natively: 1.3-1.4x faster on Lite0 (bench/train_speed.py
+    --ratios); elsewhere emulated bf16 is slower than float32, so the demo stays float32 there."""
+    return ["--amp-cpu"] if cpu_bf16 else []
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("demo"), help="folder for the data, runs, model and logs")
-    p.add_argument("--supervised-iters", type=int, default=1500, help="stage 1: supervised iterations")
-    p.add_argument("--iters", type=int, default=250, help="stage 2: ScaleMatch iterations from the stage-1 weights")
+    p.add_argument("--supervised-iters", type=int, default=SUPERVISED_ITERS, help="stage 1: supervised iterations")
+    p.add_argument("--iters", type=int, default=SCALEMATCH_ITERS,
+                   help="stage 2: ScaleMatch iterations from the stage-1 weights")
     p.add_argument("--port", type=int, default=7860, help="app port")
     p.add_argument("--label-studio-url", default="", help="use this Label Studio instead of starting one")
     p.add_argument("--label-studio-token", default="", help="access token of --label-studio-url")
@@ -42,9 +50,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def stage_args(data: Path, warm: Path, run: Path, supervised_iters: int, iters: int, seed: int = 0,
-               scalematch_lr: float = SCALEMATCH_LR) -> tuple[list[str], list[str]]:
+               scalematch_lr: float = SCALEMATCH_LR, cpu_bf16: bool = False) -> tuple[list[str], list[str]]:
     """`scaleseg train` arguments of the two stages (bench/demo_recipe.py measures this same recipe)."""
-    common = [str(data), *COMMON, "--seed", str(seed), "--force"]
+    common = [str(data), *COMMON, *precision_flags(cpu_bf16), "--seed", str(seed), "--force"]
     supervised = ["--method", "supervised", "--max-iters", str(supervised_iters), "--lr", str(SUPERVISED_LR),
                   "--eval-every", str(max(1, supervised_iters // 3)), "--out", str(warm)]
     scalematch = ["--method", "scalematch", "--max-iters", str(iters), "--lr", str(scalematch_lr), "--warmup-epochs", "1",
@@ -55,8 +63,9 @@ def stage_args(data: Path, warm: Path, run: Path, supervised_iters: int, iters: 
 def train(data: Path, out: Path, args) -> Path:
     """The two-stage recipe; a stage whose checkpoint exists is reused, an interrupted one starts over."""
     from training.cli import cmd_train
+    from training.engine import cpu_has_bf16
     warm, run = out / "run-supervised", out / "run"
-    supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters)
+    supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, cpu_bf16=cpu_has_bf16())
     stages = [("supervised", args.supervised_iters, warm, supervised),
               ("ScaleMatch from the supervised weights", args.iters, run, scalematch)]
     for i, (name, iters, folder, argv) in enumerate(stages, 1):

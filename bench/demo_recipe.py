@@ -9,17 +9,20 @@ runs log (evaluation and start-up excluded). Results: bench/results/demo_recipe.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.demo import COMMON, DATA, stage_args  # noqa: E402
+from app.demo import COMMON, DATA, SCALEMATCH_ITERS, SCALEMATCH_LR, SUPERVISED_ITERS, precision_flags, stage_args  # noqa: E402
 from bench.common import machine, markdown_table, mean_std, write_results  # noqa: E402
 from training.cli import cmd_train  # noqa: E402
 from training.data.synth import synthesize  # noqa: E402
+from training.engine import cpu_has_bf16  # noqa: E402
 
 TARGET_IOU, TARGET_MINUTES = 70.0, 5.0
 
@@ -29,6 +32,19 @@ def run_result(run: Path) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last_val = [r for r in records if "val" in r][-1]["val"]
     return {"miou": last_val["miou"], "iou": last_val["iou"], "train_s": sum(r.get("sec_per_iter", 0.0) for r in records)}
+
+
+def recipe_slug(argv: list[str]) -> str:
+    """A folder name for a supervised stage's recipe: its iterations and a hash of every flag but the seed and
+    the output folder, so a changed recipe never reuses another's runs."""
+    kept, args = [], iter(argv[1:])
+    for arg in args:
+        if arg in ("--seed", "--out"):
+            next(args, None)
+        else:
+            kept.append(arg)
+    iters = argv[argv.index("--max-iters") + 1]
+    return f"{iters}-{hashlib.sha1(' '.join(kept).encode()).hexdigest()[:8]}"
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -63,38 +79,48 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default=str(REPO / "runs" / "demo_recipe"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    p.add_argument("--supervised-iters", type=int, default=1500)
-    p.add_argument("--iters", type=int, default=250, help="ScaleMatch stage iterations")
-    p.add_argument("--scalematch-lrs", type=float, nargs="+", default=[0.005, 0.0025])
+    p.add_argument("--supervised-iters", type=int, default=SUPERVISED_ITERS)
+    p.add_argument("--iters", type=int, default=SCALEMATCH_ITERS, help="ScaleMatch stage iterations")
+    p.add_argument("--scalematch-lrs", type=float, nargs="*", default=[SCALEMATCH_LR],
+                   help="one ScaleMatch stage per lr; none measures the supervised stage alone")
+    p.add_argument("--supervised-flags", default="",
+                   help="extra `scaleseg train` flags of the supervised stage, to screen a recipe change "
+                        "(e.g. '--class-weights balanced'); the ScaleMatch stage starts from that stage")
+    p.add_argument("--name", default="demo_recipe", help="results name")
     p.add_argument("--results", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     work = Path(args.work)
     data = work / "data"
     if not (data / "classes.json").is_file():
         synthesize(data, force=True, **DATA)
+    flags = shlex.split(args.supervised_flags)
+    bf16 = cpu_has_bf16()
+    slug = recipe_slug(stage_args(data, work, work, args.supervised_iters, args.iters, 0, cpu_bf16=bf16)[0] + flags)
+    label = f"supervised {args.supervised_iters}" + (f" {args.supervised_flags}" if flags else "")
     rows = []
     for seed in args.seeds:
-        warm = work / f"seed{seed}" / "supervised"
-        for lr in args.scalematch_lrs:
-            run = work / f"seed{seed}" / f"scalematch-lr{lr:g}"
-            supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, seed, lr)
-            for folder, stage in ((warm, supervised), (run, scalematch)):
-                if not (folder / "last.pt").is_file():
-                    cmd_train(stage)
+        warm = work / f"seed{seed}" / f"supervised{slug}"
+        supervised, _ = stage_args(data, warm, warm, args.supervised_iters, args.iters, seed, cpu_bf16=bf16)
+        if not (warm / "last.pt").is_file():
+            cmd_train(supervised + flags)
         first = run_result(warm)
-        rows.append({"recipe": f"supervised {args.supervised_iters}", "seed": seed, **first})
+        rows.append({"recipe": label, "seed": seed, **first})
         for lr in args.scalematch_lrs:
-            second = run_result(work / f"seed{seed}" / f"scalematch-lr{lr:g}")
+            run = work / f"seed{seed}" / f"scalematch{args.iters}-after{slug}-lr{lr:g}"
+            _, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, seed, lr, bf16)
+            if not (run / "last.pt").is_file():
+                cmd_train(scalematch)
+            second = run_result(run)
             rows.append({"recipe": f"+ ScaleMatch {args.iters}, lr {lr:g}", "seed": seed, **second,
                          "train_s": first["train_s"] + second["train_s"]})
     summary = summarise(rows)
-    payload = {"machine": machine(), "data": DATA, "supervised_iters": args.supervised_iters, "iters": args.iters,
-               "rows": rows, "summary": summary}
-    note = (f"The demo data (`app/demo.py` DATA), `app/demo.py` COMMON settings ({' '.join(COMMON)}), val mIoU at "
-            "x1.0 after each stage; "
-            f"seeds {args.seeds}. The ScaleMatch rows' minutes include the supervised stage they start from.")
+    payload = {"machine": machine(), "data": DATA, "supervised_iters": args.supervised_iters,
+               "supervised_flags": args.supervised_flags, "iters": args.iters, "rows": rows, "summary": summary}
+    note = (f"The demo data (`app/demo.py` DATA), `app/demo.py` settings ({' '.join(COMMON + precision_flags(bf16))}), "
+            f"val mIoU at x1.0 after each stage; seeds {args.seeds}. The ScaleMatch rows' minutes include the "
+            "supervised stage they start from.")
     kwargs = {"results": Path(args.results)} if args.results else {}
-    write_results("demo_recipe", payload, table(summary), note, **kwargs)
+    write_results(args.name, payload, table(summary), note, script="demo_recipe", **kwargs)
     return 0
 
 

@@ -203,7 +203,7 @@ def write_ratios(args, device: torch.device) -> None:
             "fused-only labelled loss, no extra decoder pass for the plain path). Ratios are taken per round. GFLOP / iter: "
             "forward and backward, counted by torch.utils.flop_counter (expected over ScaleMatch's draw); a time ratio "
             "below the FLOP ratio means the extra passes run at least as efficiently as UniMatch's.")
-    write_results("train_speed_ratios", {"machine": machine(), "device": str(device), "args": vars(args), **result},
+    write_results(f"{args.name}_ratios", {"machine": machine(), "device": str(device), "args": vars(args), **result},
                   rows_table + "\n\n" + ratio_table, note, script="train_speed")
 
 
@@ -215,7 +215,7 @@ def main() -> None:
     p.add_argument("--backbones", default="resnet18,resnet50")
     p.add_argument("--methods", default="supervised,scalematch", help="comma-separated; METHOD+AUX adds an "
                    "auxiliary loss, e.g. fixmatch+contextrast")
-    p.add_argument("--name", default="train_speed", help="results file name in bench/results/")
+    p.add_argument("--name", default="train_speed", help="results file name in bench/results/ (--ratios: NAME_ratios)")
     p.add_argument("--ratios", action="store_true", help="ScaleMatch / UniMatch and fp32 / bf16 ratios instead "
                    "(first backbone of --backbones; results in train_speed_ratios)")
     p.add_argument("--rounds", type=int, default=5, help="--ratios: interleaved timing rounds")

@@ -215,6 +215,10 @@ def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
     assert (second.method, second.run.max_iters, second.optim.lr, second.run.seed) == ("scalematch", 250, SCALEMATCH_LR, 3)
     assert second.model.init_from == str(tmp_path / "warm" / "last.pt") and first.run.out == str(tmp_path / "warm")
     assert first.data.root == second.data.root == str(tmp_path / "data")
+    assert not first.optim.amp_cpu and not second.optim.amp_cpu
+    bf16 = [parse_train_args(a) for a in stage_args(tmp_path / "data", tmp_path / "warm", tmp_path / "run", 1500, 250,
+                                                     cpu_bf16=True)]
+    assert all(stage.optim.amp_cpu for stage in bf16)
 
 
 def test_user_errors_are_shown_without_a_traceback_in_the_log(package, data_copy, tmp_path):

@@ -365,6 +365,18 @@ def test_demo_recipe_summary_checks_every_class_on_every_seed(tmp_path):
     assert a["iou"]["disc"][0] == pytest.approx(74.5) and b["minutes"][0] == pytest.approx(5.0)
 
 
+def test_demo_recipe_folders_change_with_the_recipe_not_with_the_seed(tmp_path):
+    from app.demo import stage_args
+    from bench.demo_recipe import recipe_slug
+
+    def slug(seed=0, out="a", bf16=False, extra=()):
+        supervised, _ = stage_args(tmp_path, tmp_path / out, tmp_path / "run", 1100, 80, seed, cpu_bf16=bf16)
+        return recipe_slug(supervised + list(extra))
+    assert slug() == slug(seed=3, out="b")
+    assert slug().startswith("1100-")
+    assert len({slug(), slug(bf16=True), slug(extra=["--crop-size", "128"])}) == 3
+
+
 def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
     import random
 
