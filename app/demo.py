@@ -26,7 +26,8 @@ DATA = {"num_classes": 5, "n_labeled": 64, "n_unlabeled": 192, "n_val": 48, "siz
 COMMON = ["--config", "small-data", "--num-workers", "1"]  # training/recipes/small-data.yaml
 SUPERVISED_LR = 0.01
 SCALEMATCH_LR = 0.005
-SUPERVISED_ITERS, SCALEMATCH_ITERS = 1500, 250  # shorter stages miss the triangle (docs/benchmarks.md, the demo's recipe)
+# Shorter stages miss the triangle (docs/benchmarks.md, the demo's recipe).
+SUPERVISED_ITERS, SCALEMATCH_ITERS = 1500, 250
 
 
 def precision_flags(cpu_bf16: bool) -> list[str]:

@@ -18,7 +18,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.demo import COMMON, DATA, SCALEMATCH_ITERS, SCALEMATCH_LR, SUPERVISED_ITERS, precision_flags, stage_args  # noqa: E402
+from app.demo import (COMMON, DATA, SCALEMATCH_ITERS, SCALEMATCH_LR, SUPERVISED_ITERS, precision_flags,  # noqa: E402
+                      stage_args)
 from bench.common import machine, markdown_table, mean_std, write_results  # noqa: E402
 from training.cli import cmd_train  # noqa: E402
 from training.data.synth import synthesize  # noqa: E402
@@ -35,11 +36,11 @@ def run_result(run: Path) -> dict:
 
 
 def recipe_slug(argv: list[str]) -> str:
-    """A folder name for a supervised stage's recipe: its iterations and a hash of every flag but the seed and
-    the output folder, so a changed recipe never reuses another's runs."""
+    """A folder name for a stage's recipe: its iterations and a hash of every flag but the seed and the
+    folders (its own, and the one it starts from), so a changed recipe never reuses another's runs."""
     kept, args = [], iter(argv[1:])
     for arg in args:
-        if arg in ("--seed", "--out"):
+        if arg in ("--seed", "--out", "--init-from"):
             next(args, None)
         else:
             kept.append(arg)
@@ -106,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         first = run_result(warm)
         rows.append({"recipe": label, "seed": seed, **first})
         for lr in args.scalematch_lrs:
-            run = work / f"seed{seed}" / f"scalematch{args.iters}-after{slug}-lr{lr:g}"
+            recipe = recipe_slug(stage_args(data, warm, warm, args.supervised_iters, args.iters, seed, lr, bf16)[1])
+            run = work / f"seed{seed}" / f"scalematch{recipe}-after{slug}"
             _, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, seed, lr, bf16)
             if not (run / "last.pt").is_file():
                 cmd_train(scalematch)

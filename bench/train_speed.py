@@ -217,7 +217,7 @@ def main() -> None:
                    "auxiliary loss, e.g. fixmatch+contextrast")
     p.add_argument("--name", default="train_speed", help="results file name in bench/results/ (--ratios: NAME_ratios)")
     p.add_argument("--ratios", action="store_true", help="ScaleMatch / UniMatch and fp32 / bf16 ratios instead "
-                   "(first backbone of --backbones; results in train_speed_ratios)")
+                   "(first backbone of --backbones; results in NAME_ratios)")
     p.add_argument("--rounds", type=int, default=5, help="--ratios: interleaved timing rounds")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

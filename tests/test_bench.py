@@ -375,6 +375,9 @@ def test_demo_recipe_folders_change_with_the_recipe_not_with_the_seed(tmp_path):
     assert slug() == slug(seed=3, out="b")
     assert slug().startswith("1100-")
     assert len({slug(), slug(bf16=True), slug(extra=["--crop-size", "128"])}) == 3
+    second = [stage_args(tmp_path, tmp_path / f"warm{seed}", tmp_path / "run", 1100, 80, seed, lr)[1]
+              for seed, lr in ((0, 0.005), (4, 0.005), (0, 0.0025))]
+    assert recipe_slug(second[0]) == recipe_slug(second[1]) != recipe_slug(second[2])
 
 
 def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
