@@ -31,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--iterations", type=int, help="default iterations of the Retrain tab")
     r.add_argument("--crop-size", type=int, help="square training crop")
     r.add_argument("--batch-size", type=int, help="labelled images per step")
+    r.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer (--lr is its learning rate)")
     r.add_argument("--lr", type=float, help="backbone learning rate")
     r.add_argument("--backbone", help="encoder of a retraining from scratch")
     r.add_argument("--decoder", choices=["standard", "light"], help="DeepLabV3+ head of a retraining from scratch")
@@ -41,7 +42,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "lr", "backbone", "decoder", "pretrained", "num_workers", "device")
+RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "optimizer", "lr", "backbone", "decoder", "pretrained",
+                 "num_workers", "device")
 
 
 def retrain_overrides(args: argparse.Namespace) -> dict:

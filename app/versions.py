@@ -86,6 +86,7 @@ class RetrainRecipe:
     iterations: int = 200        # the Retrain tab's default iterations
     crop_size: int = 96          # square training crop
     batch_size: int = 4          # labelled images per step
+    optimizer: str = "sgd"       # sgd or adamw: a learning rate means something only with its optimizer
     lr: float = 0.01             # backbone learning rate
     backbone: str = "efficientnet_lite0"  # encoder of a run from scratch (the small-data recipe's)
     decoder: str = "standard"    # DeepLabV3+ head: standard or light; fine-tuning needs the serving model's
@@ -101,7 +102,8 @@ def recipe_from_package(package: Path, **overrides) -> RetrainRecipe:
     config = meta.get("train_config") or {}
     data, optim, model, run = (config.get(k, {}) for k in ("data", "optim", "model", "run"))
     found = {"method": meta.get("method"), "iterations": run.get("max_iters") or None,
-             "crop_size": data.get("crop_size"), "batch_size": data.get("batch_size"), "lr": optim.get("lr"),
+             "crop_size": data.get("crop_size"), "batch_size": data.get("batch_size"),
+             "optimizer": optim.get("optimizer"), "lr": optim.get("lr"),
              "backbone": model.get("backbone") or meta.get("backbone"), "decoder": model.get("decoder"),
              "pretrained": model.get("pretrained"),
              "num_workers": data.get("num_workers")}
@@ -119,9 +121,10 @@ def train_command(recipe: RetrainRecipe, data: Path, method: str, iterations: in
     ImageNet's. selftrain's teacher is the serving package, which labels the unlabelled images once."""
     cmd = python_command("training.cli", "train", str(data), "--method", method, "--max-iters", str(iterations),
                          "--eval-every", str(iterations), "--crop-size", str(recipe.crop_size), "--batch-size",
-                         str(recipe.batch_size), "--backbone", recipe.backbone, "--decoder", recipe.decoder, "--lr",
-                         str(recipe.lr), "--num-workers", str(recipe.num_workers), "--out", str(out), "--device", recipe.device,
-                         "--force")  # a failed job's folder is reused: the next version gets its name
+                         str(recipe.batch_size), "--backbone", recipe.backbone, "--decoder", recipe.decoder,
+                         "--optimizer", recipe.optimizer, "--lr", str(recipe.lr), "--num-workers", str(recipe.num_workers),
+                         # --force: a failed job's folder is reused, since the next version gets its name
+                         "--out", str(out), "--device", recipe.device, "--force")
     if init_from is not None:
         cmd += ["--init-from", str(init_from)]
     else:

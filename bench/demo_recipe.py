@@ -19,9 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.demo import (COMMON, DATA, SCALEMATCH_ITERS, SCALEMATCH_LR, SUPERVISED_ITERS, precision_flags,  # noqa: E402
-                      stage_args)
+                      run_stage, stage_args)
 from bench.common import machine, markdown_table, mean_std, write_results  # noqa: E402
-from training.cli import cmd_train  # noqa: E402
 from training.data.synth import synthesize  # noqa: E402
 from training.engine import cpu_has_bf16  # noqa: E402
 
@@ -87,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervised-flags", default="",
                    help="extra `scaleseg train` flags of the supervised stage, to screen a recipe change "
                         "(e.g. '--class-weights balanced'); the ScaleMatch stage starts from that stage")
+    p.add_argument("--scalematch-flags", default="",
+                   help="extra `scaleseg train` flags of the ScaleMatch stage (e.g. '--optimizer sgd')")
     p.add_argument("--name", default="demo_recipe", help="results name")
     p.add_argument("--results", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "data"
     if not (data / "classes.json").is_file():
         synthesize(data, force=True, **DATA)
-    flags = shlex.split(args.supervised_flags)
+    flags, stage2_flags = shlex.split(args.supervised_flags), shlex.split(args.scalematch_flags)
     bf16 = cpu_has_bf16()
     slug = recipe_slug(stage_args(data, work, work, args.supervised_iters, args.iters, 0, cpu_bf16=bf16)[0] + flags)
     label = f"supervised {args.supervised_iters}" + (f" {args.supervised_flags}" if flags else "")
@@ -102,22 +103,23 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         warm = work / f"seed{seed}" / f"supervised{slug}"
         supervised, _ = stage_args(data, warm, warm, args.supervised_iters, args.iters, seed, cpu_bf16=bf16)
-        if not (warm / "last.pt").is_file():
-            cmd_train(supervised + flags)
+        run_stage(supervised + flags, warm)
         first = run_result(warm)
         rows.append({"recipe": label, "seed": seed, **first})
         for lr in args.scalematch_lrs:
-            recipe = recipe_slug(stage_args(data, warm, warm, args.supervised_iters, args.iters, seed, lr, bf16)[1])
+            recipe = recipe_slug(stage_args(data, warm, warm, args.supervised_iters, args.iters, seed, lr, bf16)[1]
+                                 + stage2_flags)
             run = work / f"seed{seed}" / f"scalematch{recipe}-after{slug}"
             _, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, seed, lr, bf16)
-            if not (run / "last.pt").is_file():
-                cmd_train(scalematch)
+            run_stage(scalematch + stage2_flags, run)
             second = run_result(run)
-            rows.append({"recipe": f"+ ScaleMatch {args.iters}, lr {lr:g}", "seed": seed, **second,
+            extra = f" {args.scalematch_flags}" if stage2_flags else ""
+            rows.append({"recipe": f"+ ScaleMatch {args.iters}, lr {lr:g}{extra}", "seed": seed, **second,
                          "train_s": first["train_s"] + second["train_s"]})
     summary = summarise(rows)
     payload = {"machine": machine(), "data": DATA, "supervised_iters": args.supervised_iters,
-               "supervised_flags": args.supervised_flags, "iters": args.iters, "rows": rows, "summary": summary}
+               "supervised_flags": args.supervised_flags, "scalematch_flags": args.scalematch_flags, "iters": args.iters,
+               "rows": rows, "summary": summary}
     note = (f"The demo data (`app/demo.py` DATA), `app/demo.py` settings ({' '.join(COMMON + precision_flags(bf16))}), "
             f"val mIoU at x1.0 after each stage; seeds {args.seeds}. The ScaleMatch rows' minutes include the "
             "supervised stage they start from.")

@@ -221,6 +221,22 @@ def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
     assert all(stage.optim.amp_cpu for stage in bf16)
 
 
+def test_demo_stage_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path, monkeypatch):
+    """last.pt is written at every epoch's end, so its existence does not mean the stage finished."""
+    import training.cli
+    from app.demo import run_stage
+    from training.checkpoint import save_checkpoint
+    calls = []
+    monkeypatch.setattr(training.cli, "cmd_train", calls.append)
+    argv = ["data", "--max-iters", "4", "--force", "--out", str(tmp_path)]
+    assert run_stage(argv, tmp_path) and calls[-1] == argv
+    stage = {"total_iters": 4, "inference": {}, "config": {"run": {"max_iters": 4}}}
+    save_checkpoint(tmp_path / "last.pt", {**stage, "iteration": 2})
+    assert run_stage(argv, tmp_path) and calls[-1] == ["data", "--max-iters", "4", "--resume", "--out", str(tmp_path)]
+    save_checkpoint(tmp_path / "last.pt", {**stage, "iteration": 4})
+    assert not run_stage(argv, tmp_path) and len(calls) == 2
+
+
 def test_user_errors_are_shown_without_a_traceback_in_the_log(package, data_copy, tmp_path):
     """Gradio prints the traceback of every gr.Error unless told not to; a user's mistake is no server fault."""
     import gradio as gr

@@ -142,3 +142,5 @@ def test_shipped_small_data_recipe_by_name(tiny_data):
     assert (cfg.model.backbone, cfg.model.pretrained, cfg.data.crop_size, cfg.data.batch_size) == \
         ("efficientnet_lite0", "imagenet", 96, 4)
     assert cfg.optim.lr == 0.005  # the command line wins over the recipe
+    recipe = parse_train_args([str(tiny_data), "--config", "small-data"]).optim
+    assert (recipe.optimizer, recipe.lr, recipe.head_lr_mult) == ("adamw", 0.0002, 10.0)

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 
 from training import checkpoint as checkpoint_module
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, training_finished
 from training.cli import main
 from training.config import ConfigError
 from training.data.folder import class_pixel_counts, read_split
 from training.engine import Trainer, autocast_dtype, check_bf16_input_size, cpu_has_bf16, poly_lr
 from training.evaluate import confusion_matrix, metrics_from_confusion
 from training.losses import balanced_class_weights
+from training.run_settings import drop_metrics_after
 
 from .conftest import tiny_config
 
@@ -57,10 +58,14 @@ def assert_killed_run_resumes_exactly(cmd, tmp_path: Path, kill_at: int, total: 
     proc.wait()
     stopped_at = load_checkpoint(killed / "last.pt")["iteration"]
     assert kill_at <= stopped_at < total, "the run should have been killed part-way"
+    assert not training_finished(killed / "last.pt") and training_finished(straight / "last.pt")
     subprocess.run(cmd(killed, "--resume"), check=True, env=env(), capture_output=True)
 
     a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(killed / "last.pt")
-    assert a["iteration"] == b["iteration"] == total
+    assert a["iteration"] == b["iteration"] == total and training_finished(killed / "last.pt")
+    logged = [[(r["iter"], "val" in r) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+              for run in (straight, killed)]
+    assert logged[0] == logged[1]  # each iteration logged once, wherever the kill fell between a log and a save
     for key, value in a["method_state"].items():
         assert torch.equal(value, b["method_state"][key]), key
     assert not list(killed.glob(".*.tmp"))  # no half-written checkpoint left behind
@@ -69,6 +74,14 @@ def assert_killed_run_resumes_exactly(cmd, tmp_path: Path, kill_at: int, total: 
 
 def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path):
     assert_killed_run_resumes_exactly(lambda out, *extra: train_cmd(tiny_data, out, *extra), tmp_path, 3, 8)
+
+
+def test_resume_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    records = [{"iter": 1, "loss": 0.5}, {"iter": 2, "loss": 0.4}, {"iter": 2, "val_miou": 10.0}, {"iter": 3, "loss": 0.3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drop_metrics_after(tmp_path, 2)
+    assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:3]
+    drop_metrics_after(tmp_path / "missing", 2)  # a run that logged nothing yet
 
 
 def test_autocast_dtype_per_device():

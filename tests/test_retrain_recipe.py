@@ -44,16 +44,16 @@ def test_fine_tuning_keeps_the_serving_models_decoder(tmp_path):
 def test_train_command_follows_the_recipe(tmp_path):
     weights = tmp_path / "imagenet.pth"
     weights.write_bytes(b"weights")
-    recipe = RetrainRecipe(crop_size=256, batch_size=8, lr=0.02, backbone="resnet50", decoder="light", pretrained=str(weights),
-                           num_workers=4)
+    recipe = RetrainRecipe(crop_size=256, batch_size=8, optimizer="adamw", lr=0.02, backbone="resnet50", decoder="light",
+                           pretrained=str(weights), num_workers=4)
     cmd = train_command(recipe, tmp_path / "data", "unimatch", 300, tmp_path / "run", init_from=None)
     pairs = {flag: cmd[i + 1] for i, flag in enumerate(cmd[:-1]) if flag.startswith("--")}
     head = python_command("training.cli", "train", str(tmp_path / "data"))
     assert cmd[:len(head)] == head
-    assert {k: pairs[k] for k in ("--method", "--max-iters", "--crop-size", "--batch-size", "--lr", "--backbone",
-                                  "--decoder", "--num-workers", "--device", "--pretrained")} == {
-        "--method": "unimatch", "--max-iters": "300", "--crop-size": "256", "--batch-size": "8", "--lr": "0.02",
-        "--backbone": "resnet50", "--decoder": "light", "--num-workers": "4", "--device": "auto", "--pretrained": str(weights)}
+    assert {k: pairs[k] for k in ("--method", "--max-iters", "--crop-size", "--batch-size", "--optimizer", "--lr",
+                                  "--backbone", "--decoder", "--num-workers", "--device", "--pretrained")} == {
+        "--method": "unimatch", "--max-iters": "300", "--crop-size": "256", "--batch-size": "8", "--optimizer": "adamw",
+        "--lr": "0.02", "--backbone": "resnet50", "--decoder": "light", "--num-workers": "4", "--device": "auto", "--pretrained": str(weights)}
     tuned = train_command(recipe, tmp_path / "data", "unimatch", 300, tmp_path / "run", init_from=tmp_path / "c.pt")
     assert "--init-from" in tuned and "--pretrained" not in tuned  # fine-tuning replaces the encoder
     missing = RetrainRecipe(pretrained=str(tmp_path / "elsewhere.pth"))

@@ -46,6 +46,20 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def training_finished(path: str | Path) -> bool:
+    """Whether the run whose last.pt this is trained all its iterations: last.pt is also written at every
+    epoch's end, so its existence alone does not say that the run finished."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    ckpt = load_checkpoint(path)
+    total = ckpt.get("total_iters") or ckpt["config"]["run"]["max_iters"]
+    if not total:
+        raise CheckpointError(f"{path}: written before checkpoints recorded their total iterations, with --epochs; "
+                              "resume it with `scaleseg train ... --resume` to know whether it finished.")
+    return ckpt["iteration"] >= total
+
+
 def load_inference_model(ckpt: dict, path: str | Path = "checkpoint"):
     """(network in eval mode, classes as dicts, TrainConfig) from a loaded checkpoint."""
     from .engine import config_from_checkpoint

@@ -2,11 +2,13 @@
 and --resume continues only with the checkpoint's settings and data unless --allow-changed names them."""
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, TrainConfig
+from .data.folder import atomic_write
 
 RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json")  # config.json: earlier runs' settings
 # Settings that change neither the weights a run ends with nor its data order, so --resume may change them
@@ -36,6 +38,18 @@ def start_out_dir(out: Path, run: RunConfig) -> None:
             (out / name).unlink(missing_ok=True)
         for folder in ("tensorboard", SNAPSHOTS):
             shutil.rmtree(out / folder, ignore_errors=True)
+
+
+def drop_metrics_after(out: Path, iteration: int) -> None:
+    """A resumed run continues from its checkpoint's iteration: the records an interrupted run logged after that
+    checkpoint are dropped, or they would be logged twice (and its time per iteration summed twice)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("iter", 0) <= iteration]
+    if len(kept) < len(lines):
+        atomic_write(path, lambda fh: fh.write("".join(kept).encode()))
 
 
 def _flat(config: dict) -> dict[str, object]:
