@@ -78,8 +78,8 @@ def test_killed_and_resumed_run_ends_with_identical_weights(tiny_data, tmp_path)
 
 def test_resume_drops_the_records_logged_after_its_checkpoint(tmp_path):
     records = [{"iter": 1, "loss": 0.5}, {"iter": 2, "loss": 0.4}, {"iter": 2, "val_miou": 10.0}, {"iter": 3, "loss": 0.3}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    drop_metrics_after(tmp_path, 2)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"iter": 4, "lo')
+    drop_metrics_after(tmp_path, 2)  # the last line is what a kill in the middle of a write leaves
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:3]
     drop_metrics_after(tmp_path / "missing", 2)  # a run that logged nothing yet
 

@@ -47,9 +47,17 @@ def drop_metrics_after(out: Path, iteration: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line).get("iter", 0) <= iteration]
+    kept = [line for line in lines if _iteration(line) <= iteration]
     if len(kept) < len(lines):
         atomic_write(path, lambda fh: fh.write("".join(kept).encode()))
+
+
+def _iteration(line: str) -> float:
+    """A metrics record's iteration; a line a kill cut short counts as after every checkpoint."""
+    try:
+        return json.loads(line).get("iter", 0)
+    except json.JSONDecodeError:
+        return float("inf")
 
 
 def _flat(config: dict) -> dict[str, object]:
