@@ -24,7 +24,7 @@ from .distributed import DistInfo, all_gather_objects, average_buffers, barrier,
 from .evaluate import evaluate
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, build_aux, get_method
-from .run_settings import SNAPSHOTS, check_out_dir, check_resume, drop_metrics_after, start_out_dir
+from .run_settings import SNAPSHOTS, check_out_dir, check_resume, start_out_dir
 from .tensorboard import TensorBoard
 
 STREAM_LABELED = 1  # stream ids: labelled 1, unlabelled 2, CutMix partner 3 (the sampler's seeds depend on them)
@@ -363,9 +363,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg = self.cfg
         if self.dist.is_main:
-            start_out_dir(self.out, cfg.run)
-            if cfg.run.resume:
-                drop_metrics_after(self.out, self.iteration)
+            start_out_dir(self.out, cfg.run, self.iteration)
             if self.board is not None:
                 self.board.open()
             text = config_yaml(resolved_config(cfg)).encode()

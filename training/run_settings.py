@@ -29,15 +29,17 @@ def check_out_dir(out: Path, run: RunConfig) -> None:
                               "choose another --out, or pass --force to replace it.")
 
 
-def start_out_dir(out: Path, run: RunConfig) -> None:
+def start_out_dir(out: Path, run: RunConfig, iteration: int) -> None:
     """A new run starts from an empty record: a replaced run's best.pt, metrics and TensorBoard events
-    must not mix with it."""
+    must not mix with it. A resumed one keeps its record up to ``iteration``, its checkpoint's."""
     out.mkdir(parents=True, exist_ok=True)
-    if not run.resume:
-        for name in RESULTS:
-            (out / name).unlink(missing_ok=True)
-        for folder in ("tensorboard", SNAPSHOTS):
-            shutil.rmtree(out / folder, ignore_errors=True)
+    if run.resume:
+        drop_metrics_after(out, iteration)
+        return
+    for name in RESULTS:
+        (out / name).unlink(missing_ok=True)
+    for folder in ("tensorboard", SNAPSHOTS):
+        shutil.rmtree(out / folder, ignore_errors=True)
 
 
 def drop_metrics_after(out: Path, iteration: int) -> None:
