@@ -8,7 +8,7 @@
 iterations of fine-tuning, where ``photos`` still underfits (docs/benchmarks.md, label headroom).
 
 One run is (benchmark, labelled fraction, method, seed). Each trains in its own process (`scaleseg train`,
-DeepLabV3+ on ``--backbone`` with ``--pretrained`` weights, CPU), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
+DeepLabV3+ on ``--backbone`` with ``--pretrained`` weights, on ``--device``), validates every ``--eval-every`` iterations at x0.5 / x1 / x2
 (the curves), and is scored at the end on val at those scales (and ScaleMatch with CIF multi-scale
 inference). All methods of one seed train on the same dataset and labelled subset; seeds change both the
 subset and the training randomness. With ``--warm-start N``
@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,18 +57,27 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     if (path / "classes.json").is_file():
         return path
     pool_size = n_labeled + n_unlabeled
-    if benchmark == "synthetic":
-        from training.data.synth import synthesize
-        synthesize(path, 5, pool_size, 0, n_val, size, POOL_SEED, force=True, progress=False)
-    elif benchmark in BENCHMARK_VARIETY:
-        from bench.texture_scenes import synthesize_textures
-        synthesize_textures(path, pool_size, 0, n_val, size, POOL_SEED, force=True, variety=BENCHMARK_VARIETY[benchmark])
-    else:
-        raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, {', '.join(BENCHMARK_VARIETY)}")
-    pool = read_split(path, "labeled")
+    # Generated once per benchmark and shape, then hard-linked into each (fraction, seed)'s folder.
+    generated = path.parent.parent / f"pool{pool_size}_val{n_val}_{size}px"
+    if not (generated / "classes.json").is_file():
+        if benchmark == "synthetic":
+            from training.data.synth import synthesize
+            synthesize(generated, 5, pool_size, 0, n_val, size, POOL_SEED, force=True, progress=False)
+        elif benchmark in BENCHMARK_VARIETY:
+            from bench.texture_scenes import synthesize_textures
+            synthesize_textures(generated, pool_size, 0, n_val, size, POOL_SEED, force=True,
+                                variety=BENCHMARK_VARIETY[benchmark])
+        else:
+            raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, {', '.join(BENCHMARK_VARIETY)}")
+    staging = path.with_name(path.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(generated, staging, copy_function=os.link)
+    pool = read_split(staging, "labeled")
     labelled = labelled_subset(pool, n_labeled, seed)
-    write_split(path, "labeled", labelled)
-    write_split(path, "unlabeled", sorted(set(pool) - set(labelled)))
+    # write_split replaces the file (atomic rename), so the shared pool's own split stays as it was.
+    write_split(staging, "labeled", labelled)
+    write_split(staging, "unlabeled", sorted(set(pool) - set(labelled)))
+    staging.rename(path)
     return path
 
 
@@ -106,13 +116,15 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
     argv = [str(data), "--method", base, "--backbone", args.backbone, "--pretrained", args.pretrained, "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
             "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
-            "--num-workers", "1", "--device", "cpu", "--out", str(out), "--log-every", "10"]
+            "--num-workers", "1", "--device", args.device, "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
     if getattr(args, "head_lr_mult", None) is not None:
         argv += ["--head-lr-mult", str(args.head_lr_mult)]
     if getattr(args, "amp_cpu", False):
         argv.append("--amp-cpu")
+    if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast)
+        argv.append("--no-amp")
     if base == "supervised":  # selftrain's teacher: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
         argv += ["--snapshot-every", str(max(1, iters // 3))]
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
@@ -122,7 +134,8 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
     """Run a child process, appending its output to ``log``; returns its peak RSS in MiB."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
     with open(log, "a") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -232,7 +245,7 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     if method_parts(method)[0] == "scalematch":  # only ScaleMatch trains CIF
         report = out / "eval_cif.json"
         run([sys.executable, "-m", "training.cli", "eval", str(out / "last.pt"), str(data), "--cif-scales", "0.5,2",
-             "--scales", "1", "--device", "cpu", "--json", str(report)], out / "train.log", args.threads)
+             "--scales", "1", "--device", args.device, "--json", str(report)], out / "train.log", args.threads)
         row["miou_cif"] = json.loads(report.read_text())["scales"]["1.0"]["miou"]
     row_file.write_text(json.dumps(row, indent=1))
     print(f"   {benchmark} {fraction} {method} seed {seed}: x0.5 {row['miou_x0.5']:.1f}  x1.0 {row['miou_x1.0']:.1f}  "
@@ -403,6 +416,8 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="keep finished runs and continue unfinished ones")
     p.add_argument("--results", default=str(RESULTS), help="folder for the JSON, Markdown and PNG results")
     p.add_argument("--name", default="label_efficiency", help="results file name (NAME.json, NAME.md, NAME_curves.png)")
+    p.add_argument("--device", default="cpu", help="where every run trains: cpu, or cuda (a GPU study is its own "
+                   "budget, never mixed with CPU runs: the two differ in float sums and random streams)")
     p.add_argument("--amp-cpu", action="store_true", help="train every run (warm-up included) in bfloat16 autocast")
     p.add_argument("--publish-only", action="store_true", help="write the results of the runs finished so far, train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, each with cores/jobs threads "
@@ -423,6 +438,8 @@ def main() -> None:
         budget.update(warm_start=args.warm_start, warm_lr=args.warm_lr)
     if args.amp_cpu:
         budget.update(amp_cpu=True)
+    if args.device != "cpu":
+        budget.update(device=args.device)
     if args.publish_only:
         if not settings.is_file():
             raise SystemExit(f"{work}: no study there to publish.")
@@ -442,8 +459,9 @@ def main() -> None:
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: must be 1 or more.")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
-    runs = [(bench, frac, method, int(seed)) for seed in args.seeds.split(",") for bench in args.benchmarks.split(",")
-            for frac in args.fractions.split(",") for method in args.methods.split(",")]
+    # Method by method, its seeds side by side: a study cut short has whole methods (3 seeds), not one seed of each.
+    runs = [(bench, frac, method, int(seed)) for bench in args.benchmarks.split(",") for frac in args.fractions.split(",")
+            for method in args.methods.split(",") for seed in args.seeds.split(",")]
     for bench, frac, _, seed in runs:  # datasets first, so that parallel runs never generate one twice
         one_dataset(args, bench, frac, seed)
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -487,7 +505,8 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
     precision = "bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32"
     encoder = (f"{budget['backbone']} ({budget['pretrained']} weights)" if "backbone" in budget
                else "ResNet-18 (random init)")
-    note = (f"DeepLabV3+ on {encoder} {start}, CPU, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
+    device = "CPU" if budget.get("device", "cpu") == "cpu" else f"trained on {budget['device'].upper()}"
+    note = (f"DeepLabV3+ on {encoder} {start}, {device}, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
             f"({head}), poly. mIoU of the final model on val (no checkpoint selection), mean ± std over seeds; "

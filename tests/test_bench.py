@@ -229,8 +229,11 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     from argparse import Namespace
 
     from bench.label_efficiency import METHODS, ordered, train_argv
-    args = Namespace(crop=64, batch=4, eval_every=100, backbone="resnet18", pretrained="none")
+    args = Namespace(crop=64, batch=4, eval_every=100, backbone="resnet18", pretrained="none", device="cpu")
     argv = train_argv(args, "unimatch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert argv[argv.index("--device") + 1] == "cpu" and "--no-amp" not in argv
+    gpu = train_argv(Namespace(**{**vars(args), "device": "cuda"}), "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert gpu[gpu.index("--device") + 1] == "cuda" and "--no-amp" in gpu  # float32 on both devices
     assert argv[argv.index("--method") + 1] == "unimatch" and argv[argv.index("--aux") + 1] == "contextrast"
     assert "--aux" not in train_argv(args, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
