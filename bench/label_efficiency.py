@@ -49,6 +49,7 @@ SCALES = ("0.5", "1.0", "2.0")
 PSEUDO_KEYS = ("pseudo_miou", "pseudo_miou_reliable", "pseudo_miou_relabelled_teacher", "pseudo_miou_relabelled_student")
 BENCHMARK_VARIETY = {"textures": "narrow", "photos": "wide", "recoloured": "recoloured"}  # bench/texture_scenes.py
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
+MAX_SPAN = 8  # labels supervised needs: interpolated only between measured label counts at most 8x apart
 
 
 def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_val: int, size: int, seed: int) -> Path:
@@ -323,13 +324,17 @@ def supervised_curve(rows: list[dict], benchmark: str) -> list[tuple[int, float]
 
 def labels_to_match(miou: float, curve: list[tuple[int, float]]) -> float | str | None:
     """How many labelled images supervised needs to score ``miou``: interpolated in log(labels) between the
-    first two fractions whose supervised scores bracket it; "<N" / ">N" outside the measured range."""
+    first two fractions whose supervised scores bracket it; "<N" / ">N" outside the measured range; None
+    where the bracketing fractions are more than MAX_SPAN apart (a straight line across 19 to 600 labels
+    would be a guess, not a measurement)."""
     if len(curve) < 2:
         return None
     if miou <= curve[0][1]:
         return f"<={curve[0][0]}"
     for (n0, m0), (n1, m1) in zip(curve, curve[1:]):
         if m0 < miou <= m1:
+            if n1 > MAX_SPAN * n0:
+                return None
             t = (miou - m0) / (m1 - m0)
             return round(math.exp(math.log(n0) + t * (math.log(n1) - math.log(n0))), 1)
     return f">{curve[-1][0]}"
@@ -443,7 +448,7 @@ def main() -> None:
     if args.publish_only:
         if not settings.is_file():
             raise SystemExit(f"{work}: no study there to publish.")
-        publish(work, json.loads(settings.read_text()), Path(args.results), args.name)
+        publish(work, json.loads(settings.read_text()), Path(args.results), args.name, trained_here=False)
         return
     if settings.is_file():
         saved = json.loads(settings.read_text())
@@ -490,9 +495,16 @@ def adopt_published(work: Path, published: Path, budget: dict) -> None:
             row_file.write_text(json.dumps(row, indent=1))
 
 
-def publish(work: Path, budget: dict, results: Path, name: str) -> None:
-    """Every finished run under ``work`` into the results files."""
+def publish(work: Path, budget: dict, results: Path, name: str, trained_here: bool = True) -> None:
+    """Every finished run under ``work`` into the results files. Republished elsewhere (``trained_here``
+    False, e.g. a GPU study's runs brought back), the results keep the machine they record for this budget."""
     rows = [json.loads(f.read_text()) for f in sorted(work.glob("*/*/*/seed*/row.json"))]
+    where = machine()
+    previous = results / f"{name}.json"
+    if not trained_here and previous.is_file():
+        payload = json.loads(previous.read_text())
+        if payload.get("budget") == budget:
+            where = payload["machine"]
     summary = summarise(rows)
     results.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, results / f"{name}_curves.png", budget.get("warm_start", 0))
@@ -513,11 +525,12 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
             "the gain is paired by seed (same data and labelled subset); gap closed is the share of the distance from "
             "supervised at that fraction to supervised with every pool image labelled (fraction 1) that the method "
             "covers, in percent, on the method's own seeds (full supervision's mean over its seeds where it lacks one); labels supervised needs is how many labelled images supervised training needs to "
-            "score the method's mean, interpolated in log(labels) between the measured fractions. s / iter is the median logged step time, "
+            f"score the method's mean, interpolated in log(labels) between measured fractions at most {MAX_SPAN}x apart. "
+            "s / iter is the median logged step time, "
             "data loading included, and minutes the run's wall time plus its teacher's (selftrain, supervised:init-from=teacher), "
             "on a machine shared with other work: compare them only within one table.\n\n"
             f"![curves]({name}_curves.png)")
-    write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
+    write_results(name, {"machine": where, "budget": budget, "summary": summary, "rows": rows},
                   markdown(summary), note, results, script="label_efficiency")
 
 

@@ -285,6 +285,9 @@ def test_label_efficiency_gap_closed_and_labels_supervised_needs():
     half = 0.5 * (51 + 61)  # halfway from 1/8 to full supervised, in log(labels)
     assert summarise(rows + [row("1/32", 19, "fixmatch", 0, half)])[-1]["labels_to_match"] == round((75 * 600) ** 0.5, 1)
     assert "labels supervised needs" in markdown(summarise(rows))
+    # with supervised measured at 19 and 600 labels only, a score between them is not interpolated
+    sparse = [r for r in rows if r["fraction"] != "1/8"]
+    assert {(s["fraction"], s["method"]): s for s in summarise(sparse)}[("1/32", "unimatch")]["labels_to_match"] is None
 
 
 def test_pseudo_label_quality_scores_teacher_and_student_labels_on_the_pools_masks(tmp_path):
@@ -457,3 +460,24 @@ def test_int8_gate_bench_records_every_graph_and_the_default_gates_verdict(check
     assert not list(tmp_path.glob("*.onnx")) and "| model.cif.int8.onnx |" in (tmp_path / "gate.md").read_text()
     with pytest.raises(SystemExit, match="no last.pt"):
         main([str(tmp_path)])
+
+
+def test_label_efficiency_republished_elsewhere_keeps_the_machine_that_trained(tmp_path):
+    from bench.label_efficiency import publish
+    budget = {"iters": 10, "eval_every": 5, "crop": 64, "size": 96, "batch": 4, "lr": 0.01, "pool": 32, "n_val": 8,
+              "device": "cuda"}
+    run = tmp_path / "work" / "textures" / "1_32" / "supervised" / "seed0"
+    run.mkdir(parents=True)
+    run.joinpath("row.json").write_text(json.dumps({
+        "benchmark": "textures", "fraction": "1/32", "labeled": 1, "method": "supervised", "seed": 0, "warm_start": 0,
+        "miou_x0.5": 30.0, "miou_x1.0": 40.0, "miou_x2.0": 35.0, "curve": [{"iter": 10, "x0.5": 30.0, "x1.0": 40.0, "x2.0": 35.0}],
+        "sec_per_iter": 0.05, "total_s": 60.0, "peak_rss_mib": 900.0}))
+    results = tmp_path / "results"
+    gpu_box = {"cpu": "x86_64", "cores": 16, "torch": "2.11.0", "threads": 1, "cuda": "NVIDIA H200", "python": "3.12"}
+    results.mkdir()
+    (results / "s.json").write_text(json.dumps({"machine": gpu_box, "budget": budget, "rows": []}))
+    publish(tmp_path / "work", budget, results, "s", trained_here=False)
+    assert json.loads((results / "s.json").read_text())["machine"] == gpu_box
+    assert "GPU NVIDIA H200" in (results / "s.md").read_text() and "trained on CUDA" in (results / "s.md").read_text()
+    publish(tmp_path / "work", {**budget, "iters": 20}, results, "s", trained_here=False)  # another budget: this machine
+    assert json.loads((results / "s.json").read_text())["machine"]["cuda"] != "NVIDIA H200"
