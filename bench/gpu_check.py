@@ -98,7 +98,8 @@ def plan(env: Environment, settings: Settings = Settings()) -> list[Step]:
     trt = tensorrt_skip(env)
     return [
         Step("synth", 20),
-        # Seen on an H200 at 60 iterations: 18, 15 and 26 s to train, 49 s to time the six settings.
+        # Caps for the default 200 iterations, the whole under 9 minutes. An H200 took 18, 15 and 26 s to train
+        # 60 iterations (CUDA start-up included) and 49 s to time the six settings.
         *[Step(f"train {m}", 60 if m == "supervised" else 70) for m in METHODS],
         Step("amp channels-last", 60),
         Step("torchrun", 55, note=torchrun_note(len(env.gpus))),
@@ -194,22 +195,22 @@ def _ort_cuda_parity(package: Path) -> dict:
     return result
 
 
-def model_spec(cfg) -> dict:
-    """The measured model's columns in bench/inference.py's rows (its ``row`` takes them as a dict)."""
-    return {"backbone": cfg.model.backbone, "decoder": cfg.model.decoder}
+def throughput_row(engine: str, cfg, batch: int, times: list[float]) -> dict:
+    """One throughput row in bench/inference.py's form, naming the measured model's encoder and head."""
+    from bench.inference import row
+    return row(engine, {"backbone": cfg.model.backbone, "decoder": cfg.model.decoder}, "single", batch, times)
 
 
 def _throughput(package: Path, env: Environment, settings: Settings) -> tuple[list[dict], list[dict]]:
     import numpy as np
     import torch
 
-    from bench.inference import measure, row
+    from bench.inference import measure
     from export.onnx_export import SegmentationGraph
     from serving.backends import OnnxRuntimeBackend, TensorRTBackend, current_gpu, find_plan
     from training.checkpoint import load_checkpoint, load_inference_model
     cuda = torch.device("cuda")
     model, _, cfg = load_inference_model(load_checkpoint(package / "checkpoint.pt"), package / "checkpoint.pt")
-    spec = model_spec(cfg)
     graph = SegmentationGraph(model).eval().to(cuda)
     runners, skipped = {}, []
     for name, skip in throughput_backends(env):
@@ -229,12 +230,12 @@ def _throughput(package: Path, env: Environment, settings: Settings) -> tuple[li
         images = np.random.default_rng(0).integers(0, 256, (b, 3, settings.size, settings.size), dtype=np.uint8)
         x = torch.from_numpy(images).to(cuda)
         with torch.inference_mode():
-            rows.append(row("pytorch cuda fp32", spec, "single", b, measure(lambda: graph(x), settings.repeats, cuda)))
+            rows.append(throughput_row("pytorch cuda fp32", cfg, b, measure(lambda: graph(x), settings.repeats, cuda)))
             with torch.autocast("cuda", dtype=torch.float16):
-                rows.append(row("pytorch cuda fp16", spec, "single", b,
+                rows.append(throughput_row("pytorch cuda fp16", cfg, b,
                                 measure(lambda: graph(x), settings.repeats, cuda)))
         for name, infer in runners.items():  # host uint8 in, host labels out: what serving pays per request
-            rows.append(row(name, spec, "single", b, measure(lambda: infer(images), settings.repeats, cuda)))
+            rows.append(throughput_row(name, cfg, b, measure(lambda: infer(images), settings.repeats, cuda)))
     return rows, skipped
 
 

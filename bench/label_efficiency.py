@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS, machine, mean_std, plot_bands, write_results  # noqa: E402
-from training.data.folder import load_classes, mask_path, read_mask, read_split, write_split  # noqa: E402
+from training.data.folder import load_classes, mask_path, read_mask, read_split, staged_folder, write_split  # noqa: E402
 
 METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
            "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
@@ -56,9 +56,14 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
     """The dataset of one (benchmark, fraction, seed): one generated pool and val set for every seed
     (generator seed fixed); the run's seed picks which pool images are labelled."""
     if (path / "classes.json").is_file():
+        found = len(read_split(path, "labeled"))
+        if found != n_labeled:  # an older version could leave a folder whose splits were never written
+            raise SystemExit(f"{path}: {found} labelled images where this study labels {n_labeled}; the folder was "
+                             "left by an interrupted run. Delete it (and the runs beside it) and run again.")
         return path
     pool_size = n_labeled + n_unlabeled
-    # Generated once per benchmark and shape, then hard-linked into each (fraction, seed)'s folder.
+    # Rendering a pool takes seconds per hundred images, and every (fraction, seed) shares it: rendered once,
+    # then hard-linked into each folder.
     generated = path.parent.parent / f"pool{pool_size}_val{n_val}_{size}px"
     if not (generated / "classes.json").is_file():
         if benchmark == "synthetic":
@@ -70,16 +75,22 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
                                 variety=BENCHMARK_VARIETY[benchmark])
         else:
             raise SystemExit(f"unknown benchmark {benchmark!r}; choose synthetic, {', '.join(BENCHMARK_VARIETY)}")
-    staging = path.with_name(path.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(generated, staging, copy_function=os.link)
-    pool = read_split(staging, "labeled")
-    labelled = labelled_subset(pool, n_labeled, seed)
-    # write_split replaces the file (atomic rename), so the shared pool's own split stays as it was.
-    write_split(staging, "labeled", labelled)
-    write_split(staging, "unlabeled", sorted(set(pool) - set(labelled)))
-    staging.rename(path)
+    with staged_folder(path) as staging:
+        shutil.copytree(generated, staging, copy_function=link_or_copy, dirs_exist_ok=True)
+        pool = read_split(staging, "labeled")
+        labelled = labelled_subset(pool, n_labeled, seed)
+        # write_split replaces the file (atomic rename), so the shared pool's own split stays as it was.
+        write_split(staging, "labeled", labelled)
+        write_split(staging, "unlabeled", sorted(set(pool) - set(labelled)))
     return path
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system has them, a copy elsewhere."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def labelled_subset(pool: list[str], n_labeled: int, seed: int) -> list[str]:
@@ -124,7 +135,7 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
         argv += ["--head-lr-mult", str(args.head_lr_mult)]
     if getattr(args, "amp_cpu", False):
         argv.append("--amp-cpu")
-    if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast)
+    if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast; cuDNN may still use TF32)
         argv.append("--no-amp")
     if base == "supervised":  # selftrain's teacher: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
         argv += ["--snapshot-every", str(max(1, iters // 3))]
@@ -135,6 +146,7 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
     """Run a child process, appending its output to ``log``; returns its peak RSS in MiB."""
+    # The checkout first; the caller's own entries kept (a machine with packages installed beside the system's).
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
     with open(log, "a") as fh:
@@ -240,6 +252,7 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
            "warm_start": args.warm_start, **{f"miou_x{s}": own[-1][f"x{s}"] for s in SCALES},
            "curve": start + own, "sec_per_iter": steps[len(steps) // 2] if steps else None, "peak_rss_mib": rss,
            "wall_s": wall, "total_s": wall + teacher_s,
+           "machine": {**machine(), "threads": args.threads},
            "threads": args.threads}  # a run's threads change its float sums, so its result, not only its speed
     if method_parts(method)[0] == "selftrain":
         row.update(pseudo_label_quality(out, data))
@@ -430,6 +443,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
+    if args.amp_cpu and args.device != "cpu":
+        raise SystemExit(f"--amp-cpu is bfloat16 on the CPU; --device {args.device} trains in float32 here. Drop one.")
     if args.warm_start and CONTINUED in args.methods:
         raise SystemExit(f"--methods supervised:{CONTINUED} starts from the teacher already; leave out --warm-start.")
     work = Path(args.work)
@@ -448,7 +463,7 @@ def main() -> None:
     if args.publish_only:
         if not settings.is_file():
             raise SystemExit(f"{work}: no study there to publish.")
-        publish(work, json.loads(settings.read_text()), Path(args.results), args.name, trained_here=False)
+        publish(work, json.loads(settings.read_text()), Path(args.results), args.name)
         return
     if settings.is_file():
         saved = json.loads(settings.read_text())
@@ -495,16 +510,12 @@ def adopt_published(work: Path, published: Path, budget: dict) -> None:
             row_file.write_text(json.dumps(row, indent=1))
 
 
-def publish(work: Path, budget: dict, results: Path, name: str, trained_here: bool = True) -> None:
-    """Every finished run under ``work`` into the results files. Republished elsewhere (``trained_here``
-    False, e.g. a GPU study's runs brought back), the results keep the machine they record for this budget."""
+def publish(work: Path, budget: dict, results: Path, name: str) -> None:
+    """Every finished run under ``work`` into the results files, under the machine most of them trained on
+    (a study's runs can be trained on one machine and published on another)."""
     rows = [json.loads(f.read_text()) for f in sorted(work.glob("*/*/*/seed*/row.json"))]
-    where = machine()
-    previous = results / f"{name}.json"
-    if not trained_here and previous.is_file():
-        payload = json.loads(previous.read_text())
-        if payload.get("budget") == budget:
-            where = payload["machine"]
+    trained_on = [r["machine"] for r in rows if r.get("machine")]
+    where = max(trained_on, key=trained_on.count) if trained_on else machine()
     summary = summarise(rows)
     results.mkdir(parents=True, exist_ok=True)
     plot_curves(rows, results / f"{name}_curves.png", budget.get("warm_start", 0))
@@ -513,8 +524,9 @@ def publish(work: Path, budget: dict, results: Path, name: str, trained_here: bo
              "that every method of a seed shares, supervised included; the curves show that run, then each method"
              if warm else "without a warm start")
     head = (f"decoder x{budget['head_lr_mult']:g} for every method" if "head_lr_mult" in budget
-            else "decoder x10; CPS, PS-MT, PseudoSeg and PRCL x1")
-    precision = "bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32"
+            else "decoder x10; CPS, PS-MT, PseudoSeg and PRCL x1 unless the row names head-lr-mult")
+    precision = ("bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32" if budget.get("device", "cpu") == "cpu"
+                 else "fp32 with cuDNN's default TF32 convolutions")
     encoder = (f"{budget['backbone']} ({budget['pretrained']} weights)" if "backbone" in budget
                else "ResNet-18 (random init)")
     device = "CPU" if budget.get("device", "cpu") == "cpu" else f"trained on {budget['device'].upper()}"

@@ -462,22 +462,47 @@ def test_int8_gate_bench_records_every_graph_and_the_default_gates_verdict(check
         main([str(tmp_path)])
 
 
-def test_label_efficiency_republished_elsewhere_keeps_the_machine_that_trained(tmp_path):
-    from bench.label_efficiency import publish
+def test_label_efficiency_results_name_the_machine_the_runs_trained_on(tmp_path, monkeypatch):
+    import bench.label_efficiency as le
     budget = {"iters": 10, "eval_every": 5, "crop": 64, "size": 96, "batch": 4, "lr": 0.01, "pool": 32, "n_val": 8,
               "device": "cuda"}
-    run = tmp_path / "work" / "textures" / "1_32" / "supervised" / "seed0"
-    run.mkdir(parents=True)
-    run.joinpath("row.json").write_text(json.dumps({
-        "benchmark": "textures", "fraction": "1/32", "labeled": 1, "method": "supervised", "seed": 0, "warm_start": 0,
-        "miou_x0.5": 30.0, "miou_x1.0": 40.0, "miou_x2.0": 35.0, "curve": [{"iter": 10, "x0.5": 30.0, "x1.0": 40.0, "x2.0": 35.0}],
-        "sec_per_iter": 0.05, "total_s": 60.0, "peak_rss_mib": 900.0}))
-    results = tmp_path / "results"
     gpu_box = {"cpu": "x86_64", "cores": 16, "torch": "2.11.0", "threads": 1, "cuda": "NVIDIA H200", "python": "3.12"}
-    results.mkdir()
-    (results / "s.json").write_text(json.dumps({"machine": gpu_box, "budget": budget, "rows": []}))
-    publish(tmp_path / "work", budget, results, "s", trained_here=False)
+    here = {**gpu_box, "cores": 2, "cuda": None}
+    monkeypatch.setattr(le, "machine", lambda: here)
+
+    def write_row(seed, trained_on):
+        run = tmp_path / "work" / "textures" / "1_32" / "supervised" / f"seed{seed}"
+        run.mkdir(parents=True)
+        row = {"benchmark": "textures", "fraction": "1/32", "labeled": 1, "method": "supervised", "seed": seed,
+               "warm_start": 0, "miou_x0.5": 30.0, "miou_x1.0": 40.0, "miou_x2.0": 35.0, "sec_per_iter": 0.05,
+               "total_s": 60.0, "peak_rss_mib": 900.0, "curve": [{"iter": 10, "x0.5": 30.0, "x1.0": 40.0, "x2.0": 35.0}]}
+        run.joinpath("row.json").write_text(json.dumps({**row, **({"machine": trained_on} if trained_on else {})}))
+    results = tmp_path / "results"
+    write_row(0, None)  # a run from before rows named their machine
+    le.publish(tmp_path / "work", budget, results, "s")
+    assert json.loads((results / "s.json").read_text())["machine"] == here
+    write_row(1, gpu_box)
+    write_row(2, gpu_box)
+    le.publish(tmp_path / "work", budget, results, "s")  # published on this box, trained on the GPU one
     assert json.loads((results / "s.json").read_text())["machine"] == gpu_box
-    assert "GPU NVIDIA H200" in (results / "s.md").read_text() and "trained on CUDA" in (results / "s.md").read_text()
-    publish(tmp_path / "work", {**budget, "iters": 20}, results, "s", trained_here=False)  # another budget: this machine
-    assert json.loads((results / "s.json").read_text())["machine"]["cuda"] != "NVIDIA H200"
+    text = (results / "s.md").read_text()
+    assert "GPU NVIDIA H200" in text and "trained on CUDA" in text
+
+
+def test_label_efficiency_datasets_share_one_rendered_pool(tmp_path):
+    from bench.label_efficiency import make_data
+    from training.data.folder import read_split
+    cell = tmp_path / "work" / "synthetic" / "1_4"
+    a = make_data("synthetic", cell / "data_seed0", 4, 12, 4, 32, 0)
+    b = make_data("synthetic", cell / "data_seed1", 4, 12, 4, 32, 1)
+    pool = tmp_path / "work" / "synthetic" / "pool16_val4_32px"
+    assert len(read_split(pool, "labeled")) == 16 and read_split(pool, "unlabeled", required=False) == []
+    for folder in (a, b):
+        assert len(read_split(folder, "labeled")) == 4 and len(read_split(folder, "unlabeled")) == 12
+    assert read_split(a, "labeled") != read_split(b, "labeled")  # each seed labels its own subset
+    image = next((pool / "images").iterdir()).name
+    assert (a / "images" / image).stat().st_ino == (pool / "images" / image).stat().st_ino  # linked, not copied
+    assert sorted(p.name for p in cell.iterdir()) == ["data_seed0", "data_seed1"]  # no staging folder left
+    (a / "splits" / "labeled.txt").write_text("only_one\n")  # a folder an interrupted older version left
+    with pytest.raises(SystemExit, match="1 labelled images where this study labels 4"):
+        make_data("synthetic", a, 4, 12, 4, 32, 0)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_check import (NO_GPU, Check, Settings, early_exit, export_args, model_spec, plan, report, result_name,
-                             speedups, tensorrt_skip, throughput_backends, train_args)
+from bench.gpu_check import (NO_GPU, Check, Settings, early_exit, export_args, plan, report, result_name,
+                             speedups, tensorrt_skip, throughput_backends, throughput_row, train_args)
 from export.cli import export_parser
 from serving.environment import INSTALL, Environment
 from training.cli import parse_train_args
@@ -109,9 +109,9 @@ def test_a_failing_step_is_recorded_and_the_rest_still_run(tmp_path):
 
 def test_throughput_rows_carry_the_measured_model():
     # The check's first GPU run stopped here: bench/inference.py's row takes the model as a dict of columns.
-    from bench.inference import row
     from training.config import TrainConfig
     cfg = TrainConfig()
     cfg.model.backbone, cfg.model.decoder = "efficientnet_lite0", "light"
-    r = row("pytorch cuda fp32", model_spec(cfg), "single", 8, [0.5, 0.4, 0.6])
-    assert (r["backbone"], r["decoder"], r["batch"], r["images_per_sec"]) == ("efficientnet_lite0", "light", 8, 16.0)
+    r = throughput_row("pytorch cuda fp32", cfg, 8, [0.5, 0.4, 0.6])
+    assert (r["backbone"], r["decoder"], r["graph"], r["batch"], r["images_per_sec"]) == \
+        ("efficientnet_lite0", "light", "single", 8, 16.0)
