@@ -63,8 +63,8 @@ def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_va
         return path
     pool_size = n_labeled + n_unlabeled
     # Rendering a pool takes seconds per hundred images, and every (fraction, seed) shares it: rendered once,
-    # then hard-linked into each folder.
-    generated = path.parent.parent / f"pool{pool_size}_val{n_val}_{size}px"
+    # then hard-linked into each folder. Named by benchmark too: bench/active_learning.py's benchmarks share a parent.
+    generated = path.parent.parent / f"pool-{benchmark}-{pool_size}-val{n_val}-{size}px"
     if not (generated / "classes.json").is_file():
         if benchmark == "synthetic":
             from training.data.synth import synthesize

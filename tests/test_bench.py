@@ -495,7 +495,7 @@ def test_label_efficiency_datasets_share_one_rendered_pool(tmp_path):
     cell = tmp_path / "work" / "synthetic" / "1_4"
     a = make_data("synthetic", cell / "data_seed0", 4, 12, 4, 32, 0)
     b = make_data("synthetic", cell / "data_seed1", 4, 12, 4, 32, 1)
-    pool = tmp_path / "work" / "synthetic" / "pool16_val4_32px"
+    pool = tmp_path / "work" / "synthetic" / "pool-synthetic-16-val4-32px"
     assert len(read_split(pool, "labeled")) == 16 and read_split(pool, "unlabeled", required=False) == []
     for folder in (a, b):
         assert len(read_split(folder, "labeled")) == 4 and len(read_split(folder, "unlabeled")) == 12
@@ -503,6 +503,10 @@ def test_label_efficiency_datasets_share_one_rendered_pool(tmp_path):
     image = next((pool / "images").iterdir()).name
     assert (a / "images" / image).stat().st_ino == (pool / "images" / image).stat().st_ino  # linked, not copied
     assert sorted(p.name for p in cell.iterdir()) == ["data_seed0", "data_seed1"]  # no staging folder left
+    # bench/active_learning.py keeps each benchmark's data in WORK/BENCH/data: one parent, two pools
+    shapes = make_data("synthetic", tmp_path / "al" / "synthetic" / "data", 4, 12, 4, 32, 0)
+    textures = make_data("textures", tmp_path / "al" / "textures" / "data", 4, 12, 4, 32, 0)
+    assert read_split(shapes, "val")[0].startswith("synth_") and read_split(textures, "val")[0].startswith("tex_")
     (a / "splits" / "labeled.txt").write_text("only_one\n")  # a folder an interrupted older version left
     with pytest.raises(SystemExit, match="1 labelled images where this study labels 4"):
         make_data("synthetic", a, 4, 12, 4, 32, 0)
