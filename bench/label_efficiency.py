@@ -525,11 +525,12 @@ def publish(work: Path, budget: dict, results: Path, name: str) -> None:
              if warm else "without a warm start")
     head = (f"decoder x{budget['head_lr_mult']:g} for every method" if "head_lr_mult" in budget
             else "decoder x10; CPS, PS-MT, PseudoSeg and PRCL x1 unless the row names head-lr-mult")
-    precision = ("bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32" if budget.get("device", "cpu") == "cpu"
+    on_cpu = budget.get("device", "cpu") == "cpu"
+    precision = ("bfloat16 autocast (--amp-cpu)" if budget.get("amp_cpu") else "fp32" if on_cpu
                  else "fp32 with cuDNN's default TF32 convolutions")
     encoder = (f"{budget['backbone']} ({budget['pretrained']} weights)" if "backbone" in budget
                else "ResNet-18 (random init)")
-    device = "CPU" if budget.get("device", "cpu") == "cpu" else f"trained on {budget['device'].upper()}"
+    device = "CPU" if on_cpu else f"trained on {budget['device'].upper()}"
     note = (f"DeepLabV3+ on {encoder} {start}, {device}, {precision}. Pool of {budget['pool']} training images of {budget['size']} px "
             f"(labelled fraction as given; the rest unlabelled), {budget['n_val']} val images. Crop {budget['crop']}, "
             f"batch {budget['batch']}+{budget['batch']}, {budget['iters']} iterations for every method, SGD lr {budget['lr']} "
