@@ -11,7 +11,6 @@ the labels each strategy needs to reach random selection's final mIoU.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 

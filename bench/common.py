@@ -11,6 +11,14 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parents[1]
+
+
+def child_env(threads: int | None = None) -> dict[str, str]:
+    """The environment of a child process a benchmark starts: this checkout first on PYTHONPATH, the caller's own
+    entries kept (a machine with packages installed beside the system's), and its thread count if given."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
 
 
 def machine() -> dict:

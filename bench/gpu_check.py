@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, markdown_table  # noqa: E402
+from bench.common import RESULTS, child_env, markdown_table  # noqa: E402
 from serving.environment import INSTALL, Environment  # noqa: E402
 
 METHODS = ("supervised", "unimatch", "scalematch")
@@ -150,9 +149,8 @@ def speedups(timing: list[dict]) -> list[dict]:
 # --- running (needs a CUDA GPU) -------------------------------------------------------------------------
 def _subprocess(args: list[str], budget_s: int, log: Path) -> str:
     """Run a command with this repo first on the path; its output goes to ``log``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
-        done = subprocess.run(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=budget_s)
+        done = subprocess.run(args, cwd=REPO, env=child_env(), stdout=out, stderr=subprocess.STDOUT, timeout=budget_s)
     if done.returncode != 0:
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"exit {done.returncode}: " + " | ".join(tail))

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, mean_std, plot_bands, write_results  # noqa: E402
+from bench.common import RESULTS, child_env, machine, mean_std, plot_bands, write_results  # noqa: E402
 from training.data.folder import load_classes, mask_path, read_mask, read_split, staged_folder, write_split  # noqa: E402
 
 METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
@@ -146,11 +146,8 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
 
 def run(cmd: list[str], log: Path, threads: int) -> float:
     """Run a child process, appending its output to ``log``; returns its peak RSS in MiB."""
-    # The checkout first; the caller's own entries kept (a machine with packages installed beside the system's).
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(threads)}
     with open(log, "a") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads))
         _, status, usage = os.wait4(proc.pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine, markdown_table, write_results  # noqa: E402
+from bench.common import child_env, machine, markdown_table, write_results  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,10 +126,9 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.threads)}
     server = subprocess.Popen([sys.executable, "-m", "serving.cli", str(package), "--name", "seg", "--port", str(port),
                                "--max-batch", str(args.max_batch), "--max-delay-ms", str(args.max_delay_ms),
-                               "--max-queue", str(4 * args.clients)], env=env,
+                               "--max-queue", str(4 * args.clients)], env=child_env(args.threads),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx

@@ -510,3 +510,14 @@ def test_label_efficiency_datasets_share_one_rendered_pool(tmp_path):
     (a / "splits" / "labeled.txt").write_text("only_one\n")  # a folder an interrupted older version left
     with pytest.raises(SystemExit, match="1 labelled images where this study labels 4"):
         make_data("synthetic", a, 4, 12, 4, 32, 0)
+
+
+def test_benchmark_children_find_this_checkout_first_and_keep_the_callers_path(monkeypatch):
+    from bench.common import child_env
+    monkeypatch.setenv("PYTHONPATH", "/site/extra")
+    env = child_env(threads=1)
+    assert env["PYTHONPATH"] == os.pathsep.join([str(REPO), "/site/extra"]) and env["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = child_env()
+    assert env["PYTHONPATH"] == str(REPO) and "OMP_NUM_THREADS" not in env  # no empty entry: it would mean the cwd
