@@ -521,3 +521,35 @@ def test_benchmark_children_find_this_checkout_first_and_keep_the_callers_path(m
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     env = child_env()
     assert env["PYTHONPATH"] == str(REPO) and "OMP_NUM_THREADS" not in env  # no empty entry: it would mean the cwd
+
+
+def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(checkpoints, tiny_data, data_copy, tmp_path):
+    import torch
+    from PIL import Image
+
+    from bench.pseudoseg_branches import BRANCHES, markdown, score_run
+    from tests.conftest import tiny_config
+    from training.checkpoint import load_checkpoint, load_inference_model
+    from training.data.datasets import EvalSet
+    from training.data.folder import load_classes, read_split
+    from training.engine import Trainer
+    from training.evaluate import evaluate
+    cfg = tiny_config(tiny_data, tmp_path / "pseudoseg" / "seed0", method="pseudoseg")
+    cfg.run.max_iters = 1
+    Trainer(cfg, progress=False).fit()
+    run = Path(cfg.run.out)
+    row = score_run(run, tiny_data)
+    names = [c.name for c in load_classes(tiny_data)]
+    model = load_inference_model(load_checkpoint(run / "last.pt"))[0]
+    plain = evaluate(model, EvalSet(tiny_data, read_split(tiny_data, "val"), len(names)), names, torch.device("cpu"))
+    assert row["val"]["decoder"] == pytest.approx(plain["scales"]["1.0"]["miou"], abs=0.01)  # the exported model's score
+    assert row["unlabeled"] is None  # this pool keeps no masks, as a user's
+    for i in read_split(data_copy, "unlabeled"):
+        Image.new("L", Image.open(next((data_copy / "images").glob(f"{i}.*"))).size, 1).save(data_copy / "masks" / f"{i}.png")
+    row = score_run(run, data_copy)
+    for split in ("val", "unlabeled"):
+        assert set(BRANCHES) <= set(row[split]) and 0 <= row[split]["fused_confidence"] <= 100
+        assert 0 <= row[split]["present_class_recall"] <= 100 and 0 <= row[split]["image_label_accuracy"] <= 100
+    assert "| pseudoseg (1) |" in markdown([row])
+    with pytest.raises(SystemExit, match="this script scores PseudoSeg's branches"):
+        score_run(checkpoints["supervised"].parent, tiny_data)
