@@ -27,7 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, mean_std, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, require_finished_runs, write_results  # noqa: E402
 from training.checkpoint import load_checkpoint, load_inference_model  # noqa: E402
 from training.data import transforms as T  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
@@ -115,9 +115,7 @@ def main() -> None:
     p.add_argument("--name", default="augment_sensitivity", help="results file name (NAME.json, NAME.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
-    for run in args.runs:
-        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
-            raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs last.pt and config.yaml).")
+    require_finished_runs(args.runs)
     rows = []
     for run in args.runs:
         rows.append(sensitivity(run, args.data))

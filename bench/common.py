@@ -27,6 +27,13 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def require_finished_runs(runs: list[Path]) -> None:
+    """Stop with which folder is not a finished `scaleseg train --out` run, before any is scored."""
+    for run in runs:
+        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
+            raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs last.pt and config.yaml).")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """(mean, sample std) of a study's values over seeds; std 0 for a single value."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.augment_sensitivity import run_data  # noqa: E402
-from bench.common import RESULTS, machine, mean_std, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, require_finished_runs, write_results  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
 from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
@@ -132,10 +132,7 @@ def main() -> None:
     p.add_argument("--name", default="pseudoseg_branches", help="results file name (NAME.json, NAME.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
-    for run in args.runs:
-        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
-            raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs last.pt and config.yaml).")
-    torch.manual_seed(0)
+    require_finished_runs(args.runs)
     rows = [score_run(run) for run in args.runs]
     note = ("Each run's last checkpoint, in inference mode, at x1.0 on whole images. The SGC branch with its own "
             "image labels and the fused, sharpened (T 0.5) distribution are what PseudoSeg trains the strong view "
