@@ -21,13 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, mean_std, require_finished_runs, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, require_finished_runs, run_data, write_results  # noqa: E402
 from training.checkpoint import load_checkpoint, load_inference_model  # noqa: E402
 from training.data import transforms as T  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
@@ -56,12 +55,6 @@ class ViewSet(EvalSet):
         sample = super().__getitem__(index)
         img = Image.fromarray(sample["image"].permute(1, 2, 0).numpy())
         return {**sample, "image": T.to_tensor(self.view(img, np.random.default_rng(index)))}
-
-
-def run_data(run: Path) -> Path:
-    cfg = yaml.safe_load((run / "config.yaml").read_text())
-    root = Path(cfg["data"]["root"])
-    return root if root.is_absolute() else REPO / root
 
 
 def sensitivity(run: Path, data: Path | None = None) -> dict:

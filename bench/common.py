@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
@@ -32,6 +33,12 @@ def require_finished_runs(runs: list[Path]) -> None:
     for run in runs:
         if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
             raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs last.pt and config.yaml).")
+
+
+def run_data(run: Path) -> Path:
+    """The dataset folder a `scaleseg train --out` run trained on."""
+    root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
+    return root if root.is_absolute() else REPO / root
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

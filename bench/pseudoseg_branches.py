@@ -1,15 +1,19 @@
 """Where PseudoSeg's pseudo-labels go wrong: each of its prediction branches, scored on masks the benchmark keeps.
 
 PseudoSeg labels an unlabelled image by fusing two predictions: the decoder's, and the SGC branch's (Grad-CAM of
-a multi-label classifier, propagated by self-attention), each calibrated by their shared RMS, averaged and
-sharpened with temperature 0.5 (training/methods/pseudoseg.py). Every pixel of that sharpened distribution is a
-soft target. This script scores a trained run's branches, as its last checkpoint makes them, on val and on the
-unlabelled pool (the study's data folders keep the pool's masks; a user's pool has none):
+a multi-label classifier, propagated by self-attention), calibrated by their shared RMS, averaged and sharpened
+with temperature 0.5 (training/methods/pseudoseg.py); every pixel of that distribution is a soft target for the
+strong view. This script scores a trained run's branches, from its last checkpoint, on its labelled images, val
+and the unlabelled pool (the study's data folders keep the pool's masks; a user's pool has none):
 
-- the decoder alone (what the exported model predicts), the SGC branch with the classifier's own image labels
-  (what training fuses) and with the true image labels (the attention alone), and the fused pseudo-label;
-- how sure the fused target is against how often it is right (mean top probability vs pixel accuracy);
-- the classifier's image labels against the classes each image holds.
+- the decoder alone (what the exported model predicts); the SGC branch with the classifier's own image labels
+  (what the fusion uses) and with the true ones; the fused target with either;
+- the classifier's image labels: how many of the classes an image holds it finds, and how many it names;
+- how sure the fused target is against how often it is right (mean top probability vs pixel accuracy).
+
+Each in two modes: inference (batch norm on its running statistics, whole images one at a time), and training,
+as the fusion runs inside a training step (batch norm on the statistics of each batch of ``--batch`` whole
+images; the running statistics are left untouched). Training fuses random crops; whole images stand in for them.
 
     python bench/pseudoseg_branches.py runs/headroom_tex/textures/1_32/pseudoseg:head-lr-mult=10/seed*
 """
@@ -21,12 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.augment_sensitivity import run_data  # noqa: E402
-from bench.common import RESULTS, machine, mean_std, require_finished_runs, write_results  # noqa: E402
+from bench.common import RESULTS, machine, mean_std, require_finished_runs, run_data, write_results  # noqa: E402
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
 from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
@@ -35,93 +39,141 @@ from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: 
 from training.methods.pseudoseg import image_labels  # noqa: E402
 from training.models.deeplabv3plus import resize  # noqa: E402
 
-BRANCHES = ("decoder", "sgc", "sgc_true_labels", "fused")
-SPLITS = ("val", "unlabeled")
+BRANCHES = ("decoder", "sgc", "sgc_true_labels", "fused", "fused_true_labels")
+SPLITS = ("labeled", "val", "unlabeled")
+MODES = ("inference", "training")
 
 
 def load_method(run: Path, num_classes: int):
     ckpt = load_checkpoint(run / "last.pt")
     cfg = config_from_checkpoint(ckpt)
+    if cfg.method != "pseudoseg":
+        raise SystemExit(f"{run}: a {cfg.method} run; this script scores PseudoSeg's branches.")
+    # The checkpoint holds every weight, so the encoder's initial ones are not loaded.
     method = build_method(replace(cfg, model=replace(cfg.model, pretrained="")), num_classes)
     method.load_state_dict(ckpt["method_state"])
-    return method.eval()
+    return method
+
+
+def set_mode(method, mode: str) -> None:
+    """Inference mode, or training mode with every batch norm normalising by its batch and leaving its running
+    statistics as they are (momentum 0); dropout is active as in training."""
+    method.train(mode == "training")
+    for m in method.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
 
 
 @torch.no_grad()
-def predictions(method, image: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Class-probability maps [1, K, H, W] of each branch for one normalised image."""
-    decoder = method.model(image).float().softmax(1)
+def predictions(method, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each branch's class probabilities [B, K, H, W], and the classifier's image labels [B, K-1]."""
     k = method.model.num_classes
-    valid = torch.ones_like(mask, dtype=torch.bool)
-    _, c3, c4 = method.model.encoder.stages(image)
-    own = (torch.sigmoid(method.classifier(c4.mean((2, 3))).float()) >= method.cfg.cls_thresh).float()
+    valid = torch.ones_like(masks, dtype=torch.bool)
+    truth = image_labels(masks, k)
+    encoder, was_training = method.model.encoder, method.model.encoder.training
+    encoder.eval()  # the classifier and the CAMs read the encoder in inference mode, as pseudo_labels does
+    _, c3, c4 = encoder.stages(images)
+    encoder.train(was_training)
+    own = method.own_image_labels(c4)
 
     def sgc(labels):
-        return resize(method.sgc_logits(c3, c4, labels, valid), image.shape[-2:]).float().softmax(1)
-    return {"decoder": decoder, "sgc": sgc(own), "sgc_true_labels": sgc(image_labels(mask, k)),
-            "fused": method.pseudo_labels(image, valid), "image_labels": own}
+        return resize(method.sgc_logits(c3, c4, labels, valid), images.shape[-2:]).float().softmax(1)
+    return {"decoder": method.model(images).float().softmax(1), "sgc": sgc(own), "sgc_true_labels": sgc(truth),
+            "fused": method.pseudo_labels(images, valid), "fused_true_labels": method.pseudo_labels(images, valid, truth),
+            "image_labels": own}
 
 
-def score_run(run: Path, data: Path | None = None) -> dict:
+def batches(data: Path, ids: list[str], k: int, split: str, size: int):
+    """(images, masks) of up to ``size`` consecutive images of one shape; a lone last image joins the batch before
+    it, since batch norm cannot normalise by a batch of one."""
+    def stacked(group):
+        return torch.stack([g["image"] for g in group]), torch.stack([g["mask"] for g in group])
+    pending: list[dict] = []
+    group: list[dict] = []
+    for sample in EvalSet(data, ids, k, split=split):
+        if group and (len(group) == size or sample["image"].shape != group[0]["image"].shape):
+            if pending:
+                yield stacked(pending)
+            pending, group = group, []
+        group.append(sample)
+    if len(group) == 1 and pending and group[0]["image"].shape == pending[0]["image"].shape:
+        pending, group = pending + group, []
+    for g in (pending, group):
+        if g:
+            yield stacked(g)
+
+
+def score_split(method, data: Path, ids: list[str], names: list[str], split: str, batch: int) -> dict:
+    k = len(names)
+    cms = {branch: torch.zeros(k, k, dtype=torch.long) for branch in BRANCHES}
+    conf = correct = pixels = 0.0
+    present = found = named = images = 0.0
+    for x, y in batches(data, ids, k, split, batch):
+        if method.training and len(x) == 1:
+            raise SystemExit(f"{data}: an image of {split} has a size no neighbour shares, and training mode needs "
+                             "batches of two or more; score a benchmark whose images share one size.")
+        probs = predictions(method, x, y)
+        for branch in BRANCHES:
+            cms[branch] += confusion_matrix(probs[branch].argmax(1), y, k)
+        top, label = probs["fused"].max(1)
+        known = y != IGNORE
+        conf, pixels = conf + float(top[known].sum()), pixels + float(known.sum())
+        correct += float((label == y)[known].sum())
+        truth = image_labels(y, k)
+        present, named, images = present + float(truth.sum()), named + float(probs["image_labels"].sum()), images + len(y)
+        found += float((probs["image_labels"] * truth).sum())
+    out = {branch: round(metrics_from_confusion(cm, names)["miou"], 2) for branch, cm in cms.items()}
+    return out | {"classes_present_per_image": round(present / max(images, 1), 2),
+                  "classes_named_per_image": round(named / max(images, 1), 2),
+                  "present_class_recall": round(100 * found / max(present, 1), 1),
+                  "fused_confidence": round(100 * conf / max(pixels, 1), 1),
+                  "fused_accuracy": round(100 * correct / max(pixels, 1), 1)}
+
+
+def score_run(run: Path, data: Path | None = None, batch: int = 4) -> dict:
     data = data or run_data(run)
     names = [c.name for c in load_classes(data)]
-    k = len(names)
-    method = load_method(run, k)
-    if method.name != "pseudoseg":
-        raise SystemExit(f"{run}: a {method.name} run; this script scores PseudoSeg's branches.")
+    method = load_method(run, len(names))
     row = {"run": str(run), "method": run.parent.name, "seed": run.name}
-    for split in SPLITS:
-        ids = read_split(data, split)
-        if split == "unlabeled" and not all(mask_path(data, i).is_file() for i in ids):
-            print(f"{data}: the unlabelled pool has no masks (a user's pool); scored on val only", flush=True)
-            row[split] = None
-            continue
-        cms: dict[str, torch.Tensor] = {}
-        conf = correct = pixels = 0.0
-        label_hits = label_total = present = present_found = 0.0
-        for sample in EvalSet(data, ids, k):
-            mask = sample["mask"].unsqueeze(0)
-            probs = predictions(method, sample["image"].unsqueeze(0), mask)
-            for branch in BRANCHES:
-                cms[branch] = cms.get(branch, 0) + confusion_matrix(probs[branch].argmax(1), mask, k)
-            top, label = probs["fused"].max(1)
-            known = mask != IGNORE
-            conf += float(top[known].sum())
-            correct += float((label == mask)[known].sum())
-            pixels += float(known.sum())
-            truth = image_labels(mask, k)
-            label_hits += float((probs["image_labels"] == truth).sum())
-            label_total += truth.numel()
-            present += float(truth.sum())
-            present_found += float((probs["image_labels"] * truth).sum())
-        row[split] = {branch: round(metrics_from_confusion(cm, names)["miou"], 2) for branch, cm in cms.items()}
-        row[split] |= {"fused_confidence": round(100 * conf / max(pixels, 1), 1),
-                       "fused_accuracy": round(100 * correct / max(pixels, 1), 1),
-                       "image_label_accuracy": round(100 * label_hits / max(label_total, 1), 1),
-                       "present_class_recall": round(100 * present_found / max(present, 1), 1)}
-        print(f"{run} {split}: {row[split]}", flush=True)
+    for mode in MODES:
+        set_mode(method, mode)
+        torch.manual_seed(0)  # dropout's draws in training mode
+        row[mode] = {}
+        for split in SPLITS:
+            ids = read_split(data, split)
+            missing = sum(not mask_path(data, i).is_file() for i in ids)
+            if missing:
+                print(f"{data}: {missing} of the {len(ids)} {split} images have no mask; {split} is not scored", flush=True)
+                row[mode][split] = None
+                continue
+            row[mode][split] = score_split(method, data, ids, names, split, batch if mode == "training" else 1)
+            print(f"{run} {mode} {split}: {row[mode][split]}", flush=True)
     return row
 
 
-COLUMNS = [("decoder", "decoder mIoU"), ("sgc", "SGC mIoU (own image labels)"),
-           ("sgc_true_labels", "SGC mIoU (true image labels)"), ("fused", "fused pseudo-label mIoU"),
-           ("fused_confidence", "fused top probability %"), ("fused_accuracy", "fused pixel accuracy %"),
-           ("image_label_accuracy", "classifier image labels right %"), ("present_class_recall", "present classes found %")]
+COLUMNS = [("decoder", "decoder"), ("sgc", "SGC, own image labels"), ("sgc_true_labels", "SGC, true image labels"),
+           ("fused", "fused target"), ("fused_true_labels", "fused with true image labels"),
+           ("present_class_recall", "classes present found %"), ("classes_present_per_image", "classes present / image"),
+           ("classes_named_per_image", "classes named / image"), ("fused_confidence", "fused top probability %"),
+           ("fused_accuracy", "fused pixel accuracy %")]
+SPLIT_TITLES = {"labeled": "its labelled images", "val": "val", "unlabeled": "the unlabelled pool"}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = []
-    for split in SPLITS:
-        lines += [f"### {'val' if split == 'val' else 'the unlabelled pool'} (mean ± std over runs)", "",
-                  "| runs | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|" + "---|" * len(COLUMNS)]
-        for method in dict.fromkeys(r["method"] for r in rows):
-            rs = [r for r in rows if r["method"] == method]
+    lines = ["mIoU of each branch's argmax, then the classifier's image labels and the fused target's calibration; "
+             "mean ± std over runs.", ""]
+    for mode in MODES:
+        lines += [f"### {mode} mode", "", "| images (runs) | " + " | ".join(h for _, h in COLUMNS) + " |",
+                  "|---|" + "---|" * len(COLUMNS)]
+        for split in SPLITS:
+            scored = [r[mode][split] for r in rows if r[mode][split]]
+            if not scored:
+                continue
             cells = []
             for key, _ in COLUMNS:
-                vals = [r[split][key] for r in rs if r[split]]
-                m, s = mean_std(vals) if vals else (None, None)
-                cells.append("-" if m is None else f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}")
-            lines.append(f"| {method} ({len(rs)}) | " + " | ".join(cells) + " |")
+                m, s = mean_std([v[key] for v in scored])
+                cells.append(f"{m:.1f} ± {s:.1f}" if len(scored) > 1 else f"{m:.1f}")
+            lines.append(f"| {SPLIT_TITLES[split]} ({len(scored)}) | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -129,17 +181,20 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="PseudoSeg `scaleseg train --out` folders")
+    p.add_argument("--batch", type=int, default=4, help="images per batch in training mode (the study's batch)")
     p.add_argument("--name", default="pseudoseg_branches", help="results file name (NAME.json, NAME.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.batch < 2:
+        raise SystemExit(f"--batch {args.batch}: training mode normalises by the batch, which needs two images or more.")
     require_finished_runs(args.runs)
-    rows = [score_run(run) for run in args.runs]
-    note = ("Each run's last checkpoint, in inference mode, at x1.0 on whole images. The SGC branch with its own "
-            "image labels and the fused, sharpened (T 0.5) distribution are what PseudoSeg trains the strong view "
-            "on; every pixel of it counts as a soft target. The fused top probability is the mean, over labelled "
-            "pixels, of that target's largest class probability; its pixel accuracy is how often that class is right.")
-    write_results(args.name, {"machine": machine(), "rows": rows}, markdown(rows), note, args.results,
-                  script="pseudoseg_branches")
+    rows = [score_run(run, batch=args.batch) for run in args.runs]
+    note = ("Each run's last checkpoint at x1.0 on whole images. The fused target is what PseudoSeg trains the "
+            "strong view on (training fuses random crops of a batch; here whole images), every pixel of it a soft "
+            "target. Its top probability is the mean, over labelled pixels, of its largest class probability; its "
+            "pixel accuracy is how often that class is right.")
+    write_results(args.name, {"machine": machine(), "batch": args.batch, "rows": rows}, markdown(rows), note,
+                  args.results, script="pseudoseg_branches")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from bench.texture_scenes import CLASS_SOURCES, RADIUS_RANGE, render, synthesize_textures
+from tests.conftest import tiny_config
 from training.data.validate import check_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -523,33 +524,66 @@ def test_benchmark_children_find_this_checkout_first_and_keep_the_callers_path(m
     assert env["PYTHONPATH"] == str(REPO) and "OMP_NUM_THREADS" not in env  # no empty entry: it would mean the cwd
 
 
-def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(checkpoints, tiny_data, data_copy, tmp_path):
+def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(tiny_data, data_copy, tmp_path):
     import torch
     from PIL import Image
 
-    from bench.pseudoseg_branches import BRANCHES, markdown, score_run
-    from tests.conftest import tiny_config
+    import bench.pseudoseg_branches as pb
     from training.checkpoint import load_checkpoint, load_inference_model
     from training.data.datasets import EvalSet
     from training.data.folder import load_classes, read_split
-    from training.engine import Trainer
     from training.evaluate import evaluate
+    from training.engine import Trainer
+    from training.methods.pseudoseg import image_labels
+    from training.models.deeplabv3plus import resize
     cfg = tiny_config(tiny_data, tmp_path / "pseudoseg" / "seed0", method="pseudoseg")
     cfg.run.max_iters = 1
     Trainer(cfg, progress=False).fit()
     run = Path(cfg.run.out)
-    row = score_run(run, tiny_data)
     names = [c.name for c in load_classes(tiny_data)]
+    k = len(names)
+    row = pb.score_run(run, tiny_data)
     model = load_inference_model(load_checkpoint(run / "last.pt"))[0]
-    plain = evaluate(model, EvalSet(tiny_data, read_split(tiny_data, "val"), len(names)), names, torch.device("cpu"))
-    assert row["val"]["decoder"] == pytest.approx(plain["scales"]["1.0"]["miou"], abs=0.01)  # the exported model's score
-    assert row["unlabeled"] is None  # this pool keeps no masks, as a user's
+    plain = evaluate(model, EvalSet(tiny_data, read_split(tiny_data, "val"), k), names, torch.device("cpu"))
+    assert row["inference"]["val"]["decoder"] == pytest.approx(plain["scales"]["1.0"]["miou"], abs=0.01)  # the exported model
+    assert row["inference"]["unlabeled"] is None and row["training"]["unlabeled"] is None  # no masks, as a user's pool
+    assert set(pb.BRANCHES) <= set(row["training"]["labeled"])
+    assert "| val (1) |" in pb.markdown([row]) and "### training mode" in pb.markdown([row])
+
+    # Each branch is what its name says: the classifier's own image labels (here: none) or the true ones.
+    method = pb.load_method(run, k)
+    pb.set_mode(method, "inference")
+    x, y = next(pb.batches(tiny_data, read_split(tiny_data, "val"), k, "val", 2))
+    with torch.no_grad():
+        method.classifier.weight.fill_(1e-3)  # positive CAMs wherever the encoder's features are
+        method.classifier.bias.fill_(-20.0)
+        got = pb.predictions(method, x, y)
+        valid = torch.ones_like(y, dtype=torch.bool)
+        _, c3, c4 = method.model.encoder.stages(x)
+        truth, none = image_labels(y, k), torch.zeros(len(y), k - 1)
+        assert truth.sum() > 0 and got["image_labels"].sum() == 0
+        assert torch.allclose(got["sgc"], resize(method.sgc_logits(c3, c4, none, valid), x.shape[-2:]).softmax(1))
+        assert not torch.allclose(got["sgc"], got["sgc_true_labels"])
+        assert torch.allclose(got["fused"], method.pseudo_labels(x, valid, none))
+        assert torch.allclose(got["fused_true_labels"], method.pseudo_labels(x, valid, truth))
+        assert not torch.allclose(got["fused"], got["fused_true_labels"])
+    labelled = read_split(tiny_data, "labeled")
+    assert [len(x) for x, _ in pb.batches(tiny_data, labelled, k, "labeled", 4)] == [4, 2]
+    assert [len(x) for x, _ in pb.batches(tiny_data, labelled, k, "labeled", 5)] == [6]  # never a batch of one
+    # Training mode normalises by the batch and leaves the running statistics alone.
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    pb.set_mode(method, "training")
+    assert not torch.allclose(pb.predictions(method, x, y)["decoder"], got["decoder"])
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
+
+    # With the pool's masks kept (class 1 alone in each), the classifier's labels are counted against them.
     for i in read_split(data_copy, "unlabeled"):
         Image.new("L", Image.open(next((data_copy / "images").glob(f"{i}.*"))).size, 1).save(data_copy / "masks" / f"{i}.png")
-    row = score_run(run, data_copy)
-    for split in ("val", "unlabeled"):
-        assert set(BRANCHES) <= set(row[split]) and 0 <= row[split]["fused_confidence"] <= 100
-        assert 0 <= row[split]["present_class_recall"] <= 100 and 0 <= row[split]["image_label_accuracy"] <= 100
-    assert "| pseudoseg (1) |" in markdown([row])
-    with pytest.raises(SystemExit, match="this script scores PseudoSeg's branches"):
-        score_run(checkpoints["supervised"].parent, tiny_data)
+    pb.set_mode(method, "inference")
+    for bias, found, named in ((-20.0, 0.0, 0.0), (20.0, 100.0, k - 1)):
+        with torch.no_grad():
+            method.classifier.bias.fill_(bias)
+        pool = pb.score_split(method, data_copy, read_split(data_copy, "unlabeled"), names, "unlabeled", 4)
+        assert (pool["present_class_recall"], pool["classes_named_per_image"]) == (found, named)
+        assert pool["classes_present_per_image"] == 1.0

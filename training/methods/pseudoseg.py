@@ -152,16 +152,21 @@ class PseudoSeg(Method):
             grid = F.interpolate(valid.unsqueeze(1).float(), size=c4.shape[-2:], mode="nearest").squeeze(1)
         return self.attention(cam.to(c4.dtype), hyper, grid)
 
+    def own_image_labels(self, c4: torch.Tensor) -> torch.Tensor:
+        """[B, K-1] float: the classes the classifier says an (unlabelled) image holds."""
+        return (torch.sigmoid(self.classifier(c4.mean((2, 3))).float()) >= self.cfg.cls_thresh).float()
+
     @torch.no_grad()
-    def pseudo_labels(self, weak: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Sharpened calibrated fusion of the decoder's and the SGC prediction, [B, K, H, W]."""
+    def pseudo_labels(self, weak: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Sharpened calibrated fusion of the decoder's and the SGC prediction, [B, K, H, W]; the SGC branch
+        uses the classifier's own image labels unless ``labels`` [B, K-1] are given."""
         cfg = self.cfg
         logits_dec = self.model(weak).float()
         encoder, was_training = self.model.encoder, self.model.encoder.training
         encoder.eval()  # Grad-CAM from the encoder in inference mode, as the code
         _, c3, c4 = encoder.stages(weak)
         encoder.train(was_training)
-        labels = (torch.sigmoid(self.classifier(c4.mean((2, 3))).float()) >= cfg.cls_thresh).float()
+        labels = self.own_image_labels(c4) if labels is None else labels
         logits_att = resize(self.sgc_logits(c3, c4, labels, valid), weak.shape[-2:]).float()
         if cfg.logit_norm:
             rms = torch.cat([logits_dec, logits_att]).pow(2).mean().add(1e-8).rsqrt()
