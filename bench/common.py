@@ -11,6 +11,10 @@ from pathlib import Path
 import torch
 import yaml
 
+from training.data.datasets import EvalSet
+from training.data.folder import image_path, load_image
+from training.data.transforms import to_tensor
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
 
@@ -39,6 +43,30 @@ def run_data(run: Path) -> Path:
     """The dataset folder a `scaleseg train --out` run trained on."""
     root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
     return root if root.is_absolute() else REPO / root
+
+
+def whole_image_batches(data: Path, ids: list[str], k: int, split: str, size: int, masks: bool = True):
+    """(images, masks) of up to ``size`` consecutive images of one shape, normalised as the model takes them (masks
+    None unless asked for); a lone last image joins the batch before it, since batch norm cannot normalise by a
+    batch of one."""
+    samples = EvalSet(data, ids, k, split=split) if masks else (
+        {"image": to_tensor(load_image(image_path(data, i, split)))} for i in ids)
+
+    def stacked(group):
+        return torch.stack([g["image"] for g in group]), torch.stack([g["mask"] for g in group]) if masks else None
+    pending: list[dict] = []
+    group: list[dict] = []
+    for sample in samples:
+        if group and (len(group) == size or sample["image"].shape != group[0]["image"].shape):
+            if pending:
+                yield stacked(pending)
+            pending, group = group, []
+        group.append(sample)
+    if len(group) == 1 and pending and group[0]["image"].shape == pending[0]["image"].shape:
+        pending, group = pending + group, []
+    for g in (pending, group):
+        if g:
+            yield stacked(g)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -30,9 +30,9 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import RESULTS, machine, mean_std, require_finished_runs, run_data, write_results  # noqa: E402
+from bench.common import (RESULTS, machine, mean_std, require_finished_runs, run_data,  # noqa: E402
+                          whole_image_batches, write_results)
 from training.checkpoint import load_checkpoint  # noqa: E402
-from training.data.datasets import EvalSet  # noqa: E402
 from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
 from training.engine import build_method, config_from_checkpoint  # noqa: E402
 from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: E402
@@ -83,32 +83,12 @@ def predictions(method, images: torch.Tensor, masks: torch.Tensor) -> dict[str, 
             "image_labels": own}
 
 
-def batches(data: Path, ids: list[str], k: int, split: str, size: int):
-    """(images, masks) of up to ``size`` consecutive images of one shape; a lone last image joins the batch before
-    it, since batch norm cannot normalise by a batch of one."""
-    def stacked(group):
-        return torch.stack([g["image"] for g in group]), torch.stack([g["mask"] for g in group])
-    pending: list[dict] = []
-    group: list[dict] = []
-    for sample in EvalSet(data, ids, k, split=split):
-        if group and (len(group) == size or sample["image"].shape != group[0]["image"].shape):
-            if pending:
-                yield stacked(pending)
-            pending, group = group, []
-        group.append(sample)
-    if len(group) == 1 and pending and group[0]["image"].shape == pending[0]["image"].shape:
-        pending, group = pending + group, []
-    for g in (pending, group):
-        if g:
-            yield stacked(g)
-
-
 def score_split(method, data: Path, ids: list[str], names: list[str], split: str, batch: int) -> dict:
     k = len(names)
     cms = {branch: torch.zeros(k, k, dtype=torch.long) for branch in BRANCHES}
     conf = correct = pixels = 0.0
     present = found = named = images = 0.0
-    for x, y in batches(data, ids, k, split, batch):
+    for x, y in whole_image_batches(data, ids, k, split, batch):
         if method.training and len(x) == 1:
             raise SystemExit(f"{data}: an image of {split} has a size no neighbour shares, and training mode needs "
                              "batches of two or more; score a benchmark whose images share one size.")

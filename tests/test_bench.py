@@ -529,6 +529,7 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
     from PIL import Image
 
     import bench.pseudoseg_branches as pb
+    from bench.common import whole_image_batches
     from training.checkpoint import load_checkpoint, load_inference_model
     from training.data.datasets import EvalSet
     from training.data.folder import load_classes, read_split
@@ -553,7 +554,7 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
     # Each branch is what its name says: the classifier's own image labels (here: none) or the true ones.
     method = pb.load_method(run, k)
     pb.set_mode(method, "inference")
-    x, y = next(pb.batches(tiny_data, read_split(tiny_data, "val"), k, "val", 2))
+    x, y = next(whole_image_batches(tiny_data, read_split(tiny_data, "val"), k, "val", 2))
     with torch.no_grad():
         method.classifier.weight.fill_(1e-3)  # positive CAMs wherever the encoder's features are
         method.classifier.bias.fill_(-20.0)
@@ -568,8 +569,8 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
         assert torch.allclose(got["fused_true_labels"], method.pseudo_labels(x, valid, truth))
         assert not torch.allclose(got["fused"], got["fused_true_labels"])
     labelled = read_split(tiny_data, "labeled")
-    assert [len(x) for x, _ in pb.batches(tiny_data, labelled, k, "labeled", 4)] == [4, 2]
-    assert [len(x) for x, _ in pb.batches(tiny_data, labelled, k, "labeled", 5)] == [6]  # never a batch of one
+    assert [len(x) for x, _ in whole_image_batches(tiny_data, labelled, k, "labeled", 4)] == [4, 2]
+    assert [len(x) for x, _ in whole_image_batches(tiny_data, labelled, k, "labeled", 5)] == [6]  # never a batch of one
     # Training mode normalises by the batch and leaves the running statistics alone.
     norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
@@ -587,3 +588,34 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
         pool = pb.score_split(method, data_copy, read_split(data_copy, "unlabeled"), names, "unlabeled", 4)
         assert (pool["present_class_recall"], pool["classes_named_per_image"]) == (found, named)
         assert pool["classes_present_per_image"] == 1.0
+
+
+def test_bn_statistics_rescores_the_exported_model_with_recomputed_statistics(checkpoints, tiny_data, tmp_path,
+                                                                              monkeypatch):
+    import torch
+
+    from bench.bn_statistics import SOURCES, markdown, score_run, summarise
+    from training.checkpoint import load_checkpoint, load_inference_model
+    from training.data.datasets import EvalSet
+    from training.data.folder import load_classes, read_split
+    from training.evaluate import evaluate
+    run = checkpoints["supervised"].parent
+    row = score_run(run, 4, tiny_data)  # the pool keeps no masks: images are all the recomputation needs
+    names = [c.name for c in load_classes(tiny_data)]
+    model = load_inference_model(load_checkpoint(run / "last.pt"))[0]
+    plain = evaluate(model, EvalSet(tiny_data, read_split(tiny_data, "val"), len(names)), names, torch.device("cpu"))
+    assert row["as trained"] == pytest.approx(plain["scales"]["1.0"]["miou"], abs=0.01)
+    assert row["labelled"] != row["as trained"]  # one iteration leaves statistics far from the images'
+    (line,) = summarise([row, {**row, "seed": "seed1", "labelled": row["labelled"] + 2}])
+    assert line["runs"] == 2 and line["labelled change"][0] == pytest.approx(row["labelled"] - row["as trained"] + 1)
+    assert all(f"recomputed on {s}" in markdown([line]) for s in SOURCES)
+
+    # A run already in the results is not scored again; a run added to the command is.
+    import bench.bn_statistics as bs
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bn.json").write_text(json.dumps({"batch": 4, "rows": [row]}))
+    monkeypatch.setattr(sys, "argv", ["bn_statistics.py", str(run), "--name", "bn", "--results", str(results)])
+    monkeypatch.setattr(bs, "score_run", lambda run, batch: pytest.fail(f"{run} scored again"))
+    bs.main()
+    assert json.loads((results / "bn.json").read_text())["rows"] == [row] and f"| {row['method']} | 1 |" in (results / "bn.md").read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from training.config import ConfigError, ModelConfig
 from training.models import DeepLabV3Plus, build_model
@@ -174,3 +175,22 @@ def test_light_decoder_costs_a_fraction_of_the_standard_head():
     assert li["fuse"] < s["fuse"] / 8 and li["aspp"] < s["aspp"] / 3
     assert li[""] < s[""] / 4
     assert head_parameters(light) < head_parameters(standard) / 4
+
+
+def test_recomputed_bn_statistics_are_the_average_over_the_given_batches():
+    from training.bn_stats import recompute_bn_statistics
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 1)).train()
+    bn = model[1]
+    batches = [torch.randn(2, 3, 8, 8) * (i + 1) + i for i in range(3)]
+    with torch.no_grad():
+        feats = [model[0](x) for x in batches]
+    assert recompute_bn_statistics(model, iter(batches)) == 3
+    assert torch.allclose(bn.running_mean, torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, torch.stack([f.var((0, 2, 3)) for f in feats]).mean(0), atol=1e-4)  # unbiased
+    assert model.training and bn.momentum == 0.1  # mode and momentum as they were
+    model.eval()
+    before = bn.running_mean.clone()
+    with pytest.raises(ValueError, match="no images"):
+        recompute_bn_statistics(model, [])
+    assert torch.equal(bn.running_mean, before) and not model.training
