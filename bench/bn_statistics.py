@@ -5,13 +5,10 @@ with the running statistics as trained, and with them recomputed from the final 
     python bench/bn_statistics.py runs/headroom_tex/textures/1_32/{cct,cutmixseg}/seed*
 
 Runs in folders of the same name (METHOD/seedN, as bench/label_efficiency.py lays them out) are one method:
-mean ± std over them, and the change paired by run. Runs already in the results are not scored again: the same
-command with more runs adds them.
+mean ± std over them, and the change paired by run.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -20,8 +17,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (RESULTS, machine, markdown_table, mean_std, require_finished_runs,  # noqa: E402
-                          run_data, whole_image_batches, write_results)
+from bench.common import (batch_runs_arguments, machine, markdown_table, mean_std, run_data,  # noqa: E402
+                          whole_image_batches, write_results)
 from training.bn_stats import recompute_bn_statistics  # noqa: E402
 from training.checkpoint import load_checkpoint, load_inference_model  # noqa: E402
 from training.data.datasets import EvalSet  # noqa: E402
@@ -76,24 +73,12 @@ def markdown(summary: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="`scaleseg train --out` folders (METHOD/seedN)")
-    p.add_argument("--batch", type=int, default=4, help="images per batch while recomputing (the study's batch)")
-    p.add_argument("--name", default="bn_statistics", help="results file name (NAME.json, NAME.md)")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = p.parse_args()
-    if args.batch < 2:
-        raise SystemExit(f"--batch {args.batch}: batch norm normalises by the batch, which needs two images or more.")
-    require_finished_runs(args.runs)
-    # Runs already in the results (same batch) are kept, and the results are rewritten as each run is scored, so
-    # runs that finish later are added by running again.
-    path = args.results / f"{args.name}.json"
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {r["run"]: r for r in done.get("rows", []) if done.get("batch") == args.batch}
+    args = batch_runs_arguments(__doc__, "bn_statistics", "`scaleseg train --out` folders (METHOD/seedN)",
+                                "images per batch while recomputing (the study's batch)")
     rows = []
-    for run in args.runs:
-        rows.append(kept.get(str(run)) or score_run(run, args.batch))
-        publish(rows, args)
+    for run in dict.fromkeys(args.runs):  # a run named twice is scored once
+        rows.append(score_run(run, args.batch))
+        publish(rows, args)  # written as each run is scored, so a long list shows its results as it goes
 
 
 def publish(rows: list[dict], args) -> None:

@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts: machine description, timing, JSON + Markdown output."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from training.checkpoint import training_finished
 from training.data.datasets import EvalSet
 from training.data.folder import image_path, load_image
 from training.data.transforms import to_tensor
@@ -35,8 +37,24 @@ def machine() -> dict:
 def require_finished_runs(runs: list[Path]) -> None:
     """Stop with which folder is not a finished `scaleseg train --out` run, before any is scored."""
     for run in runs:
-        if not (run / "last.pt").is_file() or not (run / "config.yaml").is_file():
-            raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs last.pt and config.yaml).")
+        if not (run / "config.yaml").is_file() or not training_finished(run / "last.pt"):
+            raise SystemExit(f"{run}: not a finished `scaleseg train --out` folder (needs config.yaml and the last.pt "
+                             "of its final iteration; a run still training has an earlier one).")
+
+
+def batch_runs_arguments(doc: str, name: str, runs_help: str, batch_help: str) -> argparse.Namespace:
+    """The command line of a script that scores trained runs in batches: RUN..., --batch, --name, --results;
+    stops before any work on a batch batch norm cannot normalise by, or on an unfinished run."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help=runs_help)
+    p.add_argument("--batch", type=int, default=4, help=batch_help)
+    p.add_argument("--name", default=name, help="results file name (NAME.json, NAME.md)")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    args = p.parse_args()
+    if args.batch < 2:
+        raise SystemExit(f"--batch {args.batch}: batch norm normalises by the batch, which needs two images or more.")
+    require_finished_runs(args.runs)
+    return args
 
 
 def run_data(run: Path) -> Path:

@@ -19,7 +19,6 @@ images; the running statistics are left untouched). Training fuses random crops;
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +29,8 @@ import torch.nn as nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (RESULTS, machine, mean_std, require_finished_runs, run_data,  # noqa: E402
-                          whole_image_batches, write_results)
+from bench.common import (batch_runs_arguments, machine, mean_std, run_data, whole_image_batches,  # noqa: E402
+                          write_results)
 from training.checkpoint import load_checkpoint  # noqa: E402
 from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
 from training.engine import build_method, config_from_checkpoint  # noqa: E402
@@ -159,15 +158,8 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="PseudoSeg `scaleseg train --out` folders")
-    p.add_argument("--batch", type=int, default=4, help="images per batch in training mode (the study's batch)")
-    p.add_argument("--name", default="pseudoseg_branches", help="results file name (NAME.json, NAME.md)")
-    p.add_argument("--results", type=Path, default=RESULTS)
-    args = p.parse_args()
-    if args.batch < 2:
-        raise SystemExit(f"--batch {args.batch}: training mode normalises by the batch, which needs two images or more.")
-    require_finished_runs(args.runs)
+    args = batch_runs_arguments(__doc__, "pseudoseg_branches", "PseudoSeg `scaleseg train --out` folders",
+                                "images per batch in training mode (the study's batch)")
     rows = [score_run(run, batch=args.batch) for run in args.runs]
     note = ("Each run's last checkpoint at x1.0 on whole images. The fused target is what PseudoSeg trains the "
             "strong view on (training fuses random crops of a batch; here whole images), every pixel of it a soft "

@@ -610,12 +610,29 @@ def test_bn_statistics_rescores_the_exported_model_with_recomputed_statistics(ch
     assert line["runs"] == 2 and line["labelled change"][0] == pytest.approx(row["labelled"] - row["as trained"] + 1)
     assert all(f"recomputed on {s}" in markdown([line]) for s in SOURCES)
 
-    # A run already in the results is not scored again; a run added to the command is.
+    # "All training images" are the labelled and the unlabelled ones, batch after batch (6 + 12 images, batches of 4).
     import bench.bn_statistics as bs
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "bn.json").write_text(json.dumps({"batch": 4, "rows": [row]}))
-    monkeypatch.setattr(sys, "argv", ["bn_statistics.py", str(run), "--name", "bn", "--results", str(results)])
-    monkeypatch.setattr(bs, "score_run", lambda run, batch: pytest.fail(f"{run} scored again"))
-    bs.main()
-    assert json.loads((results / "bn.json").read_text())["rows"] == [row] and f"| {row['method']} | 1 |" in (results / "bn.md").read_text()
+    counted = {}
+    real = bs.recompute_bn_statistics
+    monkeypatch.setattr(bs, "recompute_bn_statistics", lambda model, batches: counted.setdefault(len(counted), real(model, batches)))
+    score_run(run, 4, tiny_data)
+    assert list(counted.values()) == [2, 5]
+    monkeypatch.setattr(sys, "argv", ["bn_statistics.py", str(run), "--batch", "1", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="needs two images or more"):
+        bs.main()
+
+
+def test_scripts_that_score_runs_refuse_a_run_still_training(checkpoints, tmp_path):
+    import shutil
+
+    import torch
+
+    from bench.common import require_finished_runs
+    finished = checkpoints["supervised"].parent
+    require_finished_runs([finished])
+    training = tmp_path / "still-training"
+    shutil.copytree(finished, training)
+    ckpt = torch.load(training / "last.pt", map_location="cpu", weights_only=False)
+    torch.save({**ckpt, "iteration": 0}, training / "last.pt")  # last.pt as an epoch's end writes it
+    with pytest.raises(SystemExit, match="a run still training"):
+        require_finished_runs([finished, training])

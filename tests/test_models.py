@@ -177,20 +177,44 @@ def test_light_decoder_costs_a_fraction_of_the_standard_head():
     assert head_parameters(light) < head_parameters(standard) / 4
 
 
-def test_recomputed_bn_statistics_are_the_average_over_the_given_batches():
+class _FrozenNorm(nn.Module):
+    """Stands for an encoder with --encoder-bn frozen: its train() keeps its BN in inference mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+def test_recomputed_bn_statistics_are_the_population_statistics_of_the_given_batches():
     from training.bn_stats import recompute_bn_statistics
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 2, 1)).train()
-    bn = model[1]
-    batches = [torch.randn(2, 3, 8, 8) * (i + 1) + i for i in range(3)]
-    with torch.no_grad():
-        feats = [model[0](x) for x in batches]
-    assert recompute_bn_statistics(model, iter(batches)) == 3
-    assert torch.allclose(bn.running_mean, torch.stack([f.mean((0, 2, 3)) for f in feats]).mean(0), atol=1e-5)
-    assert torch.allclose(bn.running_var, torch.stack([f.var((0, 2, 3)) for f in feats]).mean(0), atol=1e-4)  # unbiased
-    assert model.training and bn.momentum == 0.1  # mode and momentum as they were
+    model = nn.Sequential(_FrozenNorm(), nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    model.train()
+    model[4].eval()  # a submodule in another mode than its parent keeps it
+    bn, frozen = model[3], model[0].bn
+    frozen_mean = frozen.running_mean.clone()
+    batches = [torch.randn(n, 3, 8, 8) * (n + 1) + n for n in (2, 3, 2)]  # sizes differ: weighted by their values
     model.eval()
+    with torch.no_grad():
+        feats = torch.cat([model[1](model[0](x)) for x in batches])
+    model.train()
+    model[4].eval()
+    assert recompute_bn_statistics(model, iter(batches)) == 3
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, feats.var((0, 2, 3), unbiased=False), atol=1e-4)  # dropout off, population
+    assert torch.equal(frozen.running_mean, frozen_mean)  # a frozen layer keeps its statistics
+    assert model.training and not model[4].training and not frozen.training and bn.momentum == 0.1
     before = bn.running_mean.clone()
     with pytest.raises(ValueError, match="no images"):
         recompute_bn_statistics(model, [])
-    assert torch.equal(bn.running_mean, before) and not model.training
+    with pytest.raises(ValueError, match="a batch of 1 image"):  # stopped part-way: everything as it was
+        recompute_bn_statistics(model, [batches[0], torch.randn(1, 3, 8, 8)])
+    assert torch.equal(bn.running_mean, before) and bn.momentum == 0.1 and model.training and not model[4].training
