@@ -84,8 +84,8 @@ def main() -> None:
 def publish(rows: list[dict], args) -> None:
     summary = summarise(rows)
     note = ("Val mIoU at x1.0 of each run's exported model (last.pt): with the batch-norm running statistics training "
-            f"left, and with them recomputed from the final weights as the average over batches of {args.batch} whole, "
-            "unaugmented training images (the labelled ones, or every training image). Changes are paired by run.")
+            f"left, and with them recomputed from the final weights as the population statistics of batches of {args.batch} "
+            "whole, unaugmented training images (the labelled ones, or every training image). Changes are paired by run.")
     write_results(args.name, {"machine": machine(), "batch": args.batch, "summary": summary, "rows": rows},
                   markdown(summary), note, args.results, script="bn_statistics")
 

@@ -65,8 +65,8 @@ def run_data(run: Path) -> Path:
 
 def whole_image_batches(data: Path, ids: list[str], k: int, split: str, size: int, masks: bool = True):
     """(images, masks) of up to ``size`` consecutive images of one shape, normalised as the model takes them (masks
-    None unless asked for); a lone last image joins the batch before it, since batch norm cannot normalise by a
-    batch of one."""
+    None unless asked for); a lone last image joins the batch before it when it has that batch's shape, since batch
+    norm cannot normalise by a batch of one."""
     samples = EvalSet(data, ids, k, split=split) if masks else (
         {"image": to_tensor(load_image(image_path(data, i, split)))} for i in ids)
 

@@ -68,17 +68,13 @@ def predictions(method, images: torch.Tensor, masks: torch.Tensor) -> dict[str, 
     """Each branch's class probabilities [B, K, H, W], and the classifier's image labels [B, K-1]."""
     k = method.model.num_classes
     valid = torch.ones_like(masks, dtype=torch.bool)
-    truth = image_labels(masks, k)
-    encoder, was_training = method.model.encoder, method.model.encoder.training
-    encoder.eval()  # the classifier and the CAMs read the encoder in inference mode, as pseudo_labels does
-    _, c3, c4 = encoder.stages(images)
-    encoder.train(was_training)
+    logits_dec = method.model(images).float()
+    c3, c4 = method.cam_features(images)
     own = method.own_image_labels(c4)
-
-    def sgc(labels):
-        return resize(method.sgc_logits(c3, c4, labels, valid), images.shape[-2:]).float().softmax(1)
-    return {"decoder": method.model(images).float().softmax(1), "sgc": sgc(own), "sgc_true_labels": sgc(truth),
-            "fused": method.pseudo_labels(images, valid), "fused_true_labels": method.pseudo_labels(images, valid, truth),
+    att_own, att_true = (resize(method.sgc_logits(c3, c4, labels, valid), images.shape[-2:]).float()
+                         for labels in (own, image_labels(masks, k)))
+    return {"decoder": logits_dec.softmax(1), "sgc": att_own.softmax(1), "sgc_true_labels": att_true.softmax(1),
+            "fused": method.fuse(logits_dec, att_own), "fused_true_labels": method.fuse(logits_dec, att_true),
             "image_labels": own}
 
 

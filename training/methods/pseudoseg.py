@@ -157,17 +157,17 @@ class PseudoSeg(Method):
         return (torch.sigmoid(self.classifier(c4.mean((2, 3))).float()) >= self.cfg.cls_thresh).float()
 
     @torch.no_grad()
-    def pseudo_labels(self, weak: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Sharpened calibrated fusion of the decoder's and the SGC prediction, [B, K, H, W]; the SGC branch
-        uses the classifier's own image labels unless ``labels`` [B, K-1] are given."""
-        cfg = self.cfg
-        logits_dec = self.model(weak).float()
+    def cam_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(c3, c4) for Grad-CAM and the attention: from the encoder in inference mode, as the code."""
         encoder, was_training = self.model.encoder, self.model.encoder.training
-        encoder.eval()  # Grad-CAM from the encoder in inference mode, as the code
-        _, c3, c4 = encoder.stages(weak)
+        encoder.eval()
+        _, c3, c4 = encoder.stages(x)
         encoder.train(was_training)
-        labels = self.own_image_labels(c4) if labels is None else labels
-        logits_att = resize(self.sgc_logits(c3, c4, labels, valid), weak.shape[-2:]).float()
+        return c3, c4
+
+    def fuse(self, logits_dec: torch.Tensor, logits_att: torch.Tensor) -> torch.Tensor:
+        """Sharpened calibrated fusion of the decoder's and the SGC logits (float, one size), [B, K, H, W]."""
+        cfg = self.cfg
         if cfg.logit_norm:
             rms = torch.cat([logits_dec, logits_att]).pow(2).mean().add(1e-8).rsqrt()
             logits_dec, logits_att = logits_dec * rms, logits_att * rms
@@ -176,6 +176,15 @@ class PseudoSeg(Method):
             prob = prob.pow(1 / cfg.temperature)
             prob = prob / prob.sum(1, keepdim=True)
         return prob
+
+    @torch.no_grad()
+    def pseudo_labels(self, weak: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Sharpened calibrated fusion of the decoder's and the SGC prediction, [B, K, H, W]; the SGC branch
+        uses the classifier's own image labels unless ``labels`` [B, K-1] are given."""
+        logits_dec = self.model(weak).float()
+        c3, c4 = self.cam_features(weak)
+        labels = self.own_image_labels(c4) if labels is None else labels
+        return self.fuse(logits_dec, resize(self.sgc_logits(c3, c4, labels, valid), weak.shape[-2:]).float())
 
     def compute_losses(self, labeled, unlabeled, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Named losses, still attached to the graph: loss_x, loss_cls, loss_att and loss_u (unweighted)."""
