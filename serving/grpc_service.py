@@ -15,7 +15,6 @@ never INTERNAL. The receive limit bounds each message before it is parsed.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from typing import Callable

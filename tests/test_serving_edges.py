@@ -5,7 +5,6 @@ Every answer is a 4xx in the one {"error": message} shape, never a 5xx."""
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import shutil
 import zlib

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .config import CONFIG_FILE, ConfigError, config_yaml, hp
 from .data import transforms as T
+from .data.datasets import EpochSampler
 from .data.folder import atomic_write, image_path, load_image, read_split
 from .models.encoders.resnet import CHANNELS, ResNetEncoder
 
@@ -203,8 +204,7 @@ def torchvision_state(encoder: ResNetEncoder) -> dict[str, torch.Tensor]:
 
 
 # --- the run ---------------------------------------------------------------------------------------
-def _loader(cfg: PretrainConfig, root: Path) -> tuple[DataLoader, "EpochSampler", int]:
-    from .data.datasets import EpochSampler
+def _loader(cfg: PretrainConfig, root: Path) -> tuple[DataLoader, EpochSampler, int]:
     ids = [(split, i) for split in cfg.splits for i in read_split(root, split, required=False)]
     if len(ids) < cfg.batch_size:
         raise ConfigError(f"{root}: {len(ids)} training images in splits {', '.join(cfg.splits)}; pretraining needs "

@@ -154,7 +154,7 @@ class PRCL(MeanTeacher):
         return self.cfg.contrast_weight * math.exp(-self.cfg.rampdown * (ctx.iteration / max(1, ctx.total_iters)) ** 2)
 
     def training_step(self, labeled, unlabeled, partner, ctx: StepContext):
-        cfg, n = self.cfg, labeled["image"].shape[0]
+        cfg = self.cfg
         with torch.no_grad():
             self.teacher.eval()
             conf, label = pseudo_labels(self.teacher(torch.cat([unlabeled["weak"], partner["weak"]])))
