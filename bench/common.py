@@ -7,15 +7,18 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import yaml
 
-from training.checkpoint import training_finished
+from training.checkpoint import load_checkpoint, training_finished
 from training.data.datasets import EvalSet
 from training.data.folder import image_path, load_image
 from training.data.transforms import to_tensor
+from training.engine import build_method, config_from_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = RESULTS.parents[1]
@@ -42,12 +45,12 @@ def require_finished_runs(runs: list[Path]) -> None:
                              "of its final iteration; a run still training has an earlier one).")
 
 
-def batch_runs_arguments(doc: str, name: str, runs_help: str, batch_help: str) -> argparse.Namespace:
+def batch_runs_arguments(doc: str, name: str, runs_help: str, batch_help: str, batch: int = 4) -> argparse.Namespace:
     """The command line of a script that scores trained runs in batches: RUN..., --batch, --name, --results;
     stops before any work on a batch batch norm cannot normalise by, or on an unfinished run."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help=runs_help)
-    p.add_argument("--batch", type=int, default=4, help=batch_help)
+    p.add_argument("--batch", type=int, default=batch, help=batch_help)
     p.add_argument("--name", default=name, help="results file name (NAME.json, NAME.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -61,6 +64,27 @@ def run_data(run: Path) -> Path:
     """The dataset folder a `scaleseg train --out` run trained on."""
     root = Path(yaml.safe_load((run / "config.yaml").read_text())["data"]["root"])
     return root if root.is_absolute() else REPO / root
+
+
+def load_trained_method(run: Path, expected: str, num_classes: int):
+    """The training method (its networks and heads) of a run's last checkpoint; stops on another method's run."""
+    ckpt = load_checkpoint(run / "last.pt")
+    cfg = config_from_checkpoint(ckpt)
+    if cfg.method != expected:
+        raise SystemExit(f"{run}: a {cfg.method} run; this script scores {expected} runs.")
+    # The checkpoint holds every weight, so the encoder's initial ones are not loaded.
+    method = build_method(replace(cfg, model=replace(cfg.model, pretrained="")), num_classes)
+    method.load_state_dict(ckpt["method_state"])
+    return method, cfg
+
+
+def set_mode(module: nn.Module, mode: str) -> None:
+    """"inference", or "training" with every batch norm normalising by its batch and leaving its running
+    statistics as they are (momentum 0); dropout is active as in training."""
+    module.train(mode == "training")
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = 0.0
 
 
 def whole_image_batches(data: Path, ids: list[str], k: int, split: str, size: int, masks: bool = True):

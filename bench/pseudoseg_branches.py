@@ -20,20 +20,16 @@ images; the running statistics are left untouched). Training fuses random crops;
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (batch_runs_arguments, machine, mean_std, run_data, whole_image_batches,  # noqa: E402
-                          write_results)
-from training.checkpoint import load_checkpoint  # noqa: E402
+from bench.common import (batch_runs_arguments, load_trained_method, machine, mean_std, run_data, set_mode,  # noqa: E402
+                          whole_image_batches, write_results)
 from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
-from training.engine import build_method, config_from_checkpoint  # noqa: E402
 from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: E402
 from training.methods.pseudoseg import image_labels  # noqa: E402
 from training.models.deeplabv3plus import resize  # noqa: E402
@@ -41,26 +37,6 @@ from training.models.deeplabv3plus import resize  # noqa: E402
 BRANCHES = ("decoder", "sgc", "sgc_true_labels", "fused", "fused_true_labels")
 SPLITS = ("labeled", "val", "unlabeled")
 MODES = ("inference", "training")
-
-
-def load_method(run: Path, num_classes: int):
-    ckpt = load_checkpoint(run / "last.pt")
-    cfg = config_from_checkpoint(ckpt)
-    if cfg.method != "pseudoseg":
-        raise SystemExit(f"{run}: a {cfg.method} run; this script scores PseudoSeg's branches.")
-    # The checkpoint holds every weight, so the encoder's initial ones are not loaded.
-    method = build_method(replace(cfg, model=replace(cfg.model, pretrained="")), num_classes)
-    method.load_state_dict(ckpt["method_state"])
-    return method
-
-
-def set_mode(method, mode: str) -> None:
-    """Inference mode, or training mode with every batch norm normalising by its batch and leaving its running
-    statistics as they are (momentum 0); dropout is active as in training."""
-    method.train(mode == "training")
-    for m in method.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = 0.0
 
 
 @torch.no_grad()
@@ -108,7 +84,7 @@ def score_split(method, data: Path, ids: list[str], names: list[str], split: str
 def score_run(run: Path, data: Path | None = None, batch: int = 4) -> dict:
     data = data or run_data(run)
     names = [c.name for c in load_classes(data)]
-    method = load_method(run, len(names))
+    method, _ = load_trained_method(run, "pseudoseg", len(names))
     row = {"run": str(run), "method": run.parent.name, "seed": run.name}
     for mode in MODES:
         set_mode(method, mode)

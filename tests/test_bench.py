@@ -529,7 +529,7 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
     from PIL import Image
 
     import bench.pseudoseg_branches as pb
-    from bench.common import whole_image_batches
+    from bench.common import load_trained_method, set_mode, whole_image_batches
     from training.checkpoint import load_checkpoint, load_inference_model
     from training.data.datasets import EvalSet
     from training.data.folder import load_classes, read_split
@@ -552,8 +552,8 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
     assert "| val (1) |" in pb.markdown([row]) and "### training mode" in pb.markdown([row])
 
     # Each branch is what its name says: the classifier's own image labels (here: none) or the true ones.
-    method = pb.load_method(run, k)
-    pb.set_mode(method, "inference")
+    method, _ = load_trained_method(run, "pseudoseg", k)
+    set_mode(method, "inference")
     x, y = next(whole_image_batches(tiny_data, read_split(tiny_data, "val"), k, "val", 2))
     with torch.no_grad():
         method.classifier.weight.fill_(1e-3)  # positive CAMs wherever the encoder's features are
@@ -574,20 +574,61 @@ def test_pseudoseg_branches_scores_decoder_sgc_and_fused_labels_on_kept_masks(ti
     # Training mode normalises by the batch and leaves the running statistics alone.
     norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
-    pb.set_mode(method, "training")
+    set_mode(method, "training")
     assert not torch.allclose(pb.predictions(method, x, y)["decoder"], got["decoder"])
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))
 
     # With the pool's masks kept (class 1 alone in each), the classifier's labels are counted against them.
     for i in read_split(data_copy, "unlabeled"):
         Image.new("L", Image.open(next((data_copy / "images").glob(f"{i}.*"))).size, 1).save(data_copy / "masks" / f"{i}.png")
-    pb.set_mode(method, "inference")
+    set_mode(method, "inference")
     for bias, found, named in ((-20.0, 0.0, 0.0), (20.0, 100.0, k - 1)):
         with torch.no_grad():
             method.classifier.bias.fill_(bias)
         pool = pb.score_split(method, data_copy, read_split(data_copy, "unlabeled"), names, "unlabeled", 4)
         assert (pool["present_class_recall"], pool["classes_named_per_image"]) == (found, named)
         assert pool["classes_present_per_image"] == 1.0
+
+
+def test_scalematch_cif_scores_each_draws_members_and_fusion_as_the_training_step_builds_them(checkpoints, tiny_data):
+    import torch
+
+    import bench.scalematch_cif as sc
+    from bench.common import load_trained_method
+    from training.data.folder import load_classes, read_split
+    run = checkpoints["scalematch"].parent
+    names = [c.name for c in load_classes(tiny_data)]
+    with pytest.raises(SystemExit, match="a supervised run"):
+        load_trained_method(checkpoints["supervised"].parent, "scalematch", len(names))
+    method, cfg = load_trained_method(run, "scalematch", len(names))
+    assert sc.draws(method.cfg) == [(0.25, 1.0), (0.25, 1.25), (0.5, 1.0), (0.5, 1.25), (1.5, 0.75), (1.5, 1.0),
+                                    (2.0, 0.75), (2.0, 1.0)]
+    norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    val = read_split(tiny_data, "val")
+    # The gate weights the lower-resolution member: held at 1 the fusion is the x v view when v < 1 and the
+    # original view when v > 1; held at 0, the other one.
+    for s, low_is in ((1.0, "chosen"), (0.0, "other")):
+        handle = method.model.cif.register_forward_hook(lambda _m, _a, out: torch.full_like(out, s))
+        got = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)
+        handle.remove()
+        for v, t in sc.draws(method.cfg):
+            d = got[f"v{v}_t{t}"]
+            low, high = ("size", "ori") if v < 1 else ("ori", "size")
+            assert d["joint"] == {**d[low if low_is == "chosen" else high], "gate": s}
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))  # training mode leaves them alone
+    # Coverage counts the pixels at tau or more, and kept accuracy is their accuracy.
+    method.cfg.conf_thresh = 0.0
+    every = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
+    method.cfg.conf_thresh = 1.01
+    none = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
+    assert every["coverage"] == 100.0 and none["coverage"] == 0.0 and every["miou"] == none["miou"]
+    assert sc.centre_crop(torch.zeros(2, 3, 48, 40), 32).shape[-2:] == (32, 32)
+
+    row = sc.score_run(run, 4)
+    assert row["splits"]["unlabeled"] is None and row["crop"] == 32  # the pool keeps no masks, as a user's
+    table = sc.markdown([row])
+    assert "| 0.25, 1 | 8 (1) |" in table and "| 2, 1 | 64 (4) |" in table and "### val (1 runs)" in table
 
 
 def test_bn_statistics_rescores_the_exported_model_with_recomputed_statistics(checkpoints, tiny_data, tmp_path,
