@@ -9,6 +9,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,7 @@ import yaml
 
 from training.checkpoint import load_checkpoint, training_finished
 from training.data.datasets import EvalSet
-from training.data.folder import image_path, load_image
+from training.data.folder import image_path, load_image, mask_path, read_split
 from training.data.transforms import to_tensor
 from training.engine import build_method, config_from_checkpoint
 
@@ -45,16 +46,17 @@ def require_finished_runs(runs: list[Path]) -> None:
                              "of its final iteration; a run still training has an earlier one).")
 
 
-def batch_runs_arguments(doc: str, name: str, runs_help: str, batch_help: str, batch: int = 4) -> argparse.Namespace:
+def batch_runs_arguments(doc: str, name: str, runs_help: str, batch_help: str, batch: int | None = 4) -> argparse.Namespace:
     """The command line of a script that scores trained runs in batches: RUN..., --batch, --name, --results;
-    stops before any work on a batch batch norm cannot normalise by, or on an unfinished run."""
+    stops before any work on a batch batch norm cannot normalise by, or on an unfinished run. A default batch
+    of None leaves the choice to the script, per run."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help=runs_help)
     p.add_argument("--batch", type=int, default=batch, help=batch_help)
     p.add_argument("--name", default=name, help="results file name (NAME.json, NAME.md)")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args()
-    if args.batch < 2:
+    if args.batch is not None and args.batch < 2:
         raise SystemExit(f"--batch {args.batch}: batch norm normalises by the batch, which needs two images or more.")
     require_finished_runs(args.runs)
     return args
@@ -79,12 +81,30 @@ def load_trained_method(run: Path, expected: str, num_classes: int):
 
 
 def set_mode(module: nn.Module, mode: str) -> None:
-    """"inference", or "training" with every batch norm normalising by its batch and leaving its running
+    """Inference mode, or training mode with every batch norm normalising by its batch and leaving its running
     statistics as they are (momentum 0); dropout is active as in training."""
     module.train(mode == "training")
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = 0.0
+
+
+def scored_splits(data: Path, splits) -> Iterator[tuple[str, list[str] | None]]:
+    """(split, its image ids) for each split whose every image has a mask, (split, None) for the others (a
+    user's unlabelled pool has none), said once per split."""
+    for split in splits:
+        ids = read_split(data, split)
+        missing = sum(not mask_path(data, i).is_file() for i in ids)
+        if missing:
+            print(f"{data}: {missing} of the {len(ids)} {split} images have no mask; {split} is not scored", flush=True)
+        yield split, None if missing else ids
+
+
+def require_batch_statistics(x: torch.Tensor, data: Path, split: str) -> None:
+    """Stop on a batch of one in training mode, where batch norm has no batch to normalise by."""
+    if len(x) == 1:
+        raise SystemExit(f"{data}: an image of {split} has a size no neighbour shares, and training mode needs "
+                         "batches of two or more; score a benchmark whose images share one size.")
 
 
 def whole_image_batches(data: Path, ids: list[str], k: int, split: str, size: int, masks: bool = True):
@@ -114,6 +134,12 @@ def whole_image_batches(data: Path, ids: list[str], k: int, split: str, size: in
 def mean_std(values: list[float]) -> tuple[float, float]:
     """(mean, sample std) of a study's values over seeds; std 0 for a single value."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def mean_std_cell(values: list[float], digits: int = 1) -> str:
+    """A table cell of values over runs: mean ± std, or the value alone for one run."""
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
 
 
 def timed(fn, device: torch.device) -> float:

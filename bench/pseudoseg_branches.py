@@ -27,9 +27,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (batch_runs_arguments, load_trained_method, machine, mean_std, run_data, set_mode,  # noqa: E402
-                          whole_image_batches, write_results)
-from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
+from bench.common import (batch_runs_arguments, load_trained_method, machine, mean_std_cell,  # noqa: E402
+                          require_batch_statistics, run_data, scored_splits, set_mode, whole_image_batches,
+                          write_results)
+from training.data.folder import IGNORE, load_classes  # noqa: E402
 from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: E402
 from training.methods.pseudoseg import image_labels  # noqa: E402
 from training.models.deeplabv3plus import resize  # noqa: E402
@@ -60,9 +61,8 @@ def score_split(method, data: Path, ids: list[str], names: list[str], split: str
     conf = correct = pixels = 0.0
     present = found = named = images = 0.0
     for x, y in whole_image_batches(data, ids, k, split, batch):
-        if method.training and len(x) == 1:
-            raise SystemExit(f"{data}: an image of {split} has a size no neighbour shares, and training mode needs "
-                             "batches of two or more; score a benchmark whose images share one size.")
+        if method.training:
+            require_batch_statistics(x, data, split)
         probs = predictions(method, x, y)
         for branch in BRANCHES:
             cms[branch] += confusion_matrix(probs[branch].argmax(1), y, k)
@@ -90,14 +90,9 @@ def score_run(run: Path, data: Path | None = None, batch: int = 4) -> dict:
         set_mode(method, mode)
         torch.manual_seed(0)  # dropout's draws in training mode
         row[mode] = {}
-        for split in SPLITS:
-            ids = read_split(data, split)
-            missing = sum(not mask_path(data, i).is_file() for i in ids)
-            if missing:
-                print(f"{data}: {missing} of the {len(ids)} {split} images have no mask; {split} is not scored", flush=True)
-                row[mode][split] = None
-                continue
-            row[mode][split] = score_split(method, data, ids, names, split, batch if mode == "training" else 1)
+        for split, ids in scored_splits(data, SPLITS):
+            row[mode][split] = (None if ids is None else
+                                score_split(method, data, ids, names, split, batch if mode == "training" else 1))
             print(f"{run} {mode} {split}: {row[mode][split]}", flush=True)
     return row
 
@@ -120,10 +115,7 @@ def markdown(rows: list[dict]) -> str:
             scored = [r[mode][split] for r in rows if r[mode][split]]
             if not scored:
                 continue
-            cells = []
-            for key, _ in COLUMNS:
-                m, s = mean_std([v[key] for v in scored])
-                cells.append(f"{m:.1f} ± {s:.1f}" if len(scored) > 1 else f"{m:.1f}")
+            cells = [mean_std_cell([v[key] for v in scored]) for key, _ in COLUMNS]
             lines.append(f"| {SPLIT_TITLES[split]} ({len(scored)}) | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -13,12 +13,14 @@ scores, for every (v, t) the method can draw:
   of those pixels;
 - the mean gate s, and the member sizes in pixels and in feature cells.
 
-It runs in training mode, as the step does (batch norm normalising by each batch of ``--batch`` images, its
-running statistics untouched), on centre crops of the run's crop size (training crops at random after a random
-x0.5-2 resize; the centre crop keeps the image's own scale). Inference-mode x1 and CIF (0.5, 1, 2) predictions,
-what the exported models run, are scored beside them.
+It runs in training mode, as the step does (batch norm normalising by each batch, its running statistics
+untouched), in float32, on centre crops of the run's crop size. Where a step's batch is [labelled; weak
+unlabelled] crops taken after a random x0.5-2 resize and a flip, each batch here holds ``--batch`` images of one
+split at their own scale (by default as many as a step's: twice the run's batch size), so batch norm sees other
+statistics than in training; runs trained with autocast (``--amp-cpu``, or on CUDA) trained in lower precision.
+Inference-mode x1 and CIF (0.5, 1, 2) predictions, what the exported models run, are scored beside them.
 
-    python bench/scalematch_cif.py runs/headroom_tex/textures/1_32/scalematch/seed*
+    python bench/scalematch_cif.py runs/sm_diag/textures/1_32/scalematch/seed0
 """
 from __future__ import annotations
 
@@ -30,26 +32,30 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (batch_runs_arguments, load_trained_method, machine, mean_std, run_data, set_mode,  # noqa: E402
-                          whole_image_batches, write_results)
-from training.data.folder import IGNORE, load_classes, mask_path, read_split  # noqa: E402
+from bench.common import (batch_runs_arguments, load_trained_method, machine, mean_std_cell,  # noqa: E402
+                          require_batch_statistics, run_data, scored_splits, set_mode, whole_image_batches,
+                          write_results)
+from training.data.folder import IGNORE, load_classes  # noqa: E402
 from training.evaluate import confusion_matrix, metrics_from_confusion  # noqa: E402
 from training.methods.taps import outputs_of  # noqa: E402
 
 SPLITS = ("labeled", "val", "unlabeled")
-MEMBERS = ("ori", "size", "joint")
+MEMBERS = {"ori": "ori", "size": "x_v", "joint": "fused"}  # two_scale_forward's names: this script's
 EVAL = ("eval_x1", "eval_cif")
-STRIDE = 16  # the study's encoders run at output stride 16: a view of n pixels has n / 16 feature cells
 
 
-def draws(cfg) -> list[tuple[float, float]]:
-    """Every (v, t) a ScaleMatch step can draw: t from the up pool when v > 1, from the down pool otherwise."""
-    return [(v, t) for v in cfg.img_scales for t in (cfg.feat_scales_up if v > 1 else cfg.feat_scales_down)]
+def draws(method) -> list[tuple[float, float]]:
+    """Every (v, t) a ScaleMatch step can draw."""
+    return [(v, t) for v, t, _ in method.scale_draws()]
 
 
-def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+def centre_crop(x: torch.Tensor, size: int, data: Path) -> torch.Tensor:
+    """The centre size x size of images or masks; training pads a smaller image, which this replay does not."""
     h, w = x.shape[-2:]
-    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    if min(h, w) < size:
+        raise SystemExit(f"{data}: an image of {h}x{w} is smaller than the run's {size}-pixel crop; score a benchmark "
+                         "whose images are at least the crop's size.")
+    top, left = (h - size) // 2, (w - size) // 2
     return x[..., top:top + size, left:left + size]
 
 
@@ -81,79 +87,69 @@ class Tally:
 
 
 @torch.no_grad()
-def score_split(method, cfg, data: Path, ids: list[str], names: list[str], split: str, batch: int) -> dict:
-    k, crop, tau = len(names), cfg.data.crop_size, method.cfg.conf_thresh
-    model = method.model
-    tallies = {f"v{v}_t{t}": {m: Tally(k) for m in MEMBERS} for v, t in draws(method.cfg)}
+def score_split(method, crop: int, data: Path, ids: list[str], names: list[str], split: str, batch: int) -> dict:
+    k, tau, model = len(names), method.cfg.conf_thresh, method.model
+    tallies = {f"v{v}_t{t}": {m: Tally(k) for m in MEMBERS.values()} for v, t in draws(method)}
     tallies["eval"] = {m: Tally(k) for m in EVAL}
     for x, y in whole_image_batches(data, ids, k, split, batch):
-        if len(x) == 1:
-            raise SystemExit(f"{data}: an image of {split} has a size no neighbour shares, and training mode needs "
-                             "batches of two or more; score a benchmark whose images share one size.")
-        x, y = centre_crop(x, crop), centre_crop(y, crop)
+        require_batch_statistics(x, data, split)
+        x, y = centre_crop(x, crop, data), centre_crop(y, crop, data)
         set_mode(method, "training")
-        for v, t in draws(method.cfg):
+        for v, t in draws(method):
             with outputs_of(model.cif) as gates:
                 out = method.two_scale_forward(x, v, t)
-            for member in MEMBERS:
-                tallies[f"v{v}_t{t}"][member].add(out[member], y, tau, gates[0] if member == "joint" else None)
+            for key, member in MEMBERS.items():
+                tallies[f"v{v}_t{t}"][member].add(out[key], y, tau, gates[0] if member == "fused" else None)
         set_mode(method, "inference")
         tallies["eval"]["eval_x1"].add(model(x), y, tau)
         tallies["eval"]["eval_cif"].add(model.forward_multiscale(x, (0.5, 2.0)), y, tau)
     return {draw: {m: t.result(names) for m, t in members.items()} for draw, members in tallies.items()}
 
 
-def score_run(run: Path, batch: int) -> dict:
+def score_run(run: Path, batch: int | None = None) -> dict:
     data = run_data(run)
     names = [c.name for c in load_classes(data)]
     method, cfg = load_trained_method(run, "scalematch", len(names))
-    row = {"run": str(run), "seed": run.name, "crop": cfg.data.crop_size, "tau": method.cfg.conf_thresh,
-           "draws": [list(d) for d in draws(method.cfg)], "splits": {}}
+    batch = batch or 2 * cfg.data.batch_size
+    row = {"run": str(run), "seed": run.name, "crop": cfg.data.crop_size, "output_stride": cfg.model.output_stride,
+           "batch": batch, "tau": method.cfg.conf_thresh, "draws": [list(d) for d in draws(method)], "splits": {}}
     torch.manual_seed(0)  # the dropout of the FSVC stream, which shares the decoder's batch norm
-    for split in SPLITS:
-        ids = read_split(data, split)
-        missing = sum(not mask_path(data, i).is_file() for i in ids)
-        if missing:
-            print(f"{data}: {missing} of the {len(ids)} {split} images have no mask; {split} is not scored", flush=True)
-            row["splits"][split] = None
-            continue
-        row["splits"][split] = score_split(method, cfg, data, ids, names, split, batch)
+    for split, ids in scored_splits(data, SPLITS):
+        row["splits"][split] = None if ids is None else score_split(method, cfg.data.crop_size, data, ids, names,
+                                                                    split, batch)
         print(f"{run} {split}: {row['splits'][split]}", flush=True)
     return row
 
 
-def cell(values: list[float], digits: int = 1) -> str:
-    m, s = mean_std(values)
-    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
-
-
 def markdown(rows: list[dict]) -> str:
+    settings = {(r["crop"], r["output_stride"], str(r["draws"])) for r in rows}
+    if len(settings) > 1:
+        raise SystemExit(f"the runs differ in crop, output stride or scale draws ({sorted(settings)}); "
+                         "score runs of one setting together.")
+    crop, stride, pairs = rows[0]["crop"], rows[0]["output_stride"], rows[0]["draws"]
     lines = []
     for split in SPLITS:
         scored = [r["splits"][split] for r in rows if r["splits"].get(split)]
         if not scored:
             continue
-        crop = rows[0]["crop"]
         lines += [f"### {split} ({len(scored)} runs)", "",
-                  "| draw (v, t) | x v view px (cells) | ori mIoU | x v mIoU | fused mIoU | fused − ori | gate s | "
-                  "ori coverage % | fused coverage % | ori kept accuracy % | fused kept accuracy % |",
+                  f"| draw (v, t) | x v view px (encoder cells at stride {stride}) | ori mIoU | x v mIoU | fused mIoU | "
+                  "fused − ori | gate s | ori coverage % | fused coverage % | ori kept accuracy % | "
+                  "fused kept accuracy % |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for v, t in rows[0]["draws"]:
+        for v, t in pairs:
             d = [s[f"v{v}_t{t}"] for s in scored]
-            px = round(crop * v)
-            lines.append(f"| {v:g}, {t:g} | {px} ({max(1, -(-px // STRIDE))}) | "
-                         + " | ".join([cell([x["ori"]["miou"] for x in d]), cell([x["size"]["miou"] for x in d]),
-                                       cell([x["joint"]["miou"] for x in d]),
-                                       cell([x["joint"]["miou"] - x["ori"]["miou"] for x in d]),
-                                       cell([x["joint"]["gate"] for x in d], 2),
-                                       cell([x["ori"]["coverage"] for x in d]), cell([x["joint"]["coverage"] for x in d]),
-                                       cell([x["ori"]["kept_accuracy"] for x in d]),
-                                       cell([x["joint"]["kept_accuracy"] for x in d])]) + " |")
+            px = int(crop * v)  # the size F.interpolate gives with this scale factor
+            cells = [mean_std_cell([x[m]["miou"] for x in d]) for m in MEMBERS.values()]
+            cells += [mean_std_cell([x["fused"]["miou"] - x["ori"]["miou"] for x in d]),
+                      mean_std_cell([x["fused"]["gate"] for x in d], 2)]
+            cells += [mean_std_cell([x[m][f] for x in d]) for f in ("coverage", "kept_accuracy") for m in ("ori", "fused")]
+            lines.append(f"| {v:g}, {t:g} | {px} ({-(-px // stride)}) | " + " | ".join(cells) + " |")
         e = [s["eval"] for s in scored]
         lines += ["", "| inference mode | mIoU | coverage % | kept accuracy % |", "|---|---|---|---|"]
         for key, title in (("eval_x1", "x1 (the exported model; CutMix partners' labels)"),
                            ("eval_cif", "CIF (0.5, 1, 2)")):
-            lines.append(f"| {title} | " + " | ".join(cell([x[key][f] for x in e]) for f in
+            lines.append(f"| {title} | " + " | ".join(mean_std_cell([x[key][f] for x in e]) for f in
                                                      ("miou", "coverage", "kept_accuracy")) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -161,16 +157,18 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     args = batch_runs_arguments(__doc__, "scalematch_cif", "ScaleMatch `scaleseg train --out` folders",
-                                "images per batch in training mode (the study's labelled + unlabelled batch)", batch=8)
+                                "images per batch in training mode (default: a step's, twice the run's batch size)",
+                                batch=None)
     rows = [score_run(run, args.batch) for run in args.runs]
     note = ("Each run's last checkpoint, on centre crops of its training crop size, in training mode (batch norm on "
-            f"batches of {args.batch}). ori is the original view decoded from features rescaled by t, x v the view "
-            "resized by v and its prediction resized back, fused their CIF fusion (the unlabelled losses' target after "
+            "batches of one split's images at their own scale, as many as a step's batch unless --batch says). ori is "
+            "the original view decoded from features rescaled by t, x v the view resized by v and its prediction "
+            "resized back, fused their CIF fusion (the training step's 'joint': the unlabelled losses' target after "
             "the warm-up); the gate s is the fused prediction's weight on the lower-resolution member. Coverage is the "
-            "share of labelled pixels at confidence tau or more, kept accuracy how often those are right. Cells "
-            f"count the x v view's feature grid at output stride {STRIDE}.")
-    write_results(args.name, {"machine": machine(), "batch": args.batch, "rows": rows}, markdown(rows), note,
-                  args.results, script="scalematch_cif")
+            "share of labelled pixels at confidence tau or more, kept accuracy how often those are right. Cells count "
+            "the x v view's deepest feature grid; CIF itself runs on the original view's stride-4 grid.")
+    write_results(args.name, {"machine": machine(), "rows": rows}, markdown(rows), note, args.results,
+                  script="scalematch_cif")
 
 
 if __name__ == "__main__":

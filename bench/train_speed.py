@@ -105,16 +105,6 @@ def make_step(method_name: str, backbone: str, crop: int, batch: int, device: to
     return method, step
 
 
-def scale_draws(method) -> list[tuple[float, float, float]]:
-    """(v, t, probability) of every pair ScaleMatch's draw_scales can return."""
-    cfg = method.cfg
-    pairs = []
-    for v in cfg.img_scales:
-        pool = cfg.feat_scales_up if v > 1 else cfg.feat_scales_down
-        pairs += [(float(v), float(t), 1 / (len(cfg.img_scales) * len(pool))) for t in pool]
-    return pairs
-
-
 def expected_flops(parts: list) -> float:
     """FLOPs of one iteration, forward and backward, counted by PyTorch's FlopCounterMode (convolutions and
     matrix products, the arithmetic that dominates), as the probability-weighted sum over ``parts``: one
@@ -136,7 +126,7 @@ def spread(values: list[float]) -> dict:
 def pinned_draws(method, step) -> list:
     """(step with ScaleMatch's draw pinned to one (v, t) pair, that pair's probability) for every pair."""
     draws = []
-    for v, t, weight in scale_draws(method):
+    for v, t, weight in method.scale_draws():
         def pinned(v=v, t=t):
             method.draw_scales = lambda: (v, t)
             step()

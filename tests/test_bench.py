@@ -188,10 +188,10 @@ def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
 
     import torch
 
-    from bench.train_speed import ratio_rows, scale_draws
+    from bench.train_speed import ratio_rows
     from tests.test_methods import make
 
-    draws = scale_draws(make("scalematch"))
+    draws = make("scalematch").scale_draws()
     assert {(v, t) for v, t, _ in draws} == {(0.25, 1.0), (0.25, 1.25), (0.5, 1.0), (0.5, 1.25), (1.5, 0.75), (1.5, 1.0),
                                             (2.0, 0.75), (2.0, 1.0)}
     assert sum(p for _, _, p in draws) == pytest.approx(1.0)
@@ -601,34 +601,41 @@ def test_scalematch_cif_scores_each_draws_members_and_fusion_as_the_training_ste
     with pytest.raises(SystemExit, match="a supervised run"):
         load_trained_method(checkpoints["supervised"].parent, "scalematch", len(names))
     method, cfg = load_trained_method(run, "scalematch", len(names))
-    assert sc.draws(method.cfg) == [(0.25, 1.0), (0.25, 1.25), (0.5, 1.0), (0.5, 1.25), (1.5, 0.75), (1.5, 1.0),
-                                    (2.0, 0.75), (2.0, 1.0)]
+    assert sc.draws(method) == [(0.25, 1.0), (0.25, 1.25), (0.5, 1.0), (0.5, 1.25), (1.5, 0.75), (1.5, 1.0),
+                                (2.0, 0.75), (2.0, 1.0)]
     norms = [m for m in method.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     before = [m.running_mean.clone() for m in norms]
     val = read_split(tiny_data, "val")
     # The gate weights the lower-resolution member: held at 1 the fusion is the x v view when v < 1 and the
     # original view when v > 1; held at 0, the other one.
-    for s, low_is in ((1.0, "chosen"), (0.0, "other")):
+    for s in (1.0, 0.0):
         handle = method.model.cif.register_forward_hook(lambda _m, _a, out: torch.full_like(out, s))
-        got = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)
+        got = sc.score_split(method, 32, tiny_data, val, names, "val", 4)
         handle.remove()
-        for v, t in sc.draws(method.cfg):
+        assert any(got[f"v{v}_t{t}"]["ori"] != got[f"v{v}_t{t}"]["x_v"] for v, t in sc.draws(method))
+        for v, t in sc.draws(method):
             d = got[f"v{v}_t{t}"]
-            low, high = ("size", "ori") if v < 1 else ("ori", "size")
-            assert d["joint"] == {**d[low if low_is == "chosen" else high], "gate": s}
+            low, high = ("x_v", "ori") if v < 1 else ("ori", "x_v")
+            assert d["fused"] == {**d[low if s == 1.0 else high], "gate": s}
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, norms))  # training mode leaves them alone
-    # Coverage counts the pixels at tau or more, and kept accuracy is their accuracy.
+    # Coverage counts the pixels at tau or more.
     method.cfg.conf_thresh = 0.0
-    every = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
+    every = sc.score_split(method, 32, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
     method.cfg.conf_thresh = 1.01
-    none = sc.score_split(method, cfg, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
+    none = sc.score_split(method, 32, tiny_data, val, names, "val", 4)["eval"]["eval_x1"]
     assert every["coverage"] == 100.0 and none["coverage"] == 0.0 and every["miou"] == none["miou"]
-    assert sc.centre_crop(torch.zeros(2, 3, 48, 40), 32).shape[-2:] == (32, 32)
+    grid = torch.arange(48 * 40).reshape(1, 48, 40)
+    assert torch.equal(sc.centre_crop(grid, 32, tiny_data), grid[:, 8:40, 4:36])
+    with pytest.raises(SystemExit, match="smaller than the run's 64-pixel crop"):
+        sc.centre_crop(grid, 64, tiny_data)
 
-    row = sc.score_run(run, 4)
-    assert row["splits"]["unlabeled"] is None and row["crop"] == 32  # the pool keeps no masks, as a user's
-    table = sc.markdown([row])
-    assert "| 0.25, 1 | 8 (1) |" in table and "| 2, 1 | 64 (4) |" in table and "### val (1 runs)" in table
+    row = sc.score_run(run)
+    assert row["splits"]["unlabeled"] is None and (row["crop"], row["batch"]) == (32, 4)  # the pool keeps no masks
+    table = sc.markdown([row, {**row, "seed": "seed1"}])
+    assert "| 0.25, 1 | 8 (1) |" in table and "| 2, 1 | 64 (4) |" in table and "### val (2 runs)" in table
+    assert " ± 0.0 |" in table
+    with pytest.raises(SystemExit, match="score runs of one setting together"):
+        sc.markdown([row, {**row, "crop": 64}])
 
 
 def test_bn_statistics_rescores_the_exported_model_with_recomputed_statistics(checkpoints, tiny_data, tmp_path,

@@ -111,6 +111,7 @@ def test_scalematch_scale_pairs():
     assert {v for v, _ in draws} == {0.25, 0.5, 1.5, 2.0}
     assert {fs for v, fs in draws if v > 1} == {0.75, 1.0}
     assert {fs for v, fs in draws if v < 1} == {1.0, 1.25}
+    assert draws == {(v, t) for v, t, _ in method.scale_draws()}  # the pairs the benchmarks replay and weigh
 
 
 @pytest.mark.parametrize("feature_scale", [0.75, 1.0])

@@ -45,10 +45,20 @@ class ScaleMatch(Method):
     needs_partner = True
     uses_cif = True
 
+    def feature_scales(self, v: float) -> tuple:
+        """The feature scales t a step may draw with image scale v."""
+        return self.cfg.feat_scales_up if v > 1 else self.cfg.feat_scales_down
+
+    def scale_draws(self) -> list[tuple[float, float, float]]:
+        """(v, t, probability) of every pair draw_scales can return."""
+        n = len(self.cfg.img_scales)
+        return [(float(v), float(t), 1 / (n * len(self.feature_scales(v))))
+                for v in self.cfg.img_scales for t in self.feature_scales(v)]
+
     def draw_scales(self) -> tuple[float, float]:
         cfg = self.cfg
         v = float(cfg.img_scales[int(torch.randint(len(cfg.img_scales), (1,)))])
-        pool = cfg.feat_scales_up if v > 1 else cfg.feat_scales_down
+        pool = self.feature_scales(v)
         return v, float(pool[int(torch.randint(len(pool), (1,)))])
 
     def two_scale_forward(self, x: torch.Tensor, v: float, fs: float, plain: int = 0, fp_from: int = 0
