@@ -40,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS, child_env, machine, mean_std, plot_bands, write_results  # noqa: E402
-from training.data.folder import load_classes, mask_path, read_mask, read_split, staged_folder, write_split  # noqa: E402
+from training.data.folder import (atomic_write, load_classes, mask_path, read_mask, read_split, staged_folder,  # noqa: E402
+                                  write_split)
 
 METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatch", "scalematch", "pseudoseg", "cct", "psmt",
            "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
@@ -50,6 +51,7 @@ PSEUDO_KEYS = ("pseudo_miou", "pseudo_miou_reliable", "pseudo_miou_relabelled_te
 BENCHMARK_VARIETY = {"textures": "narrow", "photos": "wide", "recoloured": "recoloured"}  # bench/texture_scenes.py
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
 MAX_SPAN = 8  # labels supervised needs: interpolated only between measured label counts at most 8x apart
+POLL_S, TICK_S = 0.2, 30.0  # how often a run's child is checked for its end, and its wall time saved
 
 
 def make_data(benchmark: str, path: Path, n_labeled: int, n_unlabeled: int, n_val: int, size: int, seed: int) -> Path:
@@ -144,11 +146,20 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
     return argv + flags  # last, so that a flag given here wins over the defaults above
 
 
-def run(cmd: list[str], log: Path, threads: int) -> float:
-    """Run a child process, appending its output to ``log``; returns its peak RSS in MiB."""
+def run(cmd: list[str], log: Path, threads: int, tick=None) -> float:
+    """Run a child process, appending its output to ``log``; returns its peak RSS in MiB. ``tick`` is called
+    every TICK_S seconds while it runs."""
     with open(log, "a") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(threads))
-        _, status, usage = os.wait4(proc.pid, 0)
+        last = time.monotonic()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if tick and time.monotonic() - last >= TICK_S:
+                tick()
+                last = time.monotonic()
+            time.sleep(POLL_S)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} ... failed with exit code {code}; see {log}")
@@ -179,10 +190,15 @@ def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters
     # A run killed before its first checkpoint starts over (--force clears its partial log).
     argv.append("--resume" if (out / "last.pt").is_file() else "--force")
     print(f"== {label}" + (" (resumed)" if "--resume" in argv else ""), flush=True)
-    start = time.monotonic()
-    rss = run([sys.executable, "-m", "training.cli", "train", *argv], out / "train.log", args.threads)
-    wall = out / "wall_s.txt"  # summed over the invocations of an interrupted and resumed run
-    wall.write_text(str(time.monotonic() - start + (float(wall.read_text()) if wall.is_file() else 0.0)))
+    # Summed over the invocations of an interrupted and resumed run; kept current while it trains, so a
+    # study killed mid-run loses at most TICK_S of it.
+    wall = out / "wall_s.txt"
+    before, start = (float(wall.read_text()) if wall.is_file() else 0.0), time.monotonic()
+
+    def tick():
+        atomic_write(wall, lambda fh: fh.write(str(before + time.monotonic() - start).encode()))
+    rss = run([sys.executable, "-m", "training.cli", "train", *argv], out / "train.log", args.threads, tick)
+    tick()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return records, rss
 

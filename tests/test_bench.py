@@ -124,6 +124,16 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     assert [r["seed"] for r in json.loads((results / "label_efficiency.json").read_text())["rows"]] == [0]
 
 
+def test_label_efficiency_keeps_a_runs_wall_time_current_while_it_trains(tmp_path, monkeypatch):
+    import bench.label_efficiency as le
+    monkeypatch.setattr(le, "TICK_S", 0.1)
+    ticks = []
+    rss = le.run([sys.executable, "-c", "import time; time.sleep(1.0)"], tmp_path / "log", 1, lambda: ticks.append(1))
+    assert len(ticks) >= 5 and rss > 0  # a study killed mid-run loses at most TICK_S of the run's time
+    with pytest.raises(SystemExit, match="failed with exit code 3"):
+        le.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", 1)
+
+
 def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     both = study(work, results, "--methods", "supervised:init-from=teacher", "--warm-start", "2")
