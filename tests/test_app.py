@@ -207,11 +207,13 @@ def test_browser_drives_the_ui(running_app, tiny_data, tmp_path):
 
 
 def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
-    from app.demo import SCALEMATCH_LR, SUPERVISED_LR, stage_args
+    from app.demo import SCALEMATCH_LR, stage_args
     from training.cli import parse_train_args
     first, second = (parse_train_args(a) for a in stage_args(tmp_path / "data", tmp_path / "warm", tmp_path / "run", 1500,
                                                                250, seed=3))
-    assert (first.method, first.run.max_iters, first.optim.lr, first.run.seed) == ("supervised", 1500, SUPERVISED_LR, 3)
+    # the supervised stage is the small-data recipe as shipped (AdamW at its lr), the ScaleMatch stage the paper's SGD
+    assert (first.method, first.run.max_iters, first.optim.lr, first.run.seed) == ("supervised", 1500, 0.0004, 3)
+    assert (first.optim.optimizer, second.optim.optimizer) == ("adamw", "sgd")
     assert (second.method, second.run.max_iters, second.optim.lr, second.run.seed) == ("scalematch", 250, SCALEMATCH_LR, 3)
     assert second.model.init_from == str(tmp_path / "warm" / "last.pt") and first.run.out == str(tmp_path / "warm")
     assert first.data.root == second.data.root == str(tmp_path / "data")

@@ -184,13 +184,16 @@ def test_active_learning_summary_on_fake_rows(tmp_path):
     assert "final_gain_over_random" not in random
     assert "| entropy | 2 | 11.0 ± 1.4 | 32.0 ± 1.4 | 39.0 ± 1.4 | 16 (67 %) | 7.0 ± 4.2 | - | - |" in table
     assert "| random | 2 |" in table and "35.0 ± 19.1" in table
-    budget = {"method": "scalematch", "initial": 8, "k": 8, "rounds": 2, "iters": 40, "initial_iters": 200, "crop_size": 64,
-              "batch_size": 2, "lr": 0.01, "pool": 120, "size": 64, "n_val": 40}
-    publish(rows, budget, tmp_path)
-    assert json.loads((tmp_path / "active_learning.json").read_text())["rows"] == rows
-    md = (tmp_path / "active_learning.md").read_text()
+    budget = {"backbone": "resnet18", "pretrained": "none", "method": "scalematch", "initial": 8, "k": 8, "rounds": 2,
+              "iters": 40, "initial_iters": 200, "crop_size": 64, "batch_size": 2, "lr": 0.01, "pool": 120, "size": 64,
+              "n_val": 40}
+    publish(rows, budget, tmp_path, "al")
+    assert json.loads((tmp_path / "al.json").read_text())["rows"] == rows
+    md = (tmp_path / "al.md").read_text()
     assert table in md and "round 0 trained 200 iterations once per seed" in md
-    assert (tmp_path / "active_learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "on synthetic: DeepLabV3+ on resnet18 (random init) trained with scalematch" in md
+    assert "![curves](al_curves.png)" in md and "`bench/active_learning.py`" in md
+    assert (tmp_path / "al_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():

@@ -143,4 +143,4 @@ def test_shipped_small_data_recipe_by_name(tiny_data):
         ("efficientnet_lite0", "imagenet", 96, 4)
     assert cfg.optim.lr == 0.005  # the command line wins over the recipe
     recipe = parse_train_args([str(tiny_data), "--config", "small-data"]).optim
-    assert (recipe.optimizer, recipe.lr, recipe.head_lr_mult) == ("adamw", 0.0002, 10.0)
+    assert (recipe.optimizer, recipe.lr, recipe.head_lr_mult) == ("adamw", 0.0004, 10.0)
