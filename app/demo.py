@@ -21,13 +21,14 @@ from pathlib import Path
 
 # Demo data: 5 classes at 128 px; enough labelled images that every class is seen at many scales. Up to 8
 # objects per image (the generator's default is 5): with 5, background is 91 % of the labelled pixels and the
-# triangle 1.2 %, and 2,000 iterations did not reliably learn it (README, "The demo's recipe").
+# triangle 1.2 %, and 2,000 iterations did not reliably learn it (docs/benchmarks.md, "The demo's recipe").
 DATA = {"num_classes": 5, "n_labeled": 64, "n_unlabeled": 192, "n_val": 48, "size": 128, "seed": 0, "max_objects": 8}
 COMMON = ["--config", "small-data", "--num-workers", "1"]  # training/recipes/small-data.yaml
-SCALEMATCH_LR = 0.005  # SGD, as the paper: from the AdamW stage it gains 1.5 mIoU where AdamW at 1e-4 gains none
+SCALEMATCH_LR = 0.005  # SGD, as the paper: after AdamW, on one seed, it gained 1.5 mIoU where AdamW at 1e-4 gained none
 # The supervised stage trains at the small-data recipe's AdamW lr; with 700 iterations the triangle and the ring are
 # within 4 points of 70 on one seed (docs/benchmarks.md, the demo's recipe). A ScaleMatch iteration costs about 6
-# supervised ones: 800 + 100 train in 3.0 +- 0.2 minutes on 2 cores, under the 5-minute budget.
+# supervised ones: 800 + 100 trained in 3.0 +- 0.2 minutes on 2 cores (4.0-4.5 at the slower speeds measured before),
+# under the 5-minute budget.
 SUPERVISED_ITERS, SCALEMATCH_ITERS = 800, 100
 
 

@@ -8,12 +8,12 @@ benchmark, as in bench/label_efficiency.py. Simulations live in ``--work`` and c
 Results: bench/results/NAME.{json,md} and NAME_curves.png, mean +- std over seeds, with the labels each
 strategy needs to reach random selection's final mIoU.
 
-The defaults are the study on the ImageNet encoder (bench/results/active_learning_pretrained.*). The earlier
-study from random init (bench/results/active_learning.*) was
+The defaults are the study on the ImageNet encoder (written to bench/results/active_learning_pretrained.*). The
+earlier study from random init (bench/results/active_learning.*) was
 ``--benchmarks synthetic,textures --backbone resnet18 --pretrained none --method scalematch
 --strategies random,entropy,margin,least_confidence,scale_disagreement,coreset,combined --initial 8 -k 8
 --rounds 3 --iters 60 --initial-iters 400 --crop-size 64 --batch-size 2 --pool 120 --size 64 --n-val 40
---name active_learning``.
+--work runs/active_learning --name active_learning``.
 """
 from __future__ import annotations
 
@@ -91,11 +91,12 @@ def markdown(summary: list[dict]) -> str:
     for bench in sorted({s["benchmark"] for s in summary}):
         lines_b = [s for s in summary if s["benchmark"] == bench]
         counts = [p["labeled"] for p in lines_b[0]["curve"]]
+        scale = any(s["strategy"] == "scale_disagreement" for s in lines_b)
         lines += [f"### {bench}", "",
                   "| strategy | seeds | " + " | ".join(f"mIoU @{n}" for n in counts)
-                  + " | labels to reach random's final mIoU | final gain over random | labelling effort % "
-                  "| gain over entropy |",
-                  "|---|---|" + "---|" * len(counts) + "---|---|---|---|"]
+                  + " | labels to reach random's final mIoU | final gain over random | labelling effort % |"
+                  + (" gain over entropy |" if scale else ""),
+                  "|---|---|" + "---|" * len(counts) + "---|---|---|" + ("---|" if scale else "")]
         for s in lines_b:
             by_n = {p["labeled"]: p["miou"] for p in s["curve"]}
             needed = s.get("labels_to_random_final")
@@ -103,8 +104,8 @@ def markdown(summary: list[dict]) -> str:
             reach = "-" if "labels_to_random_final" not in s else (
                 "not reached" if needed is None else f"{needed} ({100 * fraction:.0f} %)")
             lines.append(f"| {s['strategy']} | {len(s['seeds'])} | " + " | ".join(cell(by_n.get(n)) for n in counts)
-                         + f" | {reach} | {cell(s.get('final_gain_over_random'))} | {cell(s['effort'], 100)} "
-                         f"| {cell(s.get('gain_over_entropy'))} |")
+                         + f" | {reach} | {cell(s.get('final_gain_over_random'))} | {cell(s['effort'], 100)} |"
+                         + (f" {cell(s.get('gain_over_entropy'))} |" if scale else ""))
         lines.append("")
     return "\n".join(lines)
 
@@ -169,10 +170,11 @@ def publish(rows: list[dict], budget: dict, results: Path, name: str = "active_l
     summary = summarise(rows)
     results.mkdir(parents=True, exist_ok=True)
     plot_curves(summary, results / f"{name}_curves.png")
-    init = "ImageNet" if budget["pretrained"] == "imagenet" else ("random init" if budget["pretrained"] == "none"
-                                                                  else budget["pretrained"])
+    # Budgets from before encoders were a choice hold neither key: those studies trained ResNet-18 from random init.
+    weights = budget.get("pretrained", "none")
+    init = {"imagenet": "ImageNet", "none": "random init"}.get(weights, weights)
     note = (f"`scaleseg label simulate` on {', '.join(sorted({r['benchmark'] for r in rows}))}: DeepLabV3+ on "
-            f"{budget['backbone']} ({init}) trained with {budget['method']}, "
+            f"{budget.get('backbone', 'resnet18')} ({init}) trained with {budget['method']}, "
             f"{budget['initial']} labelled images to start, {budget['k']} more per round for {budget['rounds']} rounds, "
             f"round 0 trained {budget['initial_iters']} iterations once per seed and shared by every strategy, each "
             f"later round fine-tuned {budget['iters']} iterations from the one before (crop {budget['crop_size']}, batch "
@@ -180,8 +182,10 @@ def publish(rows: list[dict], budget: dict, results: Path, name: str = "active_l
             f"{budget['n_val']} val images. mIoU x1.0 on val, mean ± std over seeds; labels to reach random's final mIoU "
             "read off the mean curves (the fraction is of random's labels); final gain over random: the last "
             "round's mIoU minus random's, paired by seed; labelling effort: share of pre-annotated "
-            "pixels the oracle's masks correct; gain over entropy: scale disagreement minus entropy, paired by seed and "
-            f"round.\n\n![curves]({name}_curves.png)")
+            "pixels the oracle's masks correct"
+            + ("; gain over entropy: scale disagreement minus entropy, paired by seed and round"
+               if any(r["strategy"] == "scale_disagreement" for r in rows) else "")
+            + f".\n\n![curves]({name}_curves.png)")
     write_results(name, {"machine": machine(), "budget": budget, "summary": summary, "rows": rows},
                   markdown(summary), note, results, script="active_learning")
 

@@ -192,8 +192,17 @@ def test_active_learning_summary_on_fake_rows(tmp_path):
     md = (tmp_path / "al.md").read_text()
     assert table in md and "round 0 trained 200 iterations once per seed" in md
     assert "on synthetic: DeepLabV3+ on resnet18 (random init) trained with scalematch" in md
+    assert "gain over entropy: scale disagreement minus entropy" in md
     assert "![curves](al_curves.png)" in md and "`bench/active_learning.py`" in md
     assert (tmp_path / "al_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # a study without scale disagreement has no such column, and a budget from before encoders were a choice
+    # (no backbone or pretrained key) was ResNet-18 from random init
+    without = [r for r in rows if r["strategy"] != "scale_disagreement"]
+    assert "gain over entropy" not in markdown(summarise(without))
+    old = {k: v for k, v in budget.items() if k not in ("backbone", "pretrained")}
+    publish(without, old, tmp_path, "old")
+    md = (tmp_path / "old.md").read_text()
+    assert "DeepLabV3+ on resnet18 (random init)" in md and "gain over entropy" not in md
 
 
 def test_train_speed_ratios_are_taken_per_round_over_scalematchs_draw():
