@@ -242,6 +242,10 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     # A row adopted from the committed results has no checkpoint; a teacher needs one, so it trains again.
     if row_file.is_file() and (not need_checkpoint or (out / "last.pt").is_file()):
         return json.loads(row_file.read_text())
+    replaced = json.loads(row_file.read_text()) if row_file.is_file() else None
+    if replaced:  # the study's table changes with it: say so, since a rerun can land points away
+        print(f"   {benchmark} {fraction} {method} seed {seed}: the committed row ({replaced['miou_x1.0']:.1f} at x1.0) has "
+              "no checkpoint, which a teacher needs: training it again; its row will hold the new run", flush=True)
     warm = warm_up(args, benchmark, fraction, seed) if args.warm_start else None
     start = json.loads((warm.parent / "curve.json").read_text()) if warm else []  # the curve before this run's own
     extra, teacher_s, trained, offset = [], 0.0, method, args.warm_start
@@ -276,7 +280,8 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
         row["miou_cif"] = json.loads(report.read_text())["scales"]["1.0"]["miou"]
     row_file.write_text(json.dumps(row, indent=1))
     print(f"   {benchmark} {fraction} {method} seed {seed}: x0.5 {row['miou_x0.5']:.1f}  x1.0 {row['miou_x1.0']:.1f}  "
-          f"x2.0 {row['miou_x2.0']:.1f}", flush=True)
+          f"x2.0 {row['miou_x2.0']:.1f}" + (f" (the committed run: {replaced['miou_x1.0']:.1f})" if replaced else ""),
+          flush=True)
     return row
 
 

@@ -110,6 +110,8 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
                     "--seeds", "0")
     assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
     assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
+    # and says so, since the study's supervised row is then the new run
+    assert "the committed row (" in student.stdout and "(the committed run: " in student.stdout
     rows = {r["method"]: r for r in json.loads((results / "label_efficiency.json").read_text())["rows"] if r["seed"] == 0}
     selftrain = rows["selftrain"]
     assert 0 <= selftrain["pseudo_miou"] <= 100 and 0 <= selftrain["pseudo_miou_reliable"] <= 100
