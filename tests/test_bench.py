@@ -105,13 +105,18 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     elsewhere = study(tmp_path / "elsewhere", results)
     assert elsewhere.returncode == 0 and "==" not in elsewhere.stdout, elsewhere.stderr[-2000:]
     assert len(json.loads((results / "label_efficiency.json").read_text())["rows"]) == 2
+    assert "the committed row (" not in again.stdout + elsewhere.stdout  # no teacher there, nothing retrained
+    committed = next(r for r in json.loads((results / "label_efficiency.json").read_text())["rows"]
+                     if (r["method"], r["seed"]) == ("supervised", 0))["miou_x1.0"]
     # selftrain's teacher needs a checkpoint, which a published row does not carry: it is trained again first
     student = study(tmp_path / "student", results, "--methods", "supervised,selftrain,supervised:init-from=teacher",
                     "--seeds", "0")
     assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
     assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
-    # and says so, since the study's supervised row is then the new run
-    assert "the committed row (" in student.stdout and "(the committed run: " in student.stdout
+    # and says so, once, with what the committed row held, since the study's supervised row is then the new run
+    assert student.stdout.count("the committed row (") == 1
+    assert f"the committed row ({committed:.1f} at x1.0)" in student.stdout
+    assert f"(the committed run: {committed:.1f})" in student.stdout
     rows = {r["method"]: r for r in json.loads((results / "label_efficiency.json").read_text())["rows"] if r["seed"] == 0}
     selftrain = rows["selftrain"]
     assert 0 <= selftrain["pseudo_miou"] <= 100 and 0 <= selftrain["pseudo_miou_reliable"] <= 100
