@@ -21,23 +21,31 @@ CONFIG = """<View>
 </View>"""
 
 
+CAR = np.zeros((20, 40), bool)
+CAR[2:10, 4:12] = True
+BRUSH = {"from_name": "label", "to_name": "image", "type": "brushlabels", "original_width": 40, "original_height": 20,
+         "value": {"format": "rle", "rle": rle.mask_to_rle(CAR), "brushlabels": ["car"]}}
+POLYGON = {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": 40, "original_height": 20,
+           "value": {"points": [[50, 50], [100, 50], [100, 100], [50, 100]], "polygonlabels": ["tree"]}}
+
+
+def make_project(label_studio, photos, title, stem, n_images, n_tasks, step):
+    """`n_images` flat grey photos in `photos`, the first `n_tasks` uploaded to a new project as its tasks."""
+    photos.mkdir()
+    for i in range(n_images):
+        Image.fromarray(np.full((20, 40, 3), step * i, np.uint8)).save(photos / f"{stem}{i}.png")
+    client = LabelStudio(label_studio.url, label_studio.token)
+    project = client.request("POST", "/api/projects", json={"title": title, "label_config": CONFIG})
+    tasks = client.import_tasks(project["id"], [{"data": {"image": client.upload_image(project["id"], photos / f"{stem}{i}.png")}}
+                                                for i in range(n_tasks)])
+    return client, project, tasks
+
+
 def test_labelstudio_export_with_brush_and_polygons(label_studio, tmp_path, capsys):
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(4):
-        Image.fromarray(np.full((20, 40, 3), 50 * i, np.uint8)).save(photos / f"shot{i}.png")
-    client = LabelStudio(label_studio.url, label_studio.token)
-    project = client.request("POST", "/api/projects", json={"title": "own labels", "label_config": CONFIG})
-    tasks = client.import_tasks(project["id"], [{"data": {"image": client.upload_image(project["id"], photos / f"shot{i}.png")}}
-                                                for i in range(3)])
-    car = np.zeros((20, 40), bool)
-    car[2:10, 4:12] = True
-    brush = {"from_name": "label", "to_name": "image", "type": "brushlabels", "original_width": 40, "original_height": 20,
-             "value": {"format": "rle", "rle": rle.mask_to_rle(car), "brushlabels": ["car"]}}
-    polygon = {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": 40, "original_height": 20,
-               "value": {"points": [[50, 50], [100, 50], [100, 100], [50, 100]], "polygonlabels": ["tree"]}}
-    client.create_annotation(tasks[0], [brush, polygon])
-    client.create_annotation(tasks[1], [brush], cancelled=True)  # skipped: the image stays unlabelled
+    client, project, tasks = make_project(label_studio, photos, "own labels", "shot", 4, 3, 50)
+    client.create_annotation(tasks[0], [BRUSH, POLYGON])
+    client.create_annotation(tasks[1], [BRUSH], cancelled=True)  # skipped: the image stays unlabelled
     export = client.request("GET", f"/api/projects/{project['id']}/export", params={"exportType": "JSON"})
     assert "upload" in export[0]["data"]["image"]  # Label Studio's own upload URLs, with its name prefix
     (tmp_path / "export.json").write_text(json.dumps(export))
@@ -49,7 +57,7 @@ def test_labelstudio_export_with_brush_and_polygons(label_studio, tmp_path, caps
     assert [c.name for c in load_classes(out)] == ["car", "tree"]
     assert read_split(out, "labeled") == ["shot0"] and sorted(read_split(out, "unlabeled")) == ["shot1", "shot2", "shot3"]
     mask = read_mask(out / "masks" / "shot0.png")
-    assert (mask[car] == 0).all() and mask[15, 30] == 1 and mask[0, 0] == 255
+    assert (mask[CAR] == 0).all() and mask[15, 30] == 1 and mask[0, 0] == 255
 
     # A label the palette lacks is refused with its name; nothing is written.
     assert main(["data", "import", "labelstudio", str(tmp_path / "export.json"), str(tmp_path / "d2"), "--images", str(photos),
@@ -62,21 +70,9 @@ def test_labelstudio_export_with_brush_and_polygons(label_studio, tmp_path, caps
 
 def test_import_from_the_running_label_studio(label_studio, tmp_path, monkeypatch, capsys):
     photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        Image.fromarray(np.full((20, 40, 3), 60 * i, np.uint8)).save(photos / f"pic{i}.png")
-    client = LabelStudio(label_studio.url, label_studio.token)
-    project = client.request("POST", "/api/projects", json={"title": "served labels", "label_config": CONFIG})
-    tasks = client.import_tasks(project["id"], [{"data": {"image": client.upload_image(project["id"], photos / f"pic{i}.png")}}
-                                                for i in range(3)])
-    car = np.zeros((20, 40), bool)
-    car[2:10, 4:12] = True
-    brush = {"from_name": "label", "to_name": "image", "type": "brushlabels", "original_width": 40, "original_height": 20,
-             "value": {"format": "rle", "rle": rle.mask_to_rle(car), "brushlabels": ["car"]}}
-    polygon = {"from_name": "poly", "to_name": "image", "type": "polygonlabels", "original_width": 40, "original_height": 20,
-               "value": {"points": [[50, 50], [100, 50], [100, 100], [50, 100]], "polygonlabels": ["tree"]}}
-    annotation = client.create_annotation(tasks[0], [brush, polygon])
-    client.create_annotation(tasks[1], [polygon])
+    client, project, tasks = make_project(label_studio, photos, "served labels", "pic", 3, 3, 60)
+    annotation = client.create_annotation(tasks[0], [BRUSH, POLYGON])
+    client.create_annotation(tasks[1], [POLYGON])
     out = tmp_path / "data"
     args = ["data", "import", "labelstudio", label_studio.url, str(out), "--project", "served labels", "--val", "0"]
 
@@ -93,15 +89,15 @@ def test_import_from_the_running_label_studio(label_studio, tmp_path, monkeypatc
     assert [c.name for c in load_classes(out)] == ["car", "tree"]
     assert read_split(out, "labeled") == ["pic0", "pic1"] and read_split(out, "unlabeled") == ["pic2"]  # upload prefix stripped
     mask = read_mask(out / "masks" / "pic0.png")
-    assert (mask[car] == 0).all() and mask[15, 30] == 1 and mask[0, 0] == 255
+    assert (mask[CAR] == 0).all() and mask[15, 30] == 1 and mask[0, 0] == 255
     assert np.array_equal(np.array(Image.open(out / "images" / "pic2.png")), np.array(Image.open(photos / "pic2.png")))
     assert not (out / "labeling" / "downloads").exists()
     state = json.loads((out / "labeling" / "state.json").read_text())
     assert state["project_id"] == project["id"] and state["imported"] == {str(t): f"pic{i}" for i, t in enumerate(tasks)}
 
     # the dataset keeps following the project: an edit is an update, a newly finished task joins training
-    client.request("PATCH", f"/api/annotations/{annotation['id']}/", json={"result": [polygon]})
-    client.create_annotation(tasks[2], [brush])
+    client.request("PATCH", f"/api/annotations/{annotation['id']}/", json={"result": [POLYGON]})
+    client.create_annotation(tasks[2], [BRUSH])
     report = pull(client, out)
     assert report.updated == ["pic0"] and sorted(report.written) == ["pic0", "pic2"] and report.unchanged == ["pic1"]
     assert read_split(out, "labeled") == ["pic0", "pic1", "pic2"] and read_split(out, "unlabeled") == []
