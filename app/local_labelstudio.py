@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from filelock import FileLock
 
 from .spawn import python_command
 
@@ -26,11 +27,18 @@ def ensure_venv() -> Path:
     """The label-studio executable, installing it into its own venv on first use (a few minutes)."""
     exe = VENV / "bin" / "label-studio"
     marker = VENV / f".label-studio-{VERSION}"
-    if not marker.is_file():
-        print(f"installing label-studio {VERSION} into {VENV} (first time only, a few minutes)", flush=True)
-        subprocess.run(python_command("venv", str(VENV)), check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
-        marker.touch()
+    if marker.is_file():
+        return exe
+    VENV.mkdir(parents=True, exist_ok=True)
+    # Two processes starting Label Studio at once (the app and the demo, two test workers) must not install
+    # into one venv side by side: pip then reads the other's half-written packages and fails. One installs,
+    # the other waits and finds the marker.
+    with FileLock(VENV / ".install.lock"):
+        if not marker.is_file():
+            print(f"installing label-studio {VERSION} into {VENV} (first time only, a few minutes)", flush=True)
+            subprocess.run(python_command("venv", str(VENV)), check=True)
+            subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
+            marker.touch()
     return exe
 
 

@@ -15,7 +15,8 @@ from training.data.synth import synthesize
 from training.engine import Trainer
 from training.methods import get_method
 
-# `make test` runs the suite on two pytest-xdist workers; the cores are shared between them.
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`: a file's tests, and so its module
+# fixtures, stay on one worker); the cores are shared between them.
 # The subprocesses tests start (the CLI, benchmarks, servers) inherit the same share: more threads than cores
 # make OpenMP's waiting threads spin against the other worker.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
@@ -23,15 +24,6 @@ THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 torch.set_num_threads(THREADS)
 if WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under `--dist loadgroup` each test file stays on one worker, so its module fixtures are built once, and
-    every file that talks to Label Studio shares one worker: one server, one install of its venv."""
-    label_studio_files = {item.path for item in items if "label_studio" in getattr(item, "fixturenames", ())}
-    for item in items:
-        group = "label-studio" if item.path in label_studio_files else item.path.name
-        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -119,6 +119,33 @@ def test_rle_matches_label_studio_sdk(label_studio, tmp_path):
     assert np.array_equal(rle.rle_to_mask(out["theirs"], 23, 31), mask > 0)
 
 
+def test_label_studio_installs_once_when_two_callers_start_it_together(tmp_path, monkeypatch):
+    """The second caller waits on the install lock and finds the first's install, instead of running pip beside it."""
+    import threading
+    import time
+
+    from app import local_labelstudio
+
+    venv, calls = tmp_path / "ls-venv", []
+
+    def install(cmd, check):
+        calls.append(cmd[0])
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one installs
+        (venv / "bin").mkdir(parents=True, exist_ok=True)
+
+    monkeypatch.setattr(local_labelstudio, "VENV", venv)
+    monkeypatch.setattr(local_labelstudio.subprocess, "run", install)
+    found = []
+    callers = [threading.Thread(target=lambda: found.append(local_labelstudio.ensure_venv())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(30)
+    assert found == [venv / "bin" / "label-studio"] * 2
+    assert len(calls) == 2  # one venv, one pip install
+    assert (venv / f".label-studio-{local_labelstudio.VERSION}").is_file()
+
+
 def test_connection_errors_are_clear(label_studio):
     with pytest.raises(LabelStudioError, match="rejected the token"):
         LabelStudio(label_studio.url, "0" * 40).whoami()
