@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from .spawn import python_command
 
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VENV = REPO / ".venv-labelstudio" if (REPO / "pyproject.toml").is_file() else Path.home() / ".cache" / "scaleseg" / "venv-labelstudio"
 VENV = Path(os.environ.get("SCALESEG_LS_VENV", DEFAULT_VENV))
 VERSION = "1.23.2"
+INSTALL_WAIT_S = 1800  # a slow network's install takes minutes; a held lock past this is a stuck install
 
 
 def ensure_venv() -> Path:
@@ -29,16 +30,28 @@ def ensure_venv() -> Path:
     marker = VENV / f".label-studio-{VERSION}"
     if marker.is_file():
         return exe
-    VENV.mkdir(parents=True, exist_ok=True)
     # Two processes starting Label Studio at once (the app and the demo, two test workers) must not install
-    # into one venv side by side: pip then reads the other's half-written packages and fails. One installs,
-    # the other waits and finds the marker.
-    with FileLock(VENV / ".install.lock"):
+    # into one venv side by side: pip then reads the other's half-written packages and fails. One installs;
+    # the other waits, then finds the marker, or installs itself if the first failed.
+    VENV.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(VENV / ".install.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another process's install of label-studio into {VENV}", flush=True)
+        try:
+            lock.acquire(timeout=INSTALL_WAIT_S)
+        except Timeout:
+            raise RuntimeError(f"another process has been installing label-studio into {VENV} for {INSTALL_WAIT_S // 60} "
+                               f"minutes (it holds {lock.lock_file}): stop it and start again") from None
+    try:
         if not marker.is_file():
             print(f"installing label-studio {VERSION} into {VENV} (first time only, a few minutes)", flush=True)
             subprocess.run(python_command("venv", str(VENV)), check=True)
             subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", f"label-studio=={VERSION}"], check=True)
             marker.touch()
+    finally:
+        lock.release()
     return exe
 
 

@@ -17,8 +17,9 @@ from training.methods import get_method
 
 # `make test` runs the suite on two pytest-xdist workers (`--dist loadfile`: a file's tests, and so its module
 # fixtures, stay on one worker); the cores are shared between them.
-# The subprocesses tests start (the CLI, benchmarks, servers) inherit the same share: more threads than cores
-# make OpenMP's waiting threads spin against the other worker.
+# The subprocesses tests start (the CLI, benchmarks, servers) get the same share unless OMP_NUM_THREADS is set or
+# they choose their own: more threads than cores make OpenMP's waiting threads spin against the other worker.
+# A worker whose files use Label Studio starts its own server (the session fixture).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 THREADS = max(1, min(2, os.cpu_count() or 1) // WORKERS)
 torch.set_num_threads(THREADS)

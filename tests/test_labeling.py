@@ -123,6 +123,7 @@ def test_label_studio_installs_once_when_two_callers_start_it_together(tmp_path,
     """The second caller waits on the install lock and finds the first's install, instead of running pip beside it."""
     import threading
     import time
+    import types
 
     from app import local_labelstudio
 
@@ -134,7 +135,7 @@ def test_label_studio_installs_once_when_two_callers_start_it_together(tmp_path,
         (venv / "bin").mkdir(parents=True, exist_ok=True)
 
     monkeypatch.setattr(local_labelstudio, "VENV", venv)
-    monkeypatch.setattr(local_labelstudio.subprocess, "run", install)
+    monkeypatch.setattr(local_labelstudio, "subprocess", types.SimpleNamespace(run=install))
     found = []
     callers = [threading.Thread(target=lambda: found.append(local_labelstudio.ensure_venv())) for _ in range(2)]
     for caller in callers:
