@@ -147,6 +147,28 @@ def test_label_studio_installs_once_when_two_callers_start_it_together(tmp_path,
     assert (venv / f".label-studio-{local_labelstudio.VERSION}").is_file()
 
 
+def test_a_failed_label_studio_install_releases_the_lock_for_the_next_caller(tmp_path, monkeypatch):
+    import subprocess
+    import types
+
+    from app import local_labelstudio
+
+    venv, calls = tmp_path / "ls-venv", []
+
+    def install(cmd, check):
+        calls.append(cmd[0])
+        if len(calls) == 2:  # the first caller's pip fails: no marker is written
+            raise subprocess.CalledProcessError(1, cmd)
+
+    monkeypatch.setattr(local_labelstudio, "VENV", venv)
+    monkeypatch.setattr(local_labelstudio, "subprocess", types.SimpleNamespace(run=install))
+    with pytest.raises(subprocess.CalledProcessError):
+        local_labelstudio.ensure_venv()
+    assert not (venv / f".label-studio-{local_labelstudio.VERSION}").exists()
+    assert local_labelstudio.ensure_venv() == venv / "bin" / "label-studio"  # not blocked by the failed caller
+    assert len(calls) == 4 and (venv / f".label-studio-{local_labelstudio.VERSION}").is_file()
+
+
 def test_connection_errors_are_clear(label_studio):
     with pytest.raises(LabelStudioError, match="rejected the token"):
         LabelStudio(label_studio.url, "0" * 40).whoami()
