@@ -129,7 +129,7 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
     base, aux, flags = method_parts(method)
     argv = [str(data), "--method", base, "--backbone", args.backbone, "--pretrained", args.pretrained, "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
-            "--save-every", str(args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
+            "--save-every", str(getattr(args, "save_every", 0) or args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", args.device, "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
@@ -436,6 +436,9 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=2000, help="training iterations per run (the same for every method)")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--save-every", type=int, default=0,
+                   help="write each run's last.pt every N iterations, so a killed study resumes from there "
+                   "(default: at every evaluation)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--size", type=int, default=96, help="image side of both benchmarks")
     p.add_argument("--batch", type=int, default=4, help="labelled images per step (unlabelled: the same)")

@@ -269,6 +269,9 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert "--warmup-epochs" in train_argv(args, "scalematch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
     assert {"supervised+contextrast", "fixmatch+contextrast", "scalematch+contextrast"} <= set(METHODS)
     assert "--amp-cpu" not in argv
+    assert argv[argv.index("--save-every") + 1] == "100"  # at every evaluation unless --save-every is given
+    saving = Namespace(**{**vars(args), "save_every": 25})
+    assert train_argv(saving, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[argv.index("--save-every") + 1] == "25"
     argv = train_argv(args, "prcl:num-queries=32:num-negatives=64", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert argv[argv.index("--method") + 1] == "prcl" and argv[-4:] == ["--num-queries", "32", "--num-negatives", "64"]
     argv = train_argv(args, "fixmatch+contextrast:aux-weight=0.2", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
