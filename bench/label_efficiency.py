@@ -188,12 +188,13 @@ def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters
         argv += ["--init-from", str(init_from)]
     argv += extra
     # A run killed before its first checkpoint starts over (--force clears its partial log).
-    argv.append("--resume" if (out / "last.pt").is_file() else "--force")
-    print(f"== {label}" + (" (resumed)" if "--resume" in argv else ""), flush=True)
-    # Summed over the invocations of an interrupted and resumed run; kept current while it trains, so a
-    # study killed mid-run loses at most TICK_S of it.
+    resumed = (out / "last.pt").is_file()
+    argv.append("--resume" if resumed else "--force")
+    print(f"== {label}" + (" (resumed)" if resumed else ""), flush=True)
+    # Summed over the invocations of an interrupted and resumed run (a run that starts over counts from
+    # zero); kept current while it trains, so a study killed mid-run loses at most TICK_S of it.
     wall = out / "wall_s.txt"
-    before, start = (float(wall.read_text()) if wall.is_file() else 0.0), time.monotonic()
+    before, start = (float(wall.read_text()) if resumed and wall.is_file() else 0.0), time.monotonic()
 
     def tick():
         atomic_write(wall, lambda fh: fh.write(str(before + time.monotonic() - start).encode()))

@@ -93,6 +93,15 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     resumed = json.loads((runs[1] / "row.json").read_text())
     assert resumed["miou_x1.0"] == next(r for r in payload["rows"] if r["seed"] == 1)["miou_x1.0"]
 
+    # Killed before its first checkpoint, a run starts over, and the killed attempt's time is not its own.
+    (runs[1] / "row.json").unlink()
+    (runs[1] / "last.pt").unlink()
+    (runs[1] / "wall_s.txt").write_text("100000")
+    (results / "label_efficiency.json").write_text(json.dumps(published_seed0))
+    restarted = study(work, results, "--resume")
+    assert restarted.returncode == 0 and "(resumed)" not in restarted.stdout, restarted.stderr[-2000:]
+    assert json.loads((runs[1] / "row.json").read_text())["wall_s"] < 1000
+
     changed = study(work, results, "--resume", "--lr", "0.02")
     assert changed.returncode != 0 and "one study keeps one budget" in changed.stderr
 
