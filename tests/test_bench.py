@@ -91,7 +91,9 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     assert (runs[0] / "row.json").stat().st_mtime_ns == kept
     assert "seed 1: 2 labelled (resumed)" in again.stdout and "seed 0" not in again.stdout
     resumed = json.loads((runs[1] / "row.json").read_text())
-    assert resumed["miou_x1.0"] == next(r for r in payload["rows"] if r["seed"] == 1)["miou_x1.0"]
+    first_seed1 = next(r for r in payload["rows"] if r["seed"] == 1)
+    assert resumed["miou_x1.0"] == first_seed1["miou_x1.0"]
+    assert resumed["wall_s"] > first_seed1["wall_s"]  # a resumed run adds its earlier invocations' time
 
     # Killed before its first checkpoint, a run starts over, and the killed attempt's time is not its own.
     (runs[1] / "row.json").unlink()
