@@ -465,6 +465,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: must be 1 or more.")
+    if args.save_every < 0:
+        raise SystemExit(f"--save-every {args.save_every}: must be 0 (at every evaluation) or more.")
     if args.amp_cpu and args.device != "cpu":
         raise SystemExit(f"--amp-cpu is bfloat16 on the CPU; --device {args.device} trains in float32 here. Drop one.")
     if args.warm_start and CONTINUED in args.methods:
@@ -498,8 +502,6 @@ def main() -> None:
         settings.write_text(json.dumps(budget))
     adopt_published(work, Path(args.results) / f"{args.name}.json", budget)
 
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads {args.threads}: must be 1 or more.")
     args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     # Method by method, its seeds side by side: a study cut short has whole methods (3 seeds), not one seed of each.
     runs = [(bench, frac, method, int(seed)) for bench in args.benchmarks.split(",") for frac in args.fractions.split(",")

@@ -152,6 +152,16 @@ def test_label_efficiency_keeps_a_runs_wall_time_current_while_it_trains(tmp_pat
         le.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", 1)
 
 
+@pytest.mark.parametrize("flag, value", [("--save-every", "-100"), ("--threads", "0")])
+def test_label_efficiency_refuses_bad_counts_before_it_writes_anything(tmp_path, monkeypatch, flag, value):
+    import bench.label_efficiency as le
+    work = tmp_path / "study"
+    monkeypatch.setattr(sys, "argv", ["label_efficiency.py", "--work", str(work), flag, value])
+    with pytest.raises(SystemExit, match=f"{flag} {value}: must be"):
+        le.main()
+    assert not work.exists()
+
+
 def test_label_efficiency_warm_start_is_shared_by_every_method_of_a_seed(tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     both = study(work, results, "--methods", "supervised:init-from=teacher", "--warm-start", "2")

@@ -102,6 +102,15 @@ def test_unknown_backbone_is_one_clear_line(tiny_data, tmp_path, capsys):
     assert "--backbone resnet152" in one_line_error(capsys)
 
 
+@pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--save-every", "-5"), ("--eval-every", "-1"),
+                                         ("--max-iters", "-2"), ("--snapshot-every", "-3"), ("--batch-size", "0")])
+def test_counts_out_of_range_are_one_clear_line_before_the_run(tiny_data, tmp_path, capsys, flag, value):
+    out = tmp_path / "run"
+    assert train(tiny_data, out, flag, value) == 2
+    assert f"{flag} {value} (must be" in one_line_error(capsys)
+    assert not out.exists()
+
+
 # --- 4/5. --resume: changed settings are refused with a diff; the pretrained file is not needed ----
 def test_resume_refuses_changed_settings_unless_allowed(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"

@@ -201,13 +201,23 @@ def _saved_config(ns) -> TrainConfig | None:
     return saved
 
 
+def check_counts(cfg: TrainConfig) -> None:
+    """Sizes and intervals a run divides by or loops over, refused before any work (0 = every epoch)."""
+    least = {"--batch-size": (cfg.data.batch_size, 1), "--crop-size": (cfg.data.crop_size, 16),
+             "--epochs": (cfg.run.epochs, 1), "--max-iters": (cfg.run.max_iters, 0),
+             "--eval-every": (cfg.run.eval_every, 0), "--save-every": (cfg.run.save_every, 0),
+             "--snapshot-every": (cfg.run.snapshot_every, 0), "--log-every": (cfg.run.log_every, 1)}
+    low = [f"{flag} {value} (must be {floor} or more)" for flag, (value, floor) in least.items() if value < floor]
+    if low:
+        raise ConfigError(f"scaleseg train: {'; '.join(low)}.")
+
+
 def cmd_train(argv: list[str]) -> int:
     from .distributed import shutdown
     from .engine import Trainer
     from .evaluate import format_table
     cfg = parse_train_args(argv)
-    if cfg.data.batch_size < 1 or cfg.data.crop_size < 16:
-        raise SystemExit("scaleseg train: --batch-size must be >= 1 and --crop-size >= 16")
+    check_counts(cfg)
     try:
         trainer = Trainer(cfg)
         result = trainer.fit()
