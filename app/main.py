@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+RETRAIN_FLOORS = {"iterations": 1, "crop_size": 16, "batch_size": 1, "num_workers": 0}  # as `scaleseg train` checks
 RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "optimizer", "lr", "backbone", "decoder", "pretrained",
                  "num_workers", "device")
 
@@ -71,6 +72,10 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"scaleseg app: --host {args.host} makes the app reachable from the network, and without --auth "
                          "anyone who reaches it can add images, push to Label Studio and promote models. Give --auth "
                          "user:password (or SCALESEG_APP_AUTH), or --allow-no-auth if a proxy in front authenticates.")
+    low = [f"--{name.replace('_', '-')} {value} (must be {floor} or more)" for name, floor in RETRAIN_FLOORS.items()
+           if (value := getattr(args, name)) is not None and value < floor]
+    if low:
+        raise SystemExit(f"scaleseg app: {'; '.join(low)}.")
     from .ui import launch
     launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,
            args.label_studio_token, auth, retrain=retrain_overrides(args))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from training.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from training.config import ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, check_counts
 from training.data.folder import atomic_write, mask_path, read_split, write_split, write_text
 from training.methods import METHODS, get_method
 
@@ -60,6 +60,10 @@ def check_settings(data: Path, settings: dict) -> list[str]:
                               "ScaleMatch model has: pass --method scalematch or leave scale_disagreement out")
     if min(settings["initial"], settings["k"], settings["rounds"], settings["iters"], settings["initial_iters"]) < 1:
         raise SimulationError("--initial, -k, --rounds, --iters and --initial-iters must each be at least 1")
+    try:
+        check_counts(train_config(settings, data, Path("."), 0, ""))
+    except ConfigError as err:
+        raise SimulationError(str(err)) from None
     if settings["init_from"] and not Path(settings["init_from"]).is_file():
         raise SimulationError(f"--init-from {settings['init_from']}: no such checkpoint; give a scaleseg checkpoint "
                               "(RUN/last.pt) or leave it out to start round 0 from random init")

@@ -129,13 +129,13 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
     base, aux, flags = method_parts(method)
     argv = [str(data), "--method", base, "--backbone", args.backbone, "--pretrained", args.pretrained, "--crop-size", str(args.crop),
             "--batch-size", str(args.batch), "--max-iters", str(iters), "--eval-every", str(args.eval_every),
-            "--save-every", str(getattr(args, "save_every", 0) or args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
+            "--save-every", str(args.save_every or args.eval_every), "--val-scales", "0.5,1,2", "--lr", str(lr), "--seed", str(seed),
             "--num-workers", "1", "--device", args.device, "--out", str(out), "--log-every", "10"]
     if aux:
         argv += ["--aux", aux]
-    if getattr(args, "head_lr_mult", None) is not None:
+    if args.head_lr_mult is not None:
         argv += ["--head-lr-mult", str(args.head_lr_mult)]
-    if getattr(args, "amp_cpu", False):
+    if args.amp_cpu:
         argv.append("--amp-cpu")
     if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast; cuDNN may still use TF32)
         argv.append("--no-amp")
@@ -198,6 +198,7 @@ def train(args, label: str, method: str, data: Path, out: Path, seed: int, iters
 
     def tick():
         atomic_write(wall, lambda fh: fh.write(str(before + time.monotonic() - start).encode()))
+    tick()  # replaces a killed attempt's time before this run can checkpoint
     rss = run([sys.executable, "-m", "training.cli", "train", *argv], out / "train.log", args.threads, tick)
     tick()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -465,10 +466,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
-    if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"--threads {args.threads}: must be 1 or more.")
-    if args.save_every < 0:
-        raise SystemExit(f"--save-every {args.save_every}: must be 0 (at every evaluation) or more.")
+    floors = {"--iters": (args.iters, 1), "--eval-every": (args.eval_every, 1), "--save-every": (args.save_every, 0),
+              "--crop": (args.crop, 16), "--batch": (args.batch, 1), "--threads": (1 if args.threads is None else args.threads, 1)}
+    low = [f"{flag} {value}: must be {floor} or more" for flag, (value, floor) in floors.items() if value < floor]
+    if low:  # before settings.json, so a mistyped flag leaves no study behind
+        raise SystemExit("; ".join(low) + ".")
     if args.amp_cpu and args.device != "cpu":
         raise SystemExit(f"--amp-cpu is bfloat16 on the CPU; --device {args.device} trains in float32 here. Drop one.")
     if args.warm_start and CONTINUED in args.methods:

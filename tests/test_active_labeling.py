@@ -203,6 +203,8 @@ def test_simulation_refuses_what_it_cannot_run(tiny_data, tmp_path, capsys):
         simulate(tiny_data, tmp_path / "a", settings(strategies=["psychic"]), progress=lambda m: None)
     with pytest.raises(SimulationError, match="no such checkpoint"):
         simulate(tiny_data, tmp_path / "a", settings(init_from=str(tmp_path / "none.pt")), progress=lambda m: None)
+    with pytest.raises(SimulationError, match=r"--batch-size 0 \(must be 1 or more\); --crop-size 8"):
+        simulate(tiny_data, tmp_path / "a", settings(batch_size=0, crop_size=8), progress=lambda m: None)
     assert not (tmp_path / "a").exists()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "settings.json").write_text(json.dumps({**settings(iters=5), "data": str(tiny_data.resolve())}))

@@ -152,7 +152,7 @@ def test_label_efficiency_keeps_a_runs_wall_time_current_while_it_trains(tmp_pat
         le.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "log", 1)
 
 
-@pytest.mark.parametrize("flag, value", [("--save-every", "-100"), ("--threads", "0")])
+@pytest.mark.parametrize("flag, value", [("--save-every", "-100"), ("--threads", "0"), ("--iters", "0"), ("--crop", "8")])
 def test_label_efficiency_refuses_bad_counts_before_it_writes_anything(tmp_path, monkeypatch, flag, value):
     import bench.label_efficiency as le
     work = tmp_path / "study"
@@ -280,7 +280,8 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     from argparse import Namespace
 
     from bench.label_efficiency import METHODS, ordered, train_argv
-    args = Namespace(crop=64, batch=4, eval_every=100, backbone="resnet18", pretrained="none", device="cpu")
+    args = Namespace(crop=64, batch=4, eval_every=100, save_every=0, backbone="resnet18", pretrained="none", device="cpu",
+                     head_lr_mult=None, amp_cpu=False)
     argv = train_argv(args, "unimatch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert argv[argv.index("--device") + 1] == "cpu" and "--no-amp" not in argv
     gpu = train_argv(Namespace(**{**vars(args), "device": "cuda"}), "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
@@ -292,7 +293,8 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert "--amp-cpu" not in argv
     assert argv[argv.index("--save-every") + 1] == "100"  # at every evaluation unless --save-every is given
     saving = Namespace(**{**vars(args), "save_every": 25})
-    assert train_argv(saving, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[argv.index("--save-every") + 1] == "25"
+    saved = train_argv(saving, "unimatch", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
+    assert saved[saved.index("--save-every") + 1] == "25"
     argv = train_argv(args, "prcl:num-queries=32:num-negatives=64", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
     assert argv[argv.index("--method") + 1] == "prcl" and argv[-4:] == ["--num-queries", "32", "--num-negatives", "64"]
     argv = train_argv(args, "fixmatch+contextrast:aux-weight=0.2", Path("d"), Path("o"), 0, 10, 0.01, 1.0)

@@ -41,6 +41,11 @@ def test_fine_tuning_keeps_the_serving_models_decoder(tmp_path):
     assert app_main.retrain_overrides(app_main.parser().parse_args([str(tmp_path), str(tmp_path), "--decoder", "standard"]))["decoder"] == "standard"
 
 
+def test_app_refuses_retraining_sizes_a_run_cannot_take_before_it_starts(tmp_path):
+    with pytest.raises(SystemExit, match=r"--crop-size 8 \(must be 16 or more\); --batch-size 0 \(must be 1 or more\)"):
+        app_main.main([str(tmp_path), str(tmp_path), "--crop-size", "8", "--batch-size", "0"])
+
+
 def test_train_command_follows_the_recipe(tmp_path):
     weights = tmp_path / "imagenet.pth"
     weights.write_bytes(b"weights")

@@ -103,12 +103,19 @@ def test_unknown_backbone_is_one_clear_line(tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--log-every", "0"), ("--save-every", "-5"), ("--eval-every", "-1"),
-                                         ("--max-iters", "-2"), ("--snapshot-every", "-3"), ("--batch-size", "0")])
+                                         ("--max-iters", "-2"), ("--snapshot-every", "-3"), ("--batch-size", "0"),
+                                         ("--crop-size", "8")])
 def test_counts_out_of_range_are_one_clear_line_before_the_run(tiny_data, tmp_path, capsys, flag, value):
     out = tmp_path / "run"
     assert train(tiny_data, out, flag, value) == 2
     assert f"{flag} {value} (must be" in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_epochs_are_checked_only_when_they_set_the_length(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path / "run", "--max-iters", "0", "--epochs", "0") == 2
+    assert "--epochs 0 (must be 1 or more)" in one_line_error(capsys)
+    assert train(tiny_data, tmp_path / "run", "--epochs", "0") == 0  # --max-iters 1 sets the length
 
 
 # --- 4/5. --resume: changed settings are refused with a diff; the pretrained file is not needed ----

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import (SECTIONS, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, dataclass_from_namespace,
-                     parse_floats, read_config_file, typed_settings)
+from .config import (SECTIONS, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig, add_dataclass_args, check_counts,
+                     dataclass_from_namespace, parse_floats, read_config_file, typed_settings)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (FileExistsError, FileNotFoundError)
 HELP = argparse.ArgumentDefaultsHelpFormatter  # every command's help shows each flag's default
@@ -199,17 +199,6 @@ def _saved_config(ns) -> TrainConfig | None:
     if saved.method != ns.method:
         raise SystemExit(f"scaleseg train: {last} is a {saved.method!r} run; pass --method {saved.method} to resume it.")
     return saved
-
-
-def check_counts(cfg: TrainConfig) -> None:
-    """Sizes and intervals a run divides by or loops over, refused before any work (0 = every epoch)."""
-    least = {"--batch-size": (cfg.data.batch_size, 1), "--crop-size": (cfg.data.crop_size, 16),
-             "--epochs": (cfg.run.epochs, 1), "--max-iters": (cfg.run.max_iters, 0),
-             "--eval-every": (cfg.run.eval_every, 0), "--save-every": (cfg.run.save_every, 0),
-             "--snapshot-every": (cfg.run.snapshot_every, 0), "--log-every": (cfg.run.log_every, 1)}
-    low = [f"{flag} {value} (must be {floor} or more)" for flag, (value, floor) in least.items() if value < floor]
-    if low:
-        raise ConfigError(f"scaleseg train: {'; '.join(low)}.")
 
 
 def cmd_train(argv: list[str]) -> int:

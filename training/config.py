@@ -125,6 +125,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def check_counts(cfg: TrainConfig) -> None:
+    """Refuse sizes and intervals that a run divides by or loops over, before any work; ConfigError names each."""
+    floors = {"--batch-size": (cfg.data.batch_size, 1), "--crop-size": (cfg.data.crop_size, 16),
+              "--max-iters": (cfg.run.max_iters, 0), "--eval-every": (cfg.run.eval_every, 0),
+              "--save-every": (cfg.run.save_every, 0), "--snapshot-every": (cfg.run.snapshot_every, 0),
+              "--log-every": (cfg.run.log_every, 1)}
+    if cfg.run.max_iters == 0:  # --max-iters overrides --epochs
+        floors["--epochs"] = (cfg.run.epochs, 1)
+    low = [f"{flag} {value} (must be {floor} or more)" for flag, (value, floor) in floors.items() if value < floor]
+    if low:
+        raise ConfigError(f"{'; '.join(low)}.")
+
+
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "aux": AuxConfig}
 CONFIG_FILE = "config.yaml"  # every run's resolved settings; earlier runs wrote the same dict as config.json
 # Settings that hold for one invocation: a file that replays a run must not also replay its --resume or --force.
