@@ -142,7 +142,11 @@ def test_scalematch_supervises_the_plain_path(feature_scale):
 # Losses and per-module sums of |gradient| of one step, produced by main's code (commit f80fd48, before the
 # labelled images' unused FP logits stopped being resized) with OMP_NUM_THREADS=1: the leaner step must
 # compute the same numbers. Cases: (method, image scale v, feature scale t, epoch); epoch 12 is past
-# ScaleMatch's warm-up, so its pseudo-labels come from the CIF-fused prediction.
+# ScaleMatch's warm-up, so its pseudo-labels come from the CIF-fused prediction. They were produced on an
+# AVX-512 CPU. Other kernels round differently: on AVX2 (and with ATen's scalar kernels) the losses moved by
+# up to 9e-6 relative, hence 1e-4; the gradient sums by up to 9e-3 (the encoder at scale 0.5, where the
+# 16-pixel view leaves batch norm two values per channel), hence 2e-2. A changed, missing or wrongly detached
+# term moves them by far more.
 STEP_REFERENCE = {
     ("unimatch", None, None, 0): (
         {"loss": 1.2176674604415894, "loss_x": 1.448349952697754, "loss_s": 1.1196380853652954,
@@ -189,10 +193,10 @@ def test_step_losses_and_gradients_equal_mains(case, one_thread):
     losses = method(*batches(), StepContext(iteration=0, epoch=epoch, total_iters=10, iters_per_epoch=5))
     losses["loss"].backward()
     want_losses, want_grads = STEP_REFERENCE[case]
-    assert {k: float(t.detach()) for k, t in losses.items() if k != "scale"} == pytest.approx(want_losses, rel=1e-6)
+    assert {k: float(t.detach()) for k, t in losses.items() if k != "scale"} == pytest.approx(want_losses, rel=1e-4)
     grads = {part: float(sum(p.grad.double().abs().sum() for p in getattr(method.model, part).parameters()))
              for part in want_grads}
-    assert grads == pytest.approx(want_grads, rel=1e-5)
+    assert grads == pytest.approx(want_grads, rel=2e-2)
 
 
 def test_unimatch_loss_weights_and_normalisation():
