@@ -6,6 +6,8 @@ import ipaddress
 import os
 from pathlib import Path
 
+from training.config import MIN_CROP, below_floors
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg app", description="The scaleseg web app (Gradio).",
@@ -42,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-RETRAIN_FLOORS = {"iterations": 1, "crop_size": 16, "batch_size": 1, "num_workers": 0}  # as `scaleseg train` checks
+RETRAIN_FLOORS = {"iterations": 1, "crop_size": MIN_CROP, "batch_size": 1, "num_workers": 0}  # as `scaleseg train` checks
 RETRAIN_FLAGS = ("method", "iterations", "crop_size", "batch_size", "optimizer", "lr", "backbone", "decoder", "pretrained",
                  "num_workers", "device")
 
@@ -72,10 +74,9 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"scaleseg app: --host {args.host} makes the app reachable from the network, and without --auth "
                          "anyone who reaches it can add images, push to Label Studio and promote models. Give --auth "
                          "user:password (or SCALESEG_APP_AUTH), or --allow-no-auth if a proxy in front authenticates.")
-    low = [f"--{name.replace('_', '-')} {value} (must be {floor} or more)" for name, floor in RETRAIN_FLOORS.items()
-           if (value := getattr(args, name)) is not None and value < floor]
-    if low:
-        raise SystemExit(f"scaleseg app: {'; '.join(low)}.")
+    if low := below_floors({f"--{name.replace('_', '-')}": (getattr(args, name), floor)
+                            for name, floor in RETRAIN_FLOORS.items()}):
+        raise SystemExit(f"scaleseg app: {low}.")
     from .ui import launch
     launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,
            args.label_studio_token, auth, retrain=retrain_overrides(args))

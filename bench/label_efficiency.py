@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import RESULTS, child_env, machine, mean_std, plot_bands, write_results  # noqa: E402
+from training.config import MIN_CROP, below_floors  # noqa: E402
 from training.data.folder import (atomic_write, load_classes, mask_path, read_mask, read_split, staged_folder,  # noqa: E402
                                   write_split)
 
@@ -466,11 +467,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads per run (default: cores / jobs); 1 beside another study, so the cores are not oversubscribed")
     args = p.parse_args()
-    floors = {"--iters": (args.iters, 1), "--eval-every": (args.eval_every, 1), "--save-every": (args.save_every, 0),
-              "--crop": (args.crop, 16), "--batch": (args.batch, 1), "--threads": (1 if args.threads is None else args.threads, 1)}
-    low = [f"{flag} {value}: must be {floor} or more" for flag, (value, floor) in floors.items() if value < floor]
+    low = below_floors({"--iters": (args.iters, 1), "--eval-every": (args.eval_every, 1), "--save-every": (args.save_every, 0),
+                        "--crop": (args.crop, MIN_CROP), "--batch": (args.batch, 1), "--threads": (args.threads, 1)})
     if low:  # before settings.json, so a mistyped flag leaves no study behind
-        raise SystemExit("; ".join(low) + ".")
+        raise SystemExit(f"{low}.")
     if args.amp_cpu and args.device != "cpu":
         raise SystemExit(f"--amp-cpu is bfloat16 on the CPU; --device {args.device} trains in float32 here. Drop one.")
     if args.warm_start and CONTINUED in args.methods:

@@ -125,17 +125,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+MIN_CROP = 16  # a smaller crop leaves the stride-16 features less than one pixel
+
+
+def below_floors(floors: dict[str, tuple[int | float | None, int]]) -> str:
+    """``{flag: (value, floor)}`` -> "--batch-size 0 (must be 1 or more); ..." for each value below its floor,
+    "" when none is; a value of None (flag not given) is skipped."""
+    return "; ".join(f"{flag} {value} (must be {floor} or more)" for flag, (value, floor) in floors.items()
+                     if value is not None and value < floor)
+
+
 def check_counts(cfg: TrainConfig) -> None:
     """Refuse sizes and intervals that a run divides by or loops over, before any work; ConfigError names each."""
-    floors = {"--batch-size": (cfg.data.batch_size, 1), "--crop-size": (cfg.data.crop_size, 16),
+    floors = {"--batch-size": (cfg.data.batch_size, 1), "--crop-size": (cfg.data.crop_size, MIN_CROP),
               "--max-iters": (cfg.run.max_iters, 0), "--eval-every": (cfg.run.eval_every, 0),
               "--save-every": (cfg.run.save_every, 0), "--snapshot-every": (cfg.run.snapshot_every, 0),
               "--log-every": (cfg.run.log_every, 1)}
     if cfg.run.max_iters == 0:  # --max-iters overrides --epochs
         floors["--epochs"] = (cfg.run.epochs, 1)
-    low = [f"{flag} {value} (must be {floor} or more)" for flag, (value, floor) in floors.items() if value < floor]
-    if low:
-        raise ConfigError(f"{'; '.join(low)}.")
+    if low := below_floors(floors):
+        raise ConfigError(f"{low}.")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "run": RunConfig, "aux": AuxConfig}
