@@ -258,12 +258,22 @@ def test_hot_reload_keeps_serving(package, checkpoints, tmp_path):
         s.stop()
 
 
+def queue_depth(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("scaleseg_queue_depth ")))
+
+
 def test_graceful_shutdown_finishes_accepted_requests(package):
-    s = Server(package, "--max-delay-ms", "200")
+    # The batch waits up to 3 s for more images, so all four requests are accepted and waiting when SIGTERM
+    # comes: the test signals once the server counts them, not after a fixed sleep a loaded machine outlasts.
+    s = Server(package, "--max-delay-ms", "3000")
     body = _json_request(images(1, 64, 64))
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(_raw_infer, s.url, body) for _ in range(4)]
-        time.sleep(0.1)
+        deadline = time.time() + 20
+        while queue_depth(s.url) < 4:
+            assert time.time() < deadline, "the four requests were never waiting at once"
+            time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)
         statuses = [f.result().status_code for f in futures]
     assert statuses == [200] * 4
