@@ -33,7 +33,9 @@ def child_env(threads: int | None = None) -> dict[str, str]:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    # cpu_isa: the vector kernels ATen chose (AVX2, AVX512, ...); step times on one set do not compare with another's
+    return {"cpu": platform.processor() or platform.machine(), "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version()}
 
