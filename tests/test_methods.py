@@ -144,9 +144,10 @@ def test_scalematch_supervises_the_plain_path(feature_scale):
 # compute the same numbers. Cases: (method, image scale v, feature scale t, epoch); epoch 12 is past
 # ScaleMatch's warm-up, so its pseudo-labels come from the CIF-fused prediction. They were produced on an
 # AVX-512 CPU. Other kernels round differently: on AVX2 (and with ATen's scalar kernels) the losses moved by
-# up to 9e-6 relative, hence 1e-4; the gradient sums by up to 9e-3 (the encoder at scale 0.5, where the
-# 16-pixel view leaves batch norm two values per channel), hence 2e-2. A changed, missing or wrongly detached
-# term moves them by far more.
+# up to 9e-6 relative, hence 1e-4; the gradient sums by up to 8e-4, hence 2e-3, except the encoder's at
+# scale 0.5 (9e-3: the 16-pixel view leaves its stride-16 batch norm four values per channel), hence 2e-2
+# there. A changed loss weight moves a loss past 1e-4; a wrongly detached term moves some module's sum past
+# 2e-3 (detaching loss_s at scale 0.5: the classifier's by 0.2).
 STEP_REFERENCE = {
     ("unimatch", None, None, 0): (
         {"loss": 1.2176674604415894, "loss_x": 1.448349952697754, "loss_s": 1.1196380853652954,
@@ -172,6 +173,7 @@ STEP_REFERENCE = {
         {"encoder": 17659.938430739345, "aspp": 3427.6231977421808, "reduce": 8.12262094343896,
          "fuse": 3748.744086850589, "classifier": 49.35278430208564, "cif": 5.1757085951314785}),
 }
+GRAD_REL = {("scalematch", 0.5, 1.25, 0, "encoder"): 2e-2}  # the gradient sum the 16-pixel view makes noisy
 
 
 @pytest.fixture
@@ -196,7 +198,8 @@ def test_step_losses_and_gradients_equal_mains(case, one_thread):
     assert {k: float(t.detach()) for k, t in losses.items() if k != "scale"} == pytest.approx(want_losses, rel=1e-4)
     grads = {part: float(sum(p.grad.double().abs().sum() for p in getattr(method.model, part).parameters()))
              for part in want_grads}
-    assert grads == pytest.approx(want_grads, rel=2e-2)
+    for part, want in want_grads.items():
+        assert grads[part] == pytest.approx(want, rel=GRAD_REL.get((*case, part), 2e-3)), part
 
 
 def test_unimatch_loss_weights_and_normalisation():

@@ -118,8 +118,8 @@ def test_v1_segment_returns_mask_overlay_and_stats(server, tiny_data):
     assert r.status_code == 200 and r.json()["width"] == 48
 
 
-def _raw_infer(url, body: bytes, headers=None):
-    return httpx.post(f"{url}/v2/models/seg/infer", content=body, headers=headers or {})
+def _raw_infer(url, body: bytes, headers=None, timeout: float = 5.0):
+    return httpx.post(f"{url}/v2/models/seg/infer", content=body, headers=headers or {}, timeout=timeout)
 
 
 def _json_request(x: np.ndarray, datatype="UINT8", name="image") -> bytes:
@@ -266,19 +266,20 @@ def queue_depth(url: str) -> float:
 def test_graceful_shutdown_finishes_accepted_requests(package):
     # The batch waits up to 3 s for more images, so all four requests are accepted and waiting when SIGTERM
     # comes: the test signals once the server counts them, not after a fixed sleep a loaded machine outlasts.
-    s = Server(package, "--max-delay-ms", "3000")
     body = _json_request(images(1, 64, 64))
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_raw_infer, s.url, body) for _ in range(4)]
+    with Server(package, "--max-delay-ms", "3000") as s, ThreadPoolExecutor(4) as pool:
+        # the clients wait as long as the server's graceful shutdown may take (30 s)
+        futures = [pool.submit(_raw_infer, s.url, body, None, 30.0) for _ in range(4)]
         deadline = time.time() + 20
         while queue_depth(s.url) < 4:
+            assert not any(f.done() for f in futures), "a batch ran before the fourth request arrived"
             assert time.time() < deadline, "the four requests were never waiting at once"
             time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)
         statuses = [f.result().status_code for f in futures]
-    assert statuses == [200] * 4
-    # uvicorn re-raises the signal after its graceful shutdown, so the exit status reports SIGTERM
-    assert s.proc.wait(30) in (0, -signal.SIGTERM)
+        assert statuses == [200] * 4
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status reports SIGTERM
+        assert s.proc.wait(30) in (0, -signal.SIGTERM)
 
 
 def test_batcher_groups_waiting_requests(package):
