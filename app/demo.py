@@ -38,6 +38,14 @@ def precision_flags(cpu_bf16: bool) -> list[str]:
     return ["--amp-cpu"] if cpu_bf16 else []
 
 
+def precision_note(cpu_bf16: bool) -> str:
+    """The line that says which precision the demo trains in, and why, before the minutes it costs."""
+    if cpu_bf16:
+        return "precision: bfloat16 autocast (this CPU computes it natively)"
+    return ("precision: float32 (this CPU has no native bfloat16); training takes several times as long as "
+            "on a CPU with AVX512-BF16")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scaleseg demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -79,7 +87,9 @@ def train(data: Path, out: Path, args) -> Path:
     """The two-stage recipe; a finished stage is reused, an interrupted one resumes."""
     from training.engine import cpu_has_bf16
     warm, run = out / "run-supervised", out / "run"
-    supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, cpu_bf16=cpu_has_bf16())
+    cpu_bf16 = cpu_has_bf16()
+    supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, cpu_bf16=cpu_bf16)
+    print(precision_note(cpu_bf16), flush=True)
     stages = [("supervised", args.supervised_iters, warm, supervised),
               ("ScaleMatch from the supervised weights", args.iters, run, scalematch)]
     for i, (name, iters, folder, argv) in enumerate(stages, 1):

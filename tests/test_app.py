@@ -207,7 +207,7 @@ def test_browser_drives_the_ui(running_app, tiny_data, tmp_path):
 
 
 def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
-    from app.demo import SCALEMATCH_LR, stage_args
+    from app.demo import SCALEMATCH_LR, precision_note, stage_args
     from training.cli import parse_train_args
     first, second = (parse_train_args(a) for a in stage_args(tmp_path / "data", tmp_path / "warm", tmp_path / "run", 1500,
                                                                250, seed=3))
@@ -221,6 +221,7 @@ def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
     bf16 = [parse_train_args(a) for a in stage_args(tmp_path / "data", tmp_path / "warm", tmp_path / "run", 1500, 250,
                                                      cpu_bf16=True)]
     assert all(stage.optim.amp_cpu for stage in bf16)
+    assert "bfloat16" in precision_note(True) and "float32 (this CPU has no native bfloat16)" in precision_note(False)
 
 
 def test_demo_stage_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path, monkeypatch):

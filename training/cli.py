@@ -490,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             return importlib.import_module(STAGES[argv[0]]).main(argv[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
+    except SystemExit:  # --help and a stage's own refusals: before _user_errors(), which imports torch
+        raise
     except _user_errors() as err:
         # Errors raised in a data-loader worker arrive wrapped in its traceback; keep the message only.
         message = str(err).strip().splitlines()[-1] if "Original Traceback" in str(err) else str(err)
