@@ -319,20 +319,22 @@ def test_request_uploading_during_reload_is_served_by_the_new_version(repo_root)
     with Server(repo_root / "seg", "--model-repository", str(repo_root)) as s:
         x = images(1, 32, 32)
         body, headers = binary_request(x.shape, x.tobytes())
-        reloaded = threading.Event()
+        uploading, reloaded = threading.Event(), threading.Event()
 
         def slow_body():
             yield body[:10]
+            uploading.set()  # httpx asks for the next chunk once the head and the first bytes are sent
             reloaded.wait(120)
             yield body[10:]
 
         def reload():
-            time.sleep(0.5)
+            assert uploading.wait(60)
             r = httpx.post(f"{s.url}/v2/repository/models/seg/load", json={"parameters": {"model_dir": "plain"}}, timeout=120)
             assert r.status_code == 200
             reloaded.set()
 
         for _ in range(2):
+            uploading.clear()
             reloaded.clear()
             thread = threading.Thread(target=reload)
             thread.start()
