@@ -38,8 +38,10 @@ def precision_flags(cpu_bf16: bool) -> list[str]:
     return ["--amp-cpu"] if cpu_bf16 else []
 
 
-def precision_note(cpu_bf16: bool) -> str:
-    """The line that says which precision the demo trains in, and why, before the minutes it costs."""
+def precision_note(device: str, cpu_bf16: bool) -> str:
+    """The line that says where and in which precision the demo trains, and why, before the minutes it costs."""
+    if device != "cpu":
+        return f"precision: float32 on {device}"
     if cpu_bf16:
         return "precision: bfloat16 autocast (this CPU computes it natively)"
     return ("precision: float32 (this CPU has no native bfloat16); training takes several times as long as "
@@ -85,11 +87,11 @@ def run_stage(argv: list[str], folder: Path) -> bool:
 
 def train(data: Path, out: Path, args) -> Path:
     """The two-stage recipe; a finished stage is reused, an interrupted one resumes."""
-    from training.engine import cpu_has_bf16
+    from training.engine import cpu_has_bf16, device_kind
     warm, run = out / "run-supervised", out / "run"
     cpu_bf16 = cpu_has_bf16()
     supervised, scalematch = stage_args(data, warm, run, args.supervised_iters, args.iters, cpu_bf16=cpu_bf16)
-    print(precision_note(cpu_bf16), flush=True)
+    print(precision_note(device_kind("auto"), cpu_bf16), flush=True)  # the stages train on --device auto
     stages = [("supervised", args.supervised_iters, warm, supervised),
               ("ScaleMatch from the supervised weights", args.iters, run, scalematch)]
     for i, (name, iters, folder, argv) in enumerate(stages, 1):

@@ -221,7 +221,9 @@ def test_demo_stages_chain_supervised_into_scalematch(tmp_path):
     bf16 = [parse_train_args(a) for a in stage_args(tmp_path / "data", tmp_path / "warm", tmp_path / "run", 1500, 250,
                                                      cpu_bf16=True)]
     assert all(stage.optim.amp_cpu for stage in bf16)
-    assert "bfloat16" in precision_note(True) and "float32 (this CPU has no native bfloat16)" in precision_note(False)
+    assert "bfloat16" in precision_note("cpu", True)
+    assert "float32 (this CPU has no native bfloat16)" in precision_note("cpu", False)
+    assert precision_note("cuda", True) == "precision: float32 on cuda"
 
 
 def test_demo_stage_is_skipped_when_finished_and_resumed_when_interrupted(tmp_path, monkeypatch):

@@ -144,3 +144,15 @@ def test_shipped_small_data_recipe_by_name(tiny_data):
     assert cfg.optim.lr == 0.005  # the command line wins over the recipe
     recipe = parse_train_args([str(tiny_data), "--config", "small-data"]).optim
     assert (recipe.optimizer, recipe.lr, recipe.head_lr_mult) == ("adamw", 0.0004, 10.0)
+
+
+def test_app_help_and_refusals_exit_without_importing_torch():
+    """--help and the app's own refusals end in SystemExit, which must not reach the import of the training errors."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom training.cli import main\n"
+            "for argv in (['app', '--help'], ['app', 'm', 'd', '--crop-size', '8']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr

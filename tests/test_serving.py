@@ -51,6 +51,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(self.proc.stdout.read())
             time.sleep(0.2)
+        self.proc.kill()
         raise RuntimeError("server did not become ready")
 
     def client(self) -> triton.InferenceServerClient:
@@ -65,7 +66,11 @@ class Server:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:  # never leave a server behind a failed test
+                self.proc.kill()
+                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -269,10 +274,11 @@ def test_graceful_shutdown_finishes_accepted_requests(package):
     body = _json_request(images(1, 64, 64))
     with Server(package, "--max-delay-ms", "3000") as s, ThreadPoolExecutor(4) as pool:
         # the clients wait as long as the server's graceful shutdown may take (30 s)
-        futures = [pool.submit(_raw_infer, s.url, body, None, 30.0) for _ in range(4)]
+        futures = [pool.submit(_raw_infer, s.url, body, timeout=30.0) for _ in range(4)]
         deadline = time.time() + 20
         while queue_depth(s.url) < 4:
-            assert not any(f.done() for f in futures), "a batch ran before the fourth request arrived"
+            done = [f.exception() or f.result().status_code for f in futures if f.done()]
+            assert not done, f"requests ended before the fourth arrived (a batch ran early, or they failed): {done}"
             assert time.time() < deadline, "the four requests were never waiting at once"
             time.sleep(0.02)
         s.proc.send_signal(signal.SIGTERM)

@@ -340,6 +340,7 @@ def test_request_uploading_during_reload_is_served_by_the_new_version(repo_root)
             thread.start()
             r = httpx.post(f"{s.url}/v2/models/seg/infer", content=slow_body(), headers=headers, timeout=120)
             thread.join()
+            assert reloaded.is_set(), "the reload did not finish"  # the thread's own asserts do not fail the test
             assert r.status_code == 200, r.text
             n = int(r.headers["Inference-Header-Content-Length"])
             assert json.loads(r.content[:n])["model_version"] == str(s.client().get_model_metadata("seg")["versions"][0])
