@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from training.config import MIN_CROP, below_floors
+from training.config import MIN_CROP, below_floors, flag_name
 
 
 def parser() -> argparse.ArgumentParser:
@@ -74,8 +74,7 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"scaleseg app: --host {args.host} makes the app reachable from the network, and without --auth "
                          "anyone who reaches it can add images, push to Label Studio and promote models. Give --auth "
                          "user:password (or SCALESEG_APP_AUTH), or --allow-no-auth if a proxy in front authenticates.")
-    if low := below_floors({f"--{name.replace('_', '-')}": (getattr(args, name), floor)
-                            for name, floor in RETRAIN_FLOORS.items()}):
+    if low := below_floors({flag_name(name): (getattr(args, name), floor) for name, floor in RETRAIN_FLOORS.items()}):
         raise SystemExit(f"scaleseg app: {low}.")
     from .ui import launch
     launch(args.model, args.data, args.work, args.host, args.port, args.serving_url, args.label_studio_url,

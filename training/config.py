@@ -158,8 +158,9 @@ def parse_floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def flag_name(field: str) -> str:
+    """A setting's command-line flag: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
 
 
 def _parse_value(kind: Any, default: Any):
@@ -187,7 +188,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group_title: 
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["type"] = _parse_value(f.type, default)
-        target.add_argument(_flag(f.name), **kwargs)
+        target.add_argument(flag_name(f.name), **kwargs)
 
 
 def dataclass_from_namespace(cls: type, ns: argparse.Namespace, base: Any = None):

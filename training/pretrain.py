@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import CONFIG_FILE, ConfigError, config_yaml, hp
+from .config import CONFIG_FILE, ConfigError, config_yaml, flag_name, hp
 from .data import transforms as T
 from .data.datasets import EpochSampler
 from .data.folder import atomic_write, image_path, load_image, read_split
@@ -290,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
               "proj_dim", "hidden_dim", "seed", "device", "num_workers", "log_every"):
         value = getattr(defaults, f)
         meta = PretrainConfig.__dataclass_fields__[f].metadata
-        p.add_argument(f"--{f.replace('_', '-')}", type=type(value), default=value,
+        p.add_argument(flag_name(f), type=type(value), default=value,
                        help=meta["help"])
     p.add_argument("--crop-scale", type=float, nargs=2, default=defaults.crop_scale, metavar=("MIN", "MAX"),
                    help=PretrainConfig.__dataclass_fields__["crop_scale"].metadata.get("help"))
