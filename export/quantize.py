@@ -34,6 +34,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from serving.backends import OnnxRuntimeBackend
+from serving.precision import this_int8_cpu
 from training.data.folder import load_image, mask_path, read_mask
 from training.evaluate import confusion_matrix, metrics_from_confusion
 
@@ -292,4 +293,4 @@ def quantize_package(folder: Path, graphs: Sequence[str], calibration: Sequence[
             "calibration": {"method": method, "count": len(calibration), "images": calib_source,
                             "max_side": CALIB_MAX_SIDE},
             "gate": {"min_agreement": gate.min_agreement, "max_miou_drop": gate.max_miou_drop, "graphs": verdicts,
-                     "passed": True}}
+                     "passed": True, "cpu": this_int8_cpu()}}

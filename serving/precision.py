@@ -5,12 +5,49 @@ wrote after it passed its accuracy gate (meta.json ``int8``: graph -> twin file,
 would run the FP32 graph (a TensorRT engine carries its own precision, recorded in its sidecar)."""
 from __future__ import annotations
 
+import functools
+import logging
+import platform
 from pathlib import Path
 from typing import Callable
 
 from .backends import GPU_PROVIDERS, Backend, BackendError, OnnxRuntimeBackend, current_gpu, find_plan, load_backend
 
+log = logging.getLogger("scaleseg.serving")
 PRECISIONS = ("auto", "fp32", "int8")
+# x86 cores with either of these multiply U8S8 exactly; without them ONNX Runtime uses VPMADDUBSW, whose 16-bit
+# intermediate sums can saturate (https://onnxruntime.ai/docs/performance/model-optimizations/quantization.html,
+# "Data type selection").
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
+X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+def int8_cpu(machine: str, flags: frozenset[str] | None) -> dict:
+    """What decides how exactly this CPU runs U8S8: ``vnni`` True / False on x86 where the CPU flags are known,
+    None where they are not read (not Linux) or do not matter (ARM's int8 dot products do not saturate)."""
+    x86 = machine.lower() in X86
+    return {"machine": machine, "vnni": bool(flags & VNNI_FLAGS) if x86 and flags is not None else None}
+
+
+@functools.cache
+def this_int8_cpu() -> dict:
+    """``int8_cpu`` of the CPU this process runs on (flags from Linux's /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+    except OSError:
+        flags = None
+    return int8_cpu(platform.machine(), flags)
+
+
+def int8_cpu_warning(gated_on: dict | None, here: dict, where: str) -> str | None:
+    """Why the INT8 gate's numbers may not hold here: it ran with VNNI and this x86 CPU has none. Packages
+    exported before the gate recorded its CPU (``gated_on`` None) get no warning."""
+    if not isinstance(gated_on, dict) or gated_on.get("vnni") is not True or here.get("vnni") is not False:
+        return None
+    return (f"{where}: its INT8 accuracy gate ran on a CPU with VNNI, and this one has none, where U8S8 products can "
+            "saturate and labels can differ from FP32 more than the gate measured; compare `scaleseg eval PKG DATA "
+            "--precision int8` with `--precision fp32` here, or serve --precision fp32")
 
 
 def int8_twins(meta: dict, directory: Path) -> dict[str, str]:
@@ -62,4 +99,7 @@ def load_graph(directory: Path, graph: str, meta: dict, kind: str = "auto", requ
         return load_backend(directory, kind, graph, check)
     backend = OnnxRuntimeBackend(directory / twins[graph], providers=["CPUExecutionProvider"], precision="int8")
     check(backend)
+    warning = int8_cpu_warning(meta["int8"]["gate"].get("cpu"), this_int8_cpu(), str(directory / twins[graph]))
+    if warning:
+        log.warning("%s", warning)
     return backend

@@ -17,7 +17,8 @@ from app.predictor import Predictor, RemoteBackend
 from export.quantize import Gate, gate_failures, gate_verdict
 from export.triton import write_repository
 from serving.backends import BackendError, OnnxRuntimeBackend
-from serving.precision import choose_precision, int8_twins, load_graph
+import serving.precision
+from serving.precision import choose_precision, int8_cpu, int8_cpu_warning, int8_twins, load_graph, this_int8_cpu
 from tests.test_serving import Server, images
 from training.cli import main
 
@@ -48,6 +49,7 @@ def test_export_quantize_int8_writes_gated_graphs_and_meta(int8_package, tiny_da
     assert record["calibration"]["method"] == "entropy" and record["calibration"]["count"] == 12  # every unlabelled image
     gate = record["gate"]
     assert gate["passed"] and gate["min_agreement"] == 0.97 and gate["max_miou_drop"] == 0.5
+    assert gate["cpu"] == this_int8_cpu()  # which CPU's kernels the gate's numbers hold for
     for verdict in gate["graphs"].values():
         assert verdict["label_agreement"] >= 0.97 and verdict["miou_drop"] <= 0.5 and verdict["images"] == 4
     # the INT8 graph really is quantized: int8 weights behind DequantizeLinear, and smaller than FP32
@@ -120,6 +122,30 @@ def test_int8_twins_only_for_passed_gates_and_present_files(tmp_path):
     assert int8_twins({}, tmp_path) == {}
     escape = {"int8": {"graphs": {"model.onnx": "../model.int8.onnx"}, "gate": {"passed": True}}}
     assert int8_twins(escape, tmp_path / "sub") == {}
+
+
+def test_int8_cpu_says_whether_u8s8_can_saturate():
+    assert int8_cpu("x86_64", frozenset({"avx2", "avx512_vnni"})) == {"machine": "x86_64", "vnni": True}
+    assert int8_cpu("AMD64", frozenset({"avx2", "avx_vnni"}))["vnni"] is True
+    assert int8_cpu("x86_64", frozenset({"avx2", "avx512f"}))["vnni"] is False
+    assert int8_cpu("x86_64", None)["vnni"] is None  # flags not read
+    assert int8_cpu("aarch64", frozenset({"asimddp"}))["vnni"] is None  # no saturating kernel to warn about
+    vnni, avx2 = {"machine": "x86_64", "vnni": True}, {"machine": "x86_64", "vnni": False}
+    assert "has none" in int8_cpu_warning(vnni, avx2, "pkg/model.int8.onnx")
+    assert int8_cpu_warning(avx2, vnni, "p") is None and int8_cpu_warning(vnni, vnni, "p") is None
+    assert int8_cpu_warning(None, avx2, "p") is None  # a package exported before the gate recorded its CPU
+    assert int8_cpu_warning(vnni, {"machine": "arm64", "vnni": None}, "p") is None
+
+
+def test_serving_int8_gated_with_vnni_on_a_cpu_without_warns(int8_package, monkeypatch, caplog):
+    meta = json.loads((int8_package / "meta.json").read_text())
+    meta["int8"]["gate"]["cpu"] = {"machine": "x86_64", "vnni": True}
+    monkeypatch.setattr(serving.precision, "this_int8_cpu", lambda: {"machine": "x86_64", "vnni": False})
+    with caplog.at_level("WARNING", logger="scaleseg.serving"):
+        assert load_graph(int8_package, "model.onnx", meta, requested="fp32").precision == "fp32"
+        assert not caplog.records  # the FP32 graph runs: nothing to warn about
+        assert load_graph(int8_package, "model.onnx", meta).precision == "int8"
+    assert len(caplog.records) == 1 and "model.int8.onnx: its INT8 accuracy gate ran on a CPU with VNNI" in caplog.text
 
 
 def test_default_precision_is_int8_in_process_and_in_the_app(int8_package, package):
