@@ -29,25 +29,47 @@ def int8_cpu(machine: str, flags: frozenset[str] | None) -> dict:
     return {"machine": machine, "vnni": bool(flags & VNNI_FLAGS) if x86 and flags is not None else None}
 
 
+def cpu_flags(cpuinfo: str) -> frozenset[str] | None:
+    """The x86 feature flags of Linux's /proc/cpuinfo text (its first ``flags`` line); None without one."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return None
+
+
 @functools.cache
-def this_int8_cpu() -> dict:
-    """``int8_cpu`` of the CPU this process runs on (flags from Linux's /proc/cpuinfo)."""
+def _this_cpu_flags() -> frozenset[str] | None:
     try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((frozenset(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), None)
+        return cpu_flags(Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace"))
     except OSError:
-        flags = None
-    return int8_cpu(platform.machine(), flags)
+        return None
+
+
+def this_int8_cpu() -> dict:
+    """``int8_cpu`` of the CPU this process runs on."""
+    return int8_cpu(platform.machine(), _this_cpu_flags())
+
+
+def saturates(cpu: dict | None) -> bool | None:
+    """Whether ONNX Runtime's U8S8 kernels can saturate on ``cpu`` (an ``int8_cpu`` record): x86 without VNNI;
+    None where unknown (an x86 CPU whose flags were not read, or a record from an older package)."""
+    if not isinstance(cpu, dict) or not isinstance(cpu.get("machine"), str):
+        return None
+    if cpu["machine"].lower() not in X86:
+        return False
+    return None if not isinstance(cpu.get("vnni"), bool) else not cpu["vnni"]
 
 
 def int8_cpu_warning(gated_on: dict | None, here: dict, where: str) -> str | None:
-    """Why the INT8 gate's numbers may not hold here: it ran with VNNI and this x86 CPU has none. Packages
-    exported before the gate recorded its CPU (``gated_on`` None) get no warning."""
-    if not isinstance(gated_on, dict) or gated_on.get("vnni") is not True or here.get("vnni") is not False:
+    """Why the INT8 gate's numbers may not hold here: it ran where U8S8 is exact (x86 with VNNI, or ARM) and
+    this CPU is x86 without VNNI. Packages exported before the gate recorded its CPU get no warning."""
+    if saturates(gated_on) is not False or saturates(here) is not True:
         return None
-    return (f"{where}: its INT8 accuracy gate ran on a CPU with VNNI, and this one has none, where U8S8 products can "
+    return (f"{where}: its INT8 accuracy gate ran on a CPU whose int8 products are exact ({gated_on['machine']}"
+            f"{', VNNI' if gated_on.get('vnni') else ''}), and this x86 CPU has no VNNI, where U8S8 products can "
             "saturate and labels can differ from FP32 more than the gate measured; compare `scaleseg eval PKG DATA "
-            "--precision int8` with `--precision fp32` here, or serve --precision fp32")
+            "--precision int8` with `--precision fp32` here, or run the FP32 graph (--precision fp32)")
 
 
 def int8_twins(meta: dict, directory: Path) -> dict[str, str]:

@@ -18,7 +18,8 @@ from export.quantize import Gate, gate_failures, gate_verdict
 from export.triton import write_repository
 from serving.backends import BackendError, OnnxRuntimeBackend
 import serving.precision
-from serving.precision import choose_precision, int8_cpu, int8_cpu_warning, int8_twins, load_graph, this_int8_cpu
+from serving.precision import (choose_precision, cpu_flags, int8_cpu, int8_cpu_warning, int8_twins, load_graph,
+                               this_int8_cpu)
 from tests.test_serving import Server, images
 from training.cli import main
 
@@ -125,16 +126,23 @@ def test_int8_twins_only_for_passed_gates_and_present_files(tmp_path):
 
 
 def test_int8_cpu_says_whether_u8s8_can_saturate():
-    assert int8_cpu("x86_64", frozenset({"avx2", "avx512_vnni"})) == {"machine": "x86_64", "vnni": True}
+    x86_info = "processor\t: 0\nvmx flags\t: vnmi ept\nflags\t\t: fpu avx2 avx512_vnni\nbugs\t\t: spectre\n"
+    assert cpu_flags(x86_info) == {"fpu", "avx2", "avx512_vnni"}  # not the "vmx flags" line
+    assert cpu_flags("processor\t: 0\nFeatures\t: fp asimd asimddp\n") is None  # ARM lists "Features"
+    assert int8_cpu("x86_64", cpu_flags(x86_info)) == {"machine": "x86_64", "vnni": True}
     assert int8_cpu("AMD64", frozenset({"avx2", "avx_vnni"}))["vnni"] is True
     assert int8_cpu("x86_64", frozenset({"avx2", "avx512f"}))["vnni"] is False
     assert int8_cpu("x86_64", None)["vnni"] is None  # flags not read
-    assert int8_cpu("aarch64", frozenset({"asimddp"}))["vnni"] is None  # no saturating kernel to warn about
-    vnni, avx2 = {"machine": "x86_64", "vnni": True}, {"machine": "x86_64", "vnni": False}
-    assert "has none" in int8_cpu_warning(vnni, avx2, "pkg/model.int8.onnx")
+    assert int8_cpu("aarch64", frozenset({"asimddp"}))["vnni"] is None
+    vnni, avx2, arm = ({"machine": "x86_64", "vnni": True}, {"machine": "x86_64", "vnni": False},
+                       {"machine": "arm64", "vnni": None})
+    assert "x86_64, VNNI), and this x86 CPU has no VNNI" in int8_cpu_warning(vnni, avx2, "pkg/model.int8.onnx")
+    assert "(arm64), and this x86 CPU has no VNNI" in int8_cpu_warning(arm, avx2, "p")  # ARM does not saturate
     assert int8_cpu_warning(avx2, vnni, "p") is None and int8_cpu_warning(vnni, vnni, "p") is None
+    assert int8_cpu_warning(avx2, avx2, "p") is None and int8_cpu_warning(vnni, arm, "p") is None
     assert int8_cpu_warning(None, avx2, "p") is None  # a package exported before the gate recorded its CPU
-    assert int8_cpu_warning(vnni, {"machine": "arm64", "vnni": None}, "p") is None
+    assert int8_cpu_warning({"machine": "x86_64", "vnni": None}, avx2, "p") is None  # flags unknown there
+    assert int8_cpu_warning({"machine": 3, "vnni": "yes"}, avx2, "p") is None  # a foreign meta.json
 
 
 def test_serving_int8_gated_with_vnni_on_a_cpu_without_warns(int8_package, monkeypatch, caplog):
@@ -145,7 +153,7 @@ def test_serving_int8_gated_with_vnni_on_a_cpu_without_warns(int8_package, monke
         assert load_graph(int8_package, "model.onnx", meta, requested="fp32").precision == "fp32"
         assert not caplog.records  # the FP32 graph runs: nothing to warn about
         assert load_graph(int8_package, "model.onnx", meta).precision == "int8"
-    assert len(caplog.records) == 1 and "model.int8.onnx: its INT8 accuracy gate ran on a CPU with VNNI" in caplog.text
+    assert len(caplog.records) == 1 and "model.int8.onnx: its INT8 accuracy gate ran on a CPU whose int8 products" in caplog.text
 
 
 def test_default_precision_is_int8_in_process_and_in_the_app(int8_package, package):
