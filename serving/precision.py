@@ -20,11 +20,13 @@ PRECISIONS = ("auto", "fp32", "int8")
 # "Data type selection").
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+# ARM runs U8S8 through widening multiplies or dot-product instructions, which do not saturate.
+ARM = frozenset({"aarch64", "arm64", "armv7l", "armv8l"})
 
 
 def int8_cpu(machine: str, flags: frozenset[str] | None) -> dict:
     """What decides how exactly this CPU runs U8S8: ``vnni`` True / False on x86 where the CPU flags are known,
-    None where they are not read (not Linux) or do not matter (ARM's int8 dot products do not saturate)."""
+    None where they are not read (not Linux) or not x86."""
     x86 = machine.lower() in X86
     return {"machine": machine, "vnni": bool(flags & VNNI_FLAGS) if x86 and flags is not None else None}
 
@@ -53,11 +55,14 @@ def this_int8_cpu() -> dict:
 
 def saturates(cpu: dict | None) -> bool | None:
     """Whether ONNX Runtime's U8S8 kernels can saturate on ``cpu`` (an ``int8_cpu`` record): x86 without VNNI;
-    None where unknown (an x86 CPU whose flags were not read, or a record from an older package)."""
+    False on VNNI and ARM; None where unknown (an x86 CPU whose flags were not read, another architecture, or a
+    record from an older package)."""
     if not isinstance(cpu, dict) or not isinstance(cpu.get("machine"), str):
         return None
-    if cpu["machine"].lower() not in X86:
+    if cpu["machine"].lower() in ARM:
         return False
+    if cpu["machine"].lower() not in X86:
+        return None
     return None if not isinstance(cpu.get("vnni"), bool) else not cpu["vnni"]
 
 
@@ -66,10 +71,10 @@ def int8_cpu_warning(gated_on: dict | None, here: dict, where: str) -> str | Non
     this CPU is x86 without VNNI. Packages exported before the gate recorded its CPU get no warning."""
     if saturates(gated_on) is not False or saturates(here) is not True:
         return None
-    return (f"{where}: its INT8 accuracy gate ran on a CPU whose int8 products are exact ({gated_on['machine']}"
-            f"{', VNNI' if gated_on.get('vnni') else ''}), and this x86 CPU has no VNNI, where U8S8 products can "
-            "saturate and labels can differ from FP32 more than the gate measured; compare `scaleseg eval PKG DATA "
-            "--precision int8` with `--precision fp32` here, or run the FP32 graph (--precision fp32)")
+    return (f"{where}: its INT8 accuracy gate ran on a CPU whose int8 sums are exact ({gated_on['machine']}"
+            f"{', VNNI' if gated_on.get('vnni') else ''}), and this x86 CPU has no VNNI, where U8S8's 16-bit sums "
+            "can saturate and labels can differ from FP32 more than the gate measured; compare `scaleseg eval PKG "
+            "DATA --precision int8` with `--precision fp32` here, or serve, eval and predict with --precision fp32")
 
 
 def int8_twins(meta: dict, directory: Path) -> dict[str, str]:

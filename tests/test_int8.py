@@ -134,12 +134,13 @@ def test_int8_cpu_says_whether_u8s8_can_saturate():
     assert int8_cpu("x86_64", frozenset({"avx2", "avx512f"}))["vnni"] is False
     assert int8_cpu("x86_64", None)["vnni"] is None  # flags not read
     assert int8_cpu("aarch64", frozenset({"asimddp"}))["vnni"] is None
-    vnni, avx2, arm = ({"machine": "x86_64", "vnni": True}, {"machine": "x86_64", "vnni": False},
-                       {"machine": "arm64", "vnni": None})
+    vnni, avx2, arm, ppc = ({"machine": "x86_64", "vnni": True}, {"machine": "x86_64", "vnni": False},
+                            {"machine": "arm64", "vnni": None}, {"machine": "ppc64le", "vnni": None})
     assert "x86_64, VNNI), and this x86 CPU has no VNNI" in int8_cpu_warning(vnni, avx2, "pkg/model.int8.onnx")
     assert "(arm64), and this x86 CPU has no VNNI" in int8_cpu_warning(arm, avx2, "p")  # ARM does not saturate
     assert int8_cpu_warning(avx2, vnni, "p") is None and int8_cpu_warning(vnni, vnni, "p") is None
     assert int8_cpu_warning(avx2, avx2, "p") is None and int8_cpu_warning(vnni, arm, "p") is None
+    assert int8_cpu_warning(ppc, avx2, "p") is None  # no claim about other architectures' kernels
     assert int8_cpu_warning(None, avx2, "p") is None  # a package exported before the gate recorded its CPU
     assert int8_cpu_warning({"machine": "x86_64", "vnni": None}, avx2, "p") is None  # flags unknown there
     assert int8_cpu_warning({"machine": 3, "vnni": "yes"}, avx2, "p") is None  # a foreign meta.json
@@ -152,8 +153,8 @@ def test_serving_int8_gated_with_vnni_on_a_cpu_without_warns(int8_package, monke
     with caplog.at_level("WARNING", logger="scaleseg.serving"):
         assert load_graph(int8_package, "model.onnx", meta, requested="fp32").precision == "fp32"
         assert not caplog.records  # the FP32 graph runs: nothing to warn about
-        assert load_graph(int8_package, "model.onnx", meta).precision == "int8"
-    assert len(caplog.records) == 1 and "model.int8.onnx: its INT8 accuracy gate ran on a CPU whose int8 products" in caplog.text
+        assert load_graph(int8_package, "model.onnx", meta, requested="int8").precision == "int8"
+    assert len(caplog.records) == 1 and "model.int8.onnx: its INT8 accuracy gate ran on a CPU whose int8 sums" in caplog.text
 
 
 def test_default_precision_is_int8_in_process_and_in_the_app(int8_package, package):
