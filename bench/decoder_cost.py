@@ -65,29 +65,31 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    work = Path(tempfile.mkdtemp(prefix="scaleseg-decoder-"))
     images = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
     calib = [np.random.default_rng(i).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
              for i in range(args.calib_count)]
     sessions, rows = {}, []
-    for decoder in args.decoders.split(","):
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(backbone=args.backbone, pretrained="none", decoder=decoder), 21).eval()
-        macs = macs_by_module(model, args.size)
-        path = work / f"{decoder}.onnx"
-        export_graph(SegmentationGraph(model), path)
-        sessions[decoder, "fp32"] = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads,
-                                                       spinning=False)
-        if args.int8:
-            for precision, integer_padding in ((INT8, True), (FLOAT_PADS, False)):
-                quantized = work / f"{decoder}.{integer_padding}.int8.onnx"
-                quantize_graph(path, quantized, calib, integer_padding=integer_padding)
-                sessions[decoder, precision] = OnnxRuntimeBackend(quantized, providers=["CPUExecutionProvider"],
-                                                                  threads=args.threads, precision="int8", spinning=False)
-        for precision in ("fp32", INT8, FLOAT_PADS) if args.int8 else ("fp32",):
-            rows.append({"backbone": args.backbone, "decoder": decoder, "precision": precision, "gmac": macs[""] / 1e9,
-                         "decoder_gmac": (macs[""] - macs["encoder"]) / 1e9, "head_params_m": head_parameters(model) / 1e6,
-                         "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "seconds": []})
+    # ONNX Runtime holds each graph in memory once its session is built, so the files go before the timing.
+    with tempfile.TemporaryDirectory(prefix="scaleseg-decoder-") as tmp:
+        work = Path(tmp)
+        for decoder in args.decoders.split(","):
+            torch.manual_seed(0)
+            model = build_model(ModelConfig(backbone=args.backbone, pretrained="none", decoder=decoder), 21).eval()
+            macs = macs_by_module(model, args.size)
+            path = work / f"{decoder}.onnx"
+            export_graph(SegmentationGraph(model), path)
+            sessions[decoder, "fp32"] = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads,
+                                                           spinning=False)
+            if args.int8:
+                for precision, integer_padding in ((INT8, True), (FLOAT_PADS, False)):
+                    quantized = work / f"{decoder}.{integer_padding}.int8.onnx"
+                    quantize_graph(path, quantized, calib, integer_padding=integer_padding)
+                    sessions[decoder, precision] = OnnxRuntimeBackend(quantized, providers=["CPUExecutionProvider"],
+                                                                      threads=args.threads, precision="int8", spinning=False)
+            for precision in ("fp32", INT8, FLOAT_PADS) if args.int8 else ("fp32",):
+                rows.append({"backbone": args.backbone, "decoder": decoder, "precision": precision, "gmac": macs[""] / 1e9,
+                             "decoder_gmac": (macs[""] - macs["encoder"]) / 1e9, "head_params_m": head_parameters(model) / 1e6,
+                             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "seconds": []})
     for session in sessions.values():
         session.infer(images)  # warm-up
     for _ in range(args.rounds):

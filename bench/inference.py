@@ -88,42 +88,46 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cpu = torch.device("cpu")
-    rows, shares, work = [], [], Path(tempfile.mkdtemp(prefix="scaleseg-infer-"))
+    rows, shares = [], []
     models = [{"backbone": b, "decoder": d} for b in args.backbones.split(",") for d in args.decoders.split(",")]
-    for spec in models:
-        torch.manual_seed(0)
-        model = build_model(ModelConfig(backbone=spec["backbone"], pretrained="none", decoder=spec["decoder"]), 21, cif=True).eval()
-        graphs = {"single": SegmentationGraph(model), "cif 0.5,1,2": SegmentationGraph(model, (0.5, 2.0))}
-        for name, graph in graphs.items():
-            path = work / f"{spec['backbone']}-{spec['decoder']}-{name.split()[0]}.onnx"
-            export_graph(graph, path)
-            ort = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads)
-            calib = [np.random.default_rng(i).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
-                     for i in range(args.calib_count)]
-            quantize_graph(path, path.with_suffix(".int8.onnx"), calib)
-            int8 = OnnxRuntimeBackend(path.with_suffix(".int8.onnx"), providers=["CPUExecutionProvider"],
-                                      threads=args.threads, precision="int8")
-            batch_sizes = [int(b) for b in args.batches.split(",")] if name == "single" else [1]
-            for b in batch_sizes:
-                images = np.random.default_rng(0).integers(0, 256, (b, 3, args.size, args.size), dtype=np.uint8)
-                x = torch.from_numpy(images)
-                repeats = args.repeats if b == 1 else max(2, args.repeats // 2)
-                with torch.inference_mode():
-                    rows.append(row("pytorch eager", spec, name, b, measure(lambda: graph(x), repeats, cpu)))
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        rows.append(row("pytorch eager bf16", spec, name, b, measure(lambda: graph(x), repeats, cpu)))
-                rows.append(row("onnxruntime cpu", spec, name, b, measure(lambda: ort.infer(images), repeats, cpu)))
-                rows.append(row("onnxruntime cpu int8", spec, name, b, measure(lambda: int8.infer(images), repeats, cpu)))
-                print(*rows[-4:], sep="\n", flush=True)
-                if torch.cuda.is_available():
-                    gpu = OnnxRuntimeBackend(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-                    assert gpu.providers[0] == "CUDAExecutionProvider", gpu.providers
-                    rows.append(row("onnxruntime cuda", spec, name, b, measure(lambda: gpu.infer(images), repeats, torch.device("cuda"))))
-            if name == "single" and args.profile_runs:
-                one = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
-                for engine, graph_path in (("onnxruntime cpu", path), ("onnxruntime cpu int8", path.with_suffix(".int8.onnx"))):
-                    shares.append({"engine": engine, **spec, **time_shares(graph_path, one, args.threads, args.profile_runs)})
-                    print(shares[-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="scaleseg-infer-") as tmp:
+        work = Path(tmp)
+        for spec in models:
+            torch.manual_seed(0)
+            config = ModelConfig(backbone=spec["backbone"], pretrained="none", decoder=spec["decoder"])
+            model = build_model(config, 21, cif=True).eval()
+            graphs = {"single": SegmentationGraph(model), "cif 0.5,1,2": SegmentationGraph(model, (0.5, 2.0))}
+            for name, graph in graphs.items():
+                path = work / f"{spec['backbone']}-{spec['decoder']}-{name.split()[0]}.onnx"
+                export_graph(graph, path)
+                ort = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads)
+                calib = [np.random.default_rng(i).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
+                         for i in range(args.calib_count)]
+                quantize_graph(path, path.with_suffix(".int8.onnx"), calib)
+                int8 = OnnxRuntimeBackend(path.with_suffix(".int8.onnx"), providers=["CPUExecutionProvider"],
+                                          threads=args.threads, precision="int8")
+                batch_sizes = [int(b) for b in args.batches.split(",")] if name == "single" else [1]
+                for b in batch_sizes:
+                    images = np.random.default_rng(0).integers(0, 256, (b, 3, args.size, args.size), dtype=np.uint8)
+                    x = torch.from_numpy(images)
+                    repeats = args.repeats if b == 1 else max(2, args.repeats // 2)
+                    with torch.inference_mode():
+                        rows.append(row("pytorch eager", spec, name, b, measure(lambda: graph(x), repeats, cpu)))
+                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                            rows.append(row("pytorch eager bf16", spec, name, b, measure(lambda: graph(x), repeats, cpu)))
+                    rows.append(row("onnxruntime cpu", spec, name, b, measure(lambda: ort.infer(images), repeats, cpu)))
+                    rows.append(row("onnxruntime cpu int8", spec, name, b, measure(lambda: int8.infer(images), repeats, cpu)))
+                    print(*rows[-4:], sep="\n", flush=True)
+                    if torch.cuda.is_available():
+                        gpu = OnnxRuntimeBackend(path, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                        assert gpu.providers[0] == "CUDAExecutionProvider", gpu.providers
+                        rows.append(row("onnxruntime cuda", spec, name, b,
+                                        measure(lambda: gpu.infer(images), repeats, torch.device("cuda"))))
+                if name == "single" and args.profile_runs:
+                    one = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
+                    for engine, graph_path in (("onnxruntime cpu", path), ("onnxruntime cpu int8", path.with_suffix(".int8.onnx"))):
+                        shares.append({"engine": engine, **spec, **time_shares(graph_path, one, args.threads, args.profile_runs)})
+                        print(shares[-1], flush=True)
 
     def same(r: dict, like: dict, engine: str, graph: str | None = None, batch: int | None = None) -> bool:
         return (r["engine"], r["backbone"], r["decoder"], r["graph"], r["batch"]) == \

@@ -65,6 +65,20 @@ def summary(name: str, trace: list[float]) -> dict:
             "growth_after_largest_mb": max(trace[1:]) - trace[0], "median_ms_per_megapixel": ms_per_mpix}
 
 
+def random_resnet18_graph(work: Path) -> str:
+    """The default graph: a random-weight ResNet-18 DeepLabV3+ exported into ``work``."""
+    import torch
+
+    from export.onnx_export import SegmentationGraph, export_graph
+    from training.config import ModelConfig
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    path = work / "resnet18.onnx"
+    export_graph(SegmentationGraph(build_model(ModelConfig(backbone="resnet18", pretrained="none"), 21).eval()), path)
+    return str(path)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="ONNX graph with a uint8 'image' input (default: a random-weight ResNet-18 graph)")
@@ -78,24 +92,16 @@ def main() -> None:
         return
     from bench.common import machine, markdown_table, write_results
 
-    model = args.model
-    if model is None:
-        import torch
-
-        from export.onnx_export import SegmentationGraph, export_graph
-        from training.config import ModelConfig
-        from training.models import build_model
-
-        torch.manual_seed(0)
-        model = str(Path(tempfile.mkdtemp(prefix="scaleseg-mem-")) / "resnet18.onnx")
-        export_graph(SegmentationGraph(build_model(ModelConfig(backbone="resnet18", pretrained="none"), 21).eval()), Path(model))
-    rows, traces = [], {}
-    for name in SETTINGS:
-        out = subprocess.run([sys.executable, __file__, "--model", model, "--runs", str(args.runs), "--max-side",
-                              str(args.max_side), "--threads", str(args.threads), "--child", name], check=True, capture_output=True, text=True)
-        traces[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(summary(name, traces[name]))
-        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory(prefix="scaleseg-mem-") as tmp:
+        model = args.model or random_resnet18_graph(Path(tmp))
+        rows, traces = [], {}
+        for name in SETTINGS:
+            out = subprocess.run([sys.executable, __file__, "--model", model, "--runs", str(args.runs), "--max-side",
+                                  str(args.max_side), "--threads", str(args.threads), "--child", name],
+                                 check=True, capture_output=True, text=True)
+            traces[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(summary(name, traces[name]))
+            print(rows[-1], flush=True)
     table = markdown_table(rows, [("setting", "session setting"), ("rss_after_largest_mb", "RSS after the largest image (MiB)"),
                                   ("rss_max_first_half_mb", "max RSS, first half"),
                                   ("rss_max_second_half_mb", "max RSS, second half"),

@@ -90,22 +90,11 @@ def load(url: str, image: np.ndarray, clients: int, per_client: int, large: np.n
             "p99_ms": 1000 * percentile(latencies, 99), "errors": len(errors), "requests": clients * per_client}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--size", type=int, default=256, help="image side")
-    p.add_argument("--clients", type=int, default=16)
-    p.add_argument("--per-client", type=int, default=25)
-    p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--max-delay-ms", type=float, default=10.0)
-    p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--mix-clients", type=int, default=4)
-    p.add_argument("--mix-per-client", type=int, default=3)
-    args = p.parse_args()
+def measure(args: argparse.Namespace, package: Path) -> tuple[list[dict], str]:
+    """The in-process rows, then the served ones; and the server's /metrics text at the end."""
     from serving.backends import OnnxRuntimeBackend
     from serving.limits import RequestLimits
 
-    work = Path(tempfile.mkdtemp(prefix="scaleseg-serve-"))
-    package = build_package(work)
     image = np.random.default_rng(0).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
     total = args.clients * args.per_client
 
@@ -156,6 +145,22 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(30)
+    return rows, metrics
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--size", type=int, default=256, help="image side")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--per-client", type=int, default=25)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-delay-ms", type=float, default=10.0)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--mix-clients", type=int, default=4)
+    p.add_argument("--mix-per-client", type=int, default=3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="scaleseg-serve-") as tmp:
+        rows, metrics = measure(args, build_package(Path(tmp)))
     batches = [line for line in metrics.splitlines() if line.startswith("scaleseg_batch_size_")]
     count = float(next(line.split()[-1] for line in batches if line.startswith("scaleseg_batch_size_count")))
     images_total = float(next(line.split()[-1] for line in batches if line.startswith("scaleseg_batch_size_sum")))
