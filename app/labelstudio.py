@@ -65,6 +65,12 @@ class LabelStudio:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> "LabelStudio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _auth(self) -> dict:
         if not _is_jwt(self.token):
             return {"Authorization": f"Token {self.token}"}

@@ -88,10 +88,10 @@ def start(data_dir: Path, port: int = 0, token: str = "", username: str = "label
            "SSRF_PROTECTION_ENABLED": "false", "ML_BLOCK_LOCAL_IP": "false",
            "LOCAL_FILES_SERVING_ENABLED": "true", "LOCAL_FILES_DOCUMENT_ROOT": "/",
            "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir)}
-    log = open(data_dir / "label-studio.log", "w")
-    proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-                             "--data-dir", str(data_dir), "--log-level", "WARNING"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
+    with open(data_dir / "label-studio.log", "w") as log:  # the server writes through its own copy of the handle
+        proc = subprocess.Popen([str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+                                 "--data-dir", str(data_dir), "--log-level", "WARNING"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while time.time() < deadline:

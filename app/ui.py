@@ -182,42 +182,42 @@ class App:
             raise user_error(str(err)) from None
 
     def ls_connect(self, url: str, token: str, progress=gr.Progress()) -> tuple[str, str]:
-        client = self._client(url, token)
-        progress(0, desc=f"connecting to {client.url}")
-        try:
-            who = client.whoami()
-            counts = status(client, self.s.data)
-        except LabelStudioError as err:
-            raise user_error(str(err)) from None
+        with self._client(url, token) as client:  # an action's connections close when it ends
+            progress(0, desc=f"connecting to {client.url}")
+            try:
+                who = client.whoami()
+                counts = status(client, self.s.data)
+            except LabelStudioError as err:
+                raise user_error(str(err)) from None
         return f"Connected to {client.url} as {who.get('email') or who.get('username')}.", counts.summary()
 
     def ls_push(self, url: str, token: str, project: str, delivery: str, switch: bool = False,
                 progress=gr.Progress()) -> tuple[str, str]:
         if not self.s.ranking:
             raise user_error("Rank the unlabelled images first (Unlabeled tab).")
-        client = self._client(url, token)
-        progress(0, desc=f"connecting to {client.url}")
         preds = {s.image_id: {"labels": s.labels, "confidence": s.confidence, "score": s.score} for s in self.s.ranking}
-        try:
-            report = push(client, self.s.data, preds, self.s.ranking_version, project or "scaleseg", delivery,
-                          progress=lambda f, m: progress(f, desc=m), switch_project=switch)
-            counts = status(client, self.s.data)
-        except ProjectChanged as err:
-            raise user_error(str(err)) from None
-        except LabelStudioError as err:
-            raise user_error(f"{err} The selection is kept; push again when Label Studio is back.") from None
+        with self._client(url, token) as client:
+            progress(0, desc=f"connecting to {client.url}")
+            try:
+                report = push(client, self.s.data, preds, self.s.ranking_version, project or "scaleseg", delivery,
+                              progress=lambda f, m: progress(f, desc=m), switch_project=switch)
+                counts = status(client, self.s.data)
+            except ProjectChanged as err:
+                raise user_error(str(err)) from None
+            except LabelStudioError as err:
+                raise user_error(f"{err} The selection is kept; push again when Label Studio is back.") from None
         return (f"Project {report.project_id}: pushed {len(report.pushed)} new task(s) with model "
                 f"{self.s.ranking_version}'s masks; {len(report.already)} were already there. Open "
                 f"{client.url}/projects/{report.project_id} to label them."), counts.summary()
 
     def ls_pull(self, url: str, token: str, overwrite: bool, progress=gr.Progress()) -> tuple[str, str]:
-        client = self._client(url, token)
-        progress(0, desc=f"connecting to {client.url}")
-        try:
-            r = pull(client, self.s.data, overwrite, progress=lambda f, m: progress(f, desc=m))
-            counts = status(client, self.s.data)
-        except LabelStudioError as err:
-            raise user_error(str(err)) from None
+        with self._client(url, token) as client:
+            progress(0, desc=f"connecting to {client.url}")
+            try:
+                r = pull(client, self.s.data, overwrite, progress=lambda f, m: progress(f, desc=m))
+                counts = status(client, self.s.data)
+            except LabelStudioError as err:
+                raise user_error(str(err)) from None
         text = (f"{len(r.written)} mask(s) written ({len(r.updated)} of them edits of annotations pulled before, "
                 f"{len(r.imported)} from tasks made in Label Studio), "
                 f"{len(r.unchanged)} unchanged, {len(r.skipped)} skipped by the labeller, {len(r.pending)} not labelled yet. "
@@ -234,11 +234,11 @@ class App:
         return text, counts.summary()
 
     def ls_status(self, url: str, token: str) -> str:
-        client = self._client(url, token)
-        try:
-            return status(client, self.s.data).summary()
-        except LabelStudioError as err:
-            raise user_error(str(err)) from None
+        with self._client(url, token) as client:
+            try:
+                return status(client, self.s.data).summary()
+            except LabelStudioError as err:
+                raise user_error(str(err)) from None
 
     # --- Retrain and models -----------------------------------------------------------------------------------
     def retrain(self, method: str, iterations: int, start_from: str, promote: str) -> str:

@@ -116,6 +116,15 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
     assert "single scale (model v2 has no CIF graph)" in info
 
 
+def test_each_label_studio_action_closes_its_connections(app, label_studio, monkeypatch):
+    closed = []
+    monkeypatch.setattr(LabelStudio, "close", lambda self: closed.append(self.url) or self._http.close())
+    assert app.ls_status(label_studio.url, label_studio.token) == "Nothing pushed from this dataset yet."
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        app.ls_connect("http://127.0.0.1:9", "a-token")  # nothing listens there: the error path closes too
+    assert closed == [label_studio.url, "http://127.0.0.1:9"]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
