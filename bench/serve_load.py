@@ -144,7 +144,11 @@ def measure(args: argparse.Namespace, package: Path) -> tuple[list[dict], str]:
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
         server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:  # never leave it running on a package about to be deleted
+            server.kill()
+            server.wait()
     return rows, metrics
 
 

@@ -117,12 +117,18 @@ def test_loop_push_label_pull_retrain_promote(app, label_studio):
 
 
 def test_each_label_studio_action_closes_its_connections(app, label_studio, monkeypatch):
+    import gradio as gr
+
     closed = []
     monkeypatch.setattr(LabelStudio, "close", lambda self: closed.append(self.url) or self._http.close())
     assert app.ls_status(label_studio.url, label_studio.token) == "Nothing pushed from this dataset yet."
-    with pytest.raises(Exception, match="127.0.0.1:9"):
-        app.ls_connect("http://127.0.0.1:9", "a-token")  # nothing listens there: the error path closes too
-    assert closed == [label_studio.url, "http://127.0.0.1:9"]
+    app.rank("entropy", 1, 1.0)  # push needs a selection before it connects
+    nobody = "http://127.0.0.1:9"  # nothing listens there: the error paths close too
+    for action in (lambda: app.ls_connect(nobody, "a-token"), lambda: app.ls_push(nobody, "a-token", "p", "local"),
+                   lambda: app.ls_pull(nobody, "a-token", False)):
+        with pytest.raises(gr.Error):  # pull stops before any request: nothing was pushed from this dataset
+            action()
+    assert closed == [label_studio.url] + [nobody] * 3
 
 
 def free_port() -> int:

@@ -466,16 +466,23 @@ def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
     assert labelled_subset(pool, 2, 2) == sorted(expected[:2])
 
 
+def run_in_own_temp(cmd: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs a benchmark with its own temp folder, one thread; returns the folder to check what was left there.
+    (ONNX Runtime leaves a 51-byte .ses file in it, so callers look for the benchmark's own folders.)"""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)})
+    return result, scratch
+
+
 def test_decoder_cost_rows_for_both_heads(tmp_path):
     """bench/decoder_cost.py, shrunk: one FP32 and one INT8 row per head, the light one far fewer MACs."""
     cmd = [sys.executable, str(REPO / "bench" / "decoder_cost.py"), "--size", "64", "--rounds", "2", "--threads", "1",
            "--calib-count", "1", "--results", str(tmp_path)]
-    scratch = tmp_path / "tmp"  # the graphs (64 MB at full size) must not outlive the run
-    scratch.mkdir()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)})
+    result, scratch = run_in_own_temp(cmd, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not list(scratch.glob("scaleseg-*"))  # a native library leaves a 51-byte .ses file there
+    assert not list(scratch.glob("scaleseg-*"))  # its exported graphs (up to 120 MB a run) must not outlive it
     rows = json.loads((tmp_path / "decoder_cost.json").read_text())["rows"]
     assert [(r["decoder"], r["precision"]) for r in rows] == [
         (d, p) for d in ("standard", "light") for p in ("fp32", "int8", "int8, float Pads")]
@@ -490,12 +497,9 @@ def test_inference_bench_times_each_head_and_says_where_the_time_goes(tmp_path):
     cmd = [sys.executable, str(REPO / "bench" / "inference.py"), "--size", "64", "--batches", "1", "--backbones", "resnet18",
            "--decoders", "light", "--repeats", "1", "--threads", "1", "--calib-count", "1", "--profile-runs", "1",
            "--name", "speed", "--results", str(tmp_path)]
-    scratch = tmp_path / "tmp"  # the graphs and profiles (120 MB at full size) must not outlive the run
-    scratch.mkdir()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)})
+    result, scratch = run_in_own_temp(cmd, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert not list(scratch.glob("scaleseg-*"))  # a native library leaves a 51-byte .ses file there
+    assert not list(scratch.glob("scaleseg-*"))  # its exported graphs (up to 120 MB a run) must not outlive it
     out = json.loads((tmp_path / "speed.json").read_text())
     assert {(r["engine"], r["graph"]) for r in out["rows"]} >= {("onnxruntime cpu int8", "single"), ("pytorch eager", "cif 0.5,1,2")}
     assert all(r["decoder"] == "light" and r["min_ms"] <= r["p50_ms"] <= r["max_ms"] for r in out["rows"])
