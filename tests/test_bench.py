@@ -468,7 +468,8 @@ def test_linear_probe_separates_separable_pixels_and_uses_the_studys_subsets():
 
 def run_in_own_temp(cmd: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, Path]:
     """Runs a benchmark with its own temp folder, one thread; returns the folder to check what was left there.
-    (ONNX Runtime leaves a 51-byte .ses file in it, so callers look for the benchmark's own folders.)"""
+    (a native library, by its strings ONNX Runtime, leaves a 51-byte .ses file there, so callers look for the
+    benchmark's own folders.)"""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
