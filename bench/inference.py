@@ -90,6 +90,8 @@ def main() -> None:
     cpu = torch.device("cpu")
     rows, shares = [], []
     models = [{"backbone": b, "decoder": d} for b in args.backbones.split(",") for d in args.decoders.split(",")]
+    calib = [np.random.default_rng(i).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
+             for i in range(args.calib_count)]
     with tempfile.TemporaryDirectory(prefix="scaleseg-infer-") as tmp:
         work = Path(tmp)
         for spec in models:
@@ -101,8 +103,6 @@ def main() -> None:
                 path = work / f"{spec['backbone']}-{spec['decoder']}-{name.split()[0]}.onnx"
                 export_graph(graph, path)
                 ort = OnnxRuntimeBackend(path, providers=["CPUExecutionProvider"], threads=args.threads)
-                calib = [np.random.default_rng(i).integers(0, 256, (1, 3, args.size, args.size), dtype=np.uint8)
-                         for i in range(args.calib_count)]
                 quantize_graph(path, path.with_suffix(".int8.onnx"), calib)
                 int8 = OnnxRuntimeBackend(path.with_suffix(".int8.onnx"), providers=["CPUExecutionProvider"],
                                           threads=args.threads, precision="int8")
