@@ -140,7 +140,7 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
         argv.append("--amp-cpu")
     if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast; cuDNN may still use TF32)
         argv.append("--no-amp")
-    if base == "supervised":  # selftrain's teacher: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
+    if base in ("supervised", "scalematch"):  # selftrain's teachers: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
         argv += ["--snapshot-every", str(max(1, iters // 3))]
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
@@ -225,6 +225,21 @@ def warm_up(args, benchmark: str, fraction: str, seed: int) -> Path:
 # "supervised:init-from=teacher": supervised training continued from this seed's supervised run for the
 # study's iterations again, so it costs what self-training from that teacher costs (the equal-time control)
 CONTINUED = "init-from=teacher"
+# "selftrain:teacher=METHOD": this seed's METHOD run teaches instead of its supervised run (e.g. scalematch,
+# whose pseudo-labels are CIF-fused)
+TEACHER = "teacher="
+
+
+def teacher_of(method: str) -> tuple[str, str]:
+    """(the method as trained, the method of its teacher's run) of a selftrain study method:
+    "selftrain:teacher=scalematch:conf-thresh=0.9" trains "selftrain:conf-thresh=0.9" taught by ScaleMatch."""
+    parts = method.split(":")
+    named = [p[len(TEACHER):] for p in parts[1:] if p.startswith(TEACHER)]
+    if method_parts(method)[0] != "selftrain" and named:
+        raise SystemExit(f"--methods {method!r}: only selftrain has a teacher (selftrain:{TEACHER}METHOD).")
+    if named and (len(named) > 1 or named[0] not in METHODS or named[0].startswith("selftrain")):
+        raise SystemExit(f"--methods {method!r}: name one teacher among {', '.join(m for m in METHODS if m != 'selftrain')}.")
+    return ":".join(p for p in parts if not p.startswith(TEACHER)), named[0] if named else "supervised"
 
 _RUN_LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
@@ -254,10 +269,12 @@ def _one_run(args, benchmark: str, fraction: str, method: str, seed: int, need_c
     extra, teacher_s, trained, offset = [], 0.0, method, args.warm_start
     continued = CONTINUED in method.split(":")[1:]
     if method_parts(method)[0] == "selftrain" or continued:
-        # The teacher is this seed's supervised run: the same labels, iterations and optimiser, so the
-        # student's total cost is that run's time plus its own (pseudo-labelling included).
-        teacher = one_run(args, benchmark, fraction, "supervised", seed, need_checkpoint=True)
-        teacher_s, teacher_dir = teacher.get("wall_s") or 0.0, data.parent / "supervised" / f"seed{seed}"
+        # The teacher is this seed's supervised run (or the one selftrain:teacher= names): the same labels,
+        # iterations and optimiser, so the student's total cost is that run's time plus its own (pseudo-labelling
+        # included).
+        trained, by = teacher_of(method)
+        teacher = one_run(args, benchmark, fraction, by, seed, need_checkpoint=True)
+        teacher_s, teacher_dir = teacher.get("wall_s") or 0.0, data.parent / by / f"seed{seed}"
         if continued:  # self-training's control: the teacher trained on as long again, on its labels alone
             warm, trained = teacher_dir / "last.pt", ":".join(p for p in method.split(":") if p != CONTINUED)
             start, offset = teacher["curve"], args.iters
@@ -473,6 +490,8 @@ def main() -> None:
         raise SystemExit(f"{low}.")
     if args.amp_cpu and args.device != "cpu":
         raise SystemExit(f"--amp-cpu is bfloat16 on the CPU; --device {args.device} trains in float32 here. Drop one.")
+    for method in args.methods.split(","):
+        teacher_of(method)
     if args.warm_start and CONTINUED in args.methods:
         raise SystemExit(f"--methods supervised:{CONTINUED} starts from the teacher already; leave out --warm-start.")
     work = Path(args.work)

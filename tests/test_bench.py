@@ -120,8 +120,8 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     committed = next(r for r in json.loads((results / "label_efficiency.json").read_text())["rows"]
                      if (r["method"], r["seed"]) == ("supervised", 0))["miou_x1.0"]
     # selftrain's teacher needs a checkpoint, which a published row does not carry: it is trained again first
-    student = study(tmp_path / "student", results, "--methods", "supervised,selftrain,supervised:init-from=teacher",
-                    "--seeds", "0")
+    student = study(tmp_path / "student", results, "--methods",
+                    "supervised,selftrain,selftrain:teacher=scalematch,supervised:init-from=teacher", "--seeds", "0")
     assert student.returncode == 0, student.stdout[-2000:] + student.stderr[-2000:]
     assert "supervised seed 0" in student.stdout and "selftrain seed 0" in student.stdout
     # and says so, once, with what the committed row held, since the study's supervised row is then the new run
@@ -135,6 +135,12 @@ def test_label_efficiency_study_is_resumable_run_by_run(tmp_path):
     control, teacher = rows["supervised:init-from=teacher"], tmp_path / "student" / "synthetic" / "1_4" / "supervised" / "seed0"
     assert str(teacher / "last.pt") in (teacher.parent.parent / "supervised:init-from=teacher" / "seed0" / "train.log").read_text()
     assert control["total_s"] > control["wall_s"] > 0 and selftrain["total_s"] > selftrain["wall_s"] > 0
+    # selftrain:teacher=scalematch is taught by the seed's ScaleMatch run, by CIF, ranked over its snapshots
+    cif_student = tmp_path / "student" / "synthetic" / "1_4" / "selftrain:teacher=scalematch" / "seed0"
+    identity = json.loads((cif_student / "pseudo" / "teacher" / "manifest.json").read_text())["identity"]
+    assert identity["mode"] == "cif" and len(identity["ranked_by"]) == 3  # snapshots at 2 and 4, then last.pt
+    assert str(teacher.parent.parent / "scalematch" / "seed0") in yaml.safe_load((cif_student / "config.yaml").read_text())["method_cfg"]["teacher"]
+    assert rows["selftrain:teacher=scalematch"]["total_s"] > rows["scalematch"]["wall_s"] > 0
     assert "minutes, teacher included" in (results / "label_efficiency.md").read_text()
     assert "pseudo-labels scored against the pool's hidden masks" in (results / "label_efficiency.md").read_text()
     other_budget = study(tmp_path / "other", results, "--lr", "0.02", "--seeds", "0")  # never mixed with those rows
@@ -279,7 +285,7 @@ def test_expected_flops_weigh_each_draw_and_count_the_backward_pass():
 def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training_command():
     from argparse import Namespace
 
-    from bench.label_efficiency import METHODS, ordered, train_argv
+    from bench.label_efficiency import METHODS, ordered, teacher_of, train_argv
     args = Namespace(crop=64, batch=4, eval_every=100, save_every=0, backbone="resnet18", pretrained="none", device="cpu",
                      head_lr_mult=None, amp_cpu=False)
     argv = train_argv(args, "unimatch+contextrast", Path("d"), Path("o"), 0, 10, 0.01, 1.0)
@@ -301,6 +307,12 @@ def test_label_efficiency_method_with_aux_loss_and_bf16_flags_reach_the_training
     assert argv[argv.index("--aux") + 1] == "contextrast" and argv[-2:] == ["--aux-weight", "0.2"]
     argv = train_argv(args, "scalematch:warmup-epochs=3", Path("d"), Path("o"), 0, 10, 0.01, 8.0)
     assert argv[len(argv) - argv[::-1].index("--warmup-epochs")] == "3"  # the given flag is the last one, so it wins
+    assert "--snapshot-every" in train_argv(args, "scalematch", Path("d"), Path("o"), 0, 12, 0.01, 8.0)  # a teacher
+    assert teacher_of("selftrain") == ("selftrain", "supervised")
+    assert teacher_of("selftrain:teacher=scalematch:conf-thresh=0.9") == ("selftrain:conf-thresh=0.9", "scalematch")
+    for wrong in ("fixmatch:teacher=supervised", "selftrain:teacher=nope", "selftrain:teacher=selftrain"):
+        with pytest.raises(SystemExit, match="teacher"):
+            teacher_of(wrong)
     assert train_argv(args, "cps:cutmix=false", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[-1:] == ["--no-cutmix"]
     assert train_argv(args, "cps:cutmix=true", Path("d"), Path("o"), 0, 10, 0.01, 1.0)[-1:] == ["--cutmix"]
     assert ordered(["prcl:num-queries=32", "fixmatch+contextrast", "prcl", "supervised", "fixmatch"]) == \

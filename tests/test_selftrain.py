@@ -155,17 +155,19 @@ def test_cache_of_another_teacher_is_refused_then_rebuilt_with_force(tiny_data, 
     assert len(manifest(out)["images"]) == UNLABELED
 
 
-@pytest.mark.parametrize("teacher,mode", [("scalematch", "cif"), ("supervised", "multiscale")])
-def test_cif_teacher_labels_by_cif_fusion_others_by_multiscale(tiny_data, checkpoints, tmp_path, monkeypatch, teacher, mode):
+@pytest.mark.parametrize("teacher,cif_labels,mode", [("scalematch", True, "cif"), ("scalematch", False, "multiscale"),
+                                                    ("supervised", True, "multiscale")])
+def test_cif_teacher_labels_by_cif_fusion_others_by_multiscale(tiny_data, checkpoints, tmp_path, monkeypatch, teacher,
+                                                               cif_labels, mode):
     fused = []
     real = DeepLabV3Plus.forward_multiscale
     monkeypatch.setattr(DeepLabV3Plus, "forward_multiscale", lambda self, x, s: fused.append(tuple(s)) or real(self, x, s))
     out = tmp_path / "s"
-    Trainer(student_config(tiny_data, out, checkpoints[teacher]), progress=False)
+    Trainer(student_config(tiny_data, out, checkpoints[teacher], cif_labels=cif_labels), progress=False)
     identity = manifest(out)["identity"]
     assert identity["mode"] == mode and identity["ranked_by"] == []  # one checkpoint: ranked by confidence
     assert all(s["stability"] is None for s in manifest(out)["images"].values())
-    # CIF: one fused prediction per image and per flip; otherwise never
+    # CIF: one fused prediction per image and per flip; otherwise (also a CIF teacher told not to) never
     assert fused == ([(0.5, 2.0)] * 2 * UNLABELED if mode == "cif" else [])
 
 

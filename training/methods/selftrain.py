@@ -48,6 +48,7 @@ class SelfTrainConfig:
     student_init: str = hp("pretrained", "the student starts from --pretrained as ST++ does (random if none), or from the teacher")
     label_scales: tuple = hp((0.75, 1.0, 1.25), "scales whose softmax is averaged for pseudo-labels, teacher without CIF (ST++ 0.5-2.0)")
     cif_scales: tuple = hp((0.5, 2.0), "scales CIF fuses with x1 for pseudo-labels, teacher with CIF (ScaleMatch's multi-scale inference)")
+    cif_labels: bool = hp(True, "label by CIF fusion where the teacher has CIF; false: by --label-scales as for any teacher")
     label_flip: bool = hp(True, "also average the horizontally flipped image's prediction")
 
 
@@ -156,7 +157,7 @@ class SelfTrain(Method):
     def label_with_teacher(self, trainer) -> None:
         cfg, teacher, device = self.cfg, self.teacher, trainer.device
         ckpt = load_checkpoint(teacher.label_file)
-        cif = ckpt["inference"]["cif"]
+        cif = ckpt["inference"]["cif"] and cfg.cif_labels
         identity = {"teacher": file_digest(teacher.label_file), "ranked_by": [file_digest(p) for p in teacher.rank_files],
                     "mode": "cif" if cif else "multiscale", "scales": list(cfg.cif_scales if cif else cfg.label_scales),
                     "flip": cfg.label_flip}
