@@ -43,6 +43,11 @@ def data_copy(tiny_data, tmp_path) -> Path:
     return dst
 
 
+# PRCL's official sampling caps (256 anchors x 512 negatives per class) cost ~10 s a step even on tiny
+# images; smaller caps run the same code, for tests that check every method rather than PRCL itself.
+SMALL_SAMPLING = {"prcl": {"num_queries": 8, "num_negatives": 16, "num_virtual": 2}}
+
+
 def tiny_config(root: Path, out: Path, method: str = "supervised", **method_overrides) -> TrainConfig:
     method_cls = get_method(method)
     return TrainConfig(

@@ -216,10 +216,11 @@ def test_every_method_trains_and_exports_with_parity_on_lite0(tiny_data, checkpo
     from export.package import export_package
     from training.engine import Trainer
 
-    from .conftest import tiny_config
+    from .conftest import SMALL_SAMPLING, tiny_config
 
     teacher = {"teacher": str(checkpoints["supervised"]), "label_scales": (1.0,), "label_flip": False, "rounds": 0}
-    cfg = tiny_config(tiny_data, tmp_path / "run", method=name, **(teacher if name == "selftrain" else {}))
+    settings = {**SMALL_SAMPLING, "selftrain": teacher}.get(name, {})
+    cfg = tiny_config(tiny_data, tmp_path / "run", method=name, **settings)
     cfg.model = ModelConfig(backbone="efficientnet_lite0", pretrained="imagenet")
     cfg.run.max_iters, cfg.run.eval_every = 1, 1
     Trainer(cfg, progress=False).fit()

@@ -10,6 +10,8 @@ from training.methods import METHODS, StepContext, get_method
 from training.methods import scalematch as scalematch_module
 from training.methods.base import mixed_targets, paste
 
+from .conftest import SMALL_SAMPLING
+
 K, N, S = 4, 2, 32
 
 
@@ -34,6 +36,7 @@ def batches(seed: int = 0):
 
 def make(name: str, backbone: str = "resnet18", decoder: str = "standard", **overrides):
     torch.manual_seed(0)
+    overrides = {**SMALL_SAMPLING.get(name, {}), **overrides}
     cls = get_method(name)
     return cls(cls.Config(**overrides), ModelConfig(backbone=backbone, pretrained="none", decoder=decoder), K,
                cross_entropy).train()

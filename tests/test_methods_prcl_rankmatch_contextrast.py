@@ -22,11 +22,11 @@ from training.methods.prcl import mutual_likelihood_score
 from training.methods.rankmatch import orthogonal_agents, rank_correlation_loss, ranking_distributions
 from training.models import build_model
 
-from .conftest import tiny_config
+from .conftest import SMALL_SAMPLING, tiny_config
 from .test_engine import env
 from .test_methods import CTX, batches, make
 
-SMALL_PRCL = {"num_queries": 8, "num_negatives": 16, "num_virtual": 2}
+SMALL_PRCL = SMALL_SAMPLING["prcl"]
 
 
 # --- RankMatch ------------------------------------------------------------------------------------------
