@@ -48,6 +48,7 @@ METHODS = ["supervised", "selftrain", "meanteacher", "fixmatch", "cps", "unimatc
            "cutmixseg", "rankmatch", "prcl", "advsemseg", "gct", "supervised+contextrast", "fixmatch+contextrast",
            "scalematch+contextrast"]
 SCALES = ("0.5", "1.0", "2.0")
+TEACHERS = ("supervised", "scalematch")  # selftrain's teachers (selftrain:teacher=METHOD); their runs keep snapshots
 PSEUDO_KEYS = ("pseudo_miou", "pseudo_miou_reliable", "pseudo_miou_relabelled_teacher", "pseudo_miou_relabelled_student")
 BENCHMARK_VARIETY = {"textures": "narrow", "photos": "wide", "recoloured": "recoloured"}  # bench/texture_scenes.py
 POOL_SEED = 1000  # generator seed of the image pool and val set, the same for every run seed
@@ -140,7 +141,7 @@ def train_argv(args, method: str, data: Path, out: Path, seed: int, iters: int, 
         argv.append("--amp-cpu")
     if args.device != "cpu":  # float32 as on CPU (CUDA's default is float16 autocast; cuDNN may still use TF32)
         argv.append("--no-amp")
-    if base in ("supervised", "scalematch"):  # selftrain's teachers: ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
+    if base in TEACHERS:  # ST++ ranks images by agreement with checkpoints at 1/3 and 2/3
         argv += ["--snapshot-every", str(max(1, iters // 3))]
     if base == "scalematch":  # the paper's 10 of 80 warm-up epochs, scaled to this budget
         argv += ["--warmup-epochs", str(max(1, round(epochs_total / 8)))]
@@ -225,8 +226,8 @@ def warm_up(args, benchmark: str, fraction: str, seed: int) -> Path:
 # "supervised:init-from=teacher": supervised training continued from this seed's supervised run for the
 # study's iterations again, so it costs what self-training from that teacher costs (the equal-time control)
 CONTINUED = "init-from=teacher"
-# "selftrain:teacher=METHOD": this seed's METHOD run teaches instead of its supervised run (e.g. scalematch,
-# whose pseudo-labels are CIF-fused)
+# "selftrain:teacher=METHOD": this seed's METHOD run teaches instead of its supervised run (scalematch's
+# pseudo-labels are CIF-fused); the methods in TEACHERS keep the snapshots that ST++ ranks images by
 TEACHER = "teacher="
 
 
@@ -237,8 +238,9 @@ def teacher_of(method: str) -> tuple[str, str]:
     named = [p[len(TEACHER):] for p in parts[1:] if p.startswith(TEACHER)]
     if method_parts(method)[0] != "selftrain" and named:
         raise SystemExit(f"--methods {method!r}: only selftrain has a teacher (selftrain:{TEACHER}METHOD).")
-    if named and (len(named) > 1 or named[0] not in METHODS or named[0].startswith("selftrain")):
-        raise SystemExit(f"--methods {method!r}: name one teacher among {', '.join(m for m in METHODS if m != 'selftrain')}.")
+    if named and (len(named) > 1 or named[0] not in TEACHERS):
+        raise SystemExit(f"--methods {method!r}: name one teacher, {' or '.join(TEACHERS)} (their runs keep the snapshots "
+                         "ST++ ranks images by).")
     return ":".join(p for p in parts if not p.startswith(TEACHER)), named[0] if named else "supervised"
 
 _RUN_LOCKS: dict[tuple, threading.Lock] = {}

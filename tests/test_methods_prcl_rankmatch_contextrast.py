@@ -122,7 +122,7 @@ def test_global_prototypes_are_the_precision_weighted_mean_of_every_pixel_seen()
 
 
 def test_prcl_losses_finite_with_virtual_negatives_and_teacher_exported():
-    method = make("prcl", **SMALL_PRCL)
+    method = make("prcl")  # with SMALL_SAMPLING's caps
     for it in range(2):  # the second step has GDPs, hence virtual negatives
         losses = method(*batches(it), StepContext(it, 0, 10, 5))
         assert all(torch.isfinite(v).all() for v in losses.values())

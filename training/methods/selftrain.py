@@ -46,7 +46,7 @@ class SelfTrainConfig:
     conf_thresh: float = hp(0.0, "ignore pseudo-labelled pixels below this confidence; 0 keeps whole masks (ST++)")
     strong_aug: bool = hp(True, "colour jitter, grayscale, blur and CutMix on pseudo-labelled images (ST++); false: weak only")
     student_init: str = hp("pretrained", "the student starts from --pretrained as ST++ does (random if none), or from the teacher")
-    label_scales: tuple = hp((0.75, 1.0, 1.25), "scales whose softmax is averaged for pseudo-labels, teacher without CIF (ST++ 0.5-2.0)")
+    label_scales: tuple = hp((0.75, 1.0, 1.25), "scales whose softmax is averaged for pseudo-labels without CIF (ST++ 0.5-2.0)")
     cif_scales: tuple = hp((0.5, 2.0), "scales CIF fuses with x1 for pseudo-labels, teacher with CIF (ScaleMatch's multi-scale inference)")
     cif_labels: bool = hp(True, "label by CIF fusion where the teacher has CIF; false: by --label-scales as for any teacher")
     label_flip: bool = hp(True, "also average the horizontally flipped image's prediction")
