@@ -393,6 +393,19 @@ def labels_to_match(miou: float, curve: list[tuple[int, float]]) -> float | str 
     return f">{curve[-1][0]}"
 
 
+def pseudo_label_sentence(s: dict, cell) -> str:
+    """The pseudo-label quality line, naming only what the run had: a recipe that trains on every image from the
+    start has no separate reliable share (its figure equals the whole pool's), and a single round re-labels nothing."""
+    text = (f"{s['method']}, pseudo-labels scored against the pool's hidden masks (mIoU): the teacher's "
+            f"{cell(s['pseudo_miou'])} on every unlabelled image")
+    if s.get("pseudo_miou_reliable") not in (None, s["pseudo_miou"]):
+        text += f", {cell(s['pseudo_miou_reliable'])} on the most reliable share trained on first"
+    if s.get("pseudo_miou_relabelled_student") is not None:
+        text += (f"; on the images re-labelled in round 1, the teacher's {cell(s.get('pseudo_miou_relabelled_teacher'))} "
+                 f"and the student's {cell(s['pseudo_miou_relabelled_student'])}")
+    return text + "."
+
+
 def markdown(summary: list[dict]) -> str:
     def cell(v):
         return "-" if v is None else f"{v[0]:.1f} ± {v[1]:.1f}"
@@ -419,11 +432,7 @@ def markdown(summary: list[dict]) -> str:
                              f"{'-' if rss is None else f'{rss[0]:.0f}'} |")
             lines.append("")
             for s in (here[m] for m in ordered(here) if "pseudo_miou" in here[m]):
-                lines += [f"{s['method']}, pseudo-labels scored against the pool's hidden masks (mIoU): the teacher's "
-                          f"{cell(s.get('pseudo_miou'))} on every unlabelled image, {cell(s.get('pseudo_miou_reliable'))} on "
-                          f"the most reliable share trained on first; on the images re-labelled in round 1, the teacher's "
-                          f"{cell(s.get('pseudo_miou_relabelled_teacher'))} and the student's "
-                          f"{cell(s.get('pseudo_miou_relabelled_student'))}.", ""]
+                lines += [pseudo_label_sentence(s, cell), ""]
     return "\n".join(lines)
 
 

@@ -390,6 +390,22 @@ def test_pseudo_label_quality_scores_teacher_and_student_labels_on_the_pools_mas
                        "pseudo_miou_relabelled_teacher": 25.0, "pseudo_miou_relabelled_student": 100.0}
 
 
+def test_pseudo_label_sentence_names_only_what_the_recipe_had():
+    from bench.label_efficiency import pseudo_label_sentence
+
+    def cell(v):
+        return f"{v[0]:.1f}"
+    st_pp = {"method": "selftrain", "pseudo_miou": [40.0, 1.0], "pseudo_miou_reliable": [44.0, 1.0],
+             "pseudo_miou_relabelled_teacher": [36.0, 1.0], "pseudo_miou_relabelled_student": [31.0, 1.0]}
+    assert pseudo_label_sentence(st_pp, cell).endswith(
+        "40.0 on every unlabelled image, 44.0 on the most reliable share trained on first; on the images "
+        "re-labelled in round 1, the teacher's 36.0 and the student's 31.0.")
+    # every image from the start: the "reliable share" is the whole pool, and no round re-labels anything
+    every = {"method": "selftrain:reliable-fraction=1", "pseudo_miou": [40.0, 1.0], "pseudo_miou_reliable": [40.0, 1.0],
+             "pseudo_miou_relabelled_teacher": None, "pseudo_miou_relabelled_student": None}
+    assert pseudo_label_sentence(every, cell).endswith("the teacher's 40.0 on every unlabelled image.")
+
+
 def test_augment_sensitivity_scores_every_view_through_the_shared_scorer(checkpoints, tiny_data, tmp_path):
     import torch
 
