@@ -395,7 +395,8 @@ def labels_to_match(miou: float, curve: list[tuple[int, float]]) -> float | str 
 
 def pseudo_label_sentence(s: dict, cell) -> str:
     """The pseudo-label quality line, naming only what the run had: a recipe that trains on every image from the
-    start has no separate reliable share (its figure equals the whole pool's), and a single round re-labels nothing."""
+    start has no separate reliable share (its figure equals the whole pool's) and nothing left to re-label, and
+    --rounds 0 re-labels nothing."""
     text = (f"{s['method']}, pseudo-labels scored against the pool's hidden masks (mIoU): the teacher's "
             f"{cell(s['pseudo_miou'])} on every unlabelled image")
     if s.get("pseudo_miou_reliable") not in (None, s["pseudo_miou"]):
