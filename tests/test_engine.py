@@ -17,12 +17,12 @@ from PIL import Image
 from training import checkpoint as checkpoint_module
 from training.checkpoint import CheckpointError, load_checkpoint, training_finished
 from training.cli import main
-from training.config import ConfigError
+from training.config import ConfigError, RunConfig
 from training.data.folder import class_pixel_counts, read_split
 from training.engine import Trainer, autocast_dtype, check_bf16_input_size, cpu_has_bf16, poly_lr
 from training.evaluate import confusion_matrix, metrics_from_confusion
 from training.losses import balanced_class_weights
-from training.run_settings import drop_metrics_after
+from training.run_settings import SNAPSHOTS, drop_metrics_after, start_out_dir
 
 from .conftest import tiny_config
 
@@ -82,6 +82,19 @@ def test_resume_drops_the_records_logged_after_its_checkpoint(tmp_path):
     drop_metrics_after(tmp_path, 2)  # the last line is what a kill in the middle of a write leaves
     assert [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == records[:3]
     drop_metrics_after(tmp_path / "missing", 2)  # a run that logged nothing yet
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_start_removes_the_temp_files_of_writes_a_kill_cut_short(tmp_path, resume):
+    (tmp_path / SNAPSHOTS).mkdir()
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    partial = [tmp_path / ".last.pt.k2x9.tmp", tmp_path / ".best.pt.a1.tmp", tmp_path / SNAPSHOTS / ".iter_4.pt.q.tmp"]
+    for path in [*partial, tmp_path / ".notes.tmp"]:
+        path.write_bytes(b"half")
+    start_out_dir(tmp_path, RunConfig(resume=resume), 2)
+    assert not [path for path in partial if path.exists()]
+    assert (tmp_path / ".notes.tmp").exists()  # not a temp file of the run's own writes
+    assert (tmp_path / "last.pt").exists() == resume  # a new run replaces the old results; a resumed one keeps them
 
 
 def test_autocast_dtype_per_device():

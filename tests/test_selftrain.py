@@ -134,12 +134,17 @@ def test_killed_labelling_pass_resumes_where_it_stopped(tiny_data, teacher_run, 
     partial = manifest(out)
     assert not partial["complete"] and sorted(partial["images"]) == sorted(calls)
     assert [p.name for p in out.iterdir()] == ["pseudo"]  # so the same command, without --force, continues it
+    cache = out / "pseudo" / "teacher"
+    half = [cache / "labels" / ".x.png.k2x9.tmp", cache / f".{pseudo_labels.MANIFEST}.q1.tmp"]  # a kill mid-write
+    for path in half:
+        path.write_bytes(b"half")
 
     done_before, calls[:] = list(calls), []
     monkeypatch.setattr(selftrain_module, "label_one", lambda *args: calls.append(args[1]) or real(*args))
     Trainer(student_config(tiny_data, out, teacher_run, **FAST), progress=False)
     assert sorted(calls + done_before) == sorted(read_split(tiny_data, "unlabeled"))
     assert manifest(out)["complete"] and len(manifest(out)["images"]) == UNLABELED
+    assert not [path for path in half if path.exists()]
 
 
 def test_cache_of_another_teacher_is_refused_then_rebuilt_with_force(tiny_data, teacher_run, checkpoints, tmp_path):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .data import transforms as T
-from .data.folder import image_path, load_image, write_mask, write_text
+from .data.folder import image_path, load_image, remove_partial_writes, write_mask, write_text
 from .evaluate import confusion_matrix, metrics_from_confusion
 from .run_settings import SNAPSHOTS
 
@@ -178,6 +178,9 @@ def label_pool(folder: Path, identity: dict, ids: Sequence[str], label: Callable
         log(f"{folder}: made by another {', '.join(changed)}; labelling again")
         shutil.rmtree(folder)
         manifest = None
+    remove_partial_writes(folder, (MANIFEST,))
+    for kind in ("labels", "confidence"):
+        remove_partial_writes(folder / kind, ("*.png",))
     done = dict(manifest["images"]) if manifest else {}
     done = {i: s for i, s in done.items() if (folder / "labels" / f"{i}.png").is_file()}
     todo = [i for i in ids if i not in done]

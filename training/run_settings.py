@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import ConfigError, RunConfig, TrainConfig
-from .data.folder import atomic_write
+from .data.folder import atomic_write, remove_partial_writes
 
 RESULTS = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "config.json")  # config.json: earlier runs' settings
 # Settings that change neither the weights a run ends with nor its data order, so --resume may change them
@@ -31,8 +31,11 @@ def check_out_dir(out: Path, run: RunConfig) -> None:
 
 def start_out_dir(out: Path, run: RunConfig, iteration: int) -> None:
     """A new run starts from an empty record: a replaced run's best.pt, metrics and TensorBoard events
-    must not mix with it. A resumed one keeps its record up to ``iteration``, its checkpoint's."""
+    must not mix with it. A resumed one keeps its record up to ``iteration``, its checkpoint's. Either way the
+    temp files of a write that a kill cut short are removed: the file they were to replace is intact."""
     out.mkdir(parents=True, exist_ok=True)
+    remove_partial_writes(out, RESULTS)
+    remove_partial_writes(out / SNAPSHOTS, ("iter_*.pt",))
     if run.resume:
         drop_metrics_after(out, iteration)
         return

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,15 @@ def atomic_write(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_partial_writes(folder: Path, names: Iterable[str]) -> None:
+    """Delete the temp files ``atomic_write`` left in ``folder`` for the files ``names`` (glob patterns) when a
+    kill stopped it before the rename: the files they were to replace are intact, and only the killed process
+    could have finished them. Other files, a user's own included, are not touched."""
+    for name in names:
+        for tmp in folder.glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def write_mask(path: str | Path, mask: np.ndarray) -> None:
