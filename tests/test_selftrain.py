@@ -135,8 +135,10 @@ def test_killed_labelling_pass_resumes_where_it_stopped(tiny_data, teacher_run, 
     assert not partial["complete"] and sorted(partial["images"]) == sorted(calls)
     assert [p.name for p in out.iterdir()] == ["pseudo"]  # so the same command, without --force, continues it
     cache = out / "pseudo" / "teacher"
-    half = [cache / "labels" / ".x.png.k2x9.tmp", cache / f".{pseudo_labels.MANIFEST}.q1.tmp"]  # a kill mid-write
+    half = [cache / "labels" / ".x.png.k2x9.tmp", cache / "confidence" / "city" / ".x.png.z3.tmp",
+            cache / f".{pseudo_labels.MANIFEST}.q1.tmp"]  # a kill mid-write
     for path in half:
+        path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half")
 
     done_before, calls[:] = list(calls), []

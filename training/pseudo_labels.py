@@ -180,7 +180,7 @@ def label_pool(folder: Path, identity: dict, ids: Sequence[str], label: Callable
         manifest = None
     remove_partial_writes(folder, (MANIFEST,))
     for kind in ("labels", "confidence"):
-        remove_partial_writes(folder / kind, ("*.png",))
+        remove_partial_writes(folder / kind, ("**/*.png",))  # an id may name a subfolder (city/x)
     done = dict(manifest["images"]) if manifest else {}
     done = {i: s for i, s in done.items() if (folder / "labels" / f"{i}.png").is_file()}
     todo = [i for i in ids if i not in done]

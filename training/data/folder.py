@@ -211,11 +211,13 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def remove_partial_writes(folder: Path, names: Iterable[str]) -> None:
-    """Delete the temp files ``atomic_write`` left in ``folder`` for the files ``names`` (glob patterns) when a
-    kill stopped it before the rename: the files they were to replace are intact, and only the killed process
-    could have finished them. Other files, a user's own included, are not touched."""
+    """Delete the temp files ``atomic_write`` left in ``folder`` for the files ``names`` (glob patterns, such as
+    ``last.pt`` or ``**/*.png``) when a kill stopped it before the rename: the files they were to replace are
+    intact, and only the killed process could have finished them. Other files, a user's own included, are
+    not touched."""
     for name in names:
-        for tmp in folder.glob(f".{name}.*.tmp"):
+        parent, _, base = name.rpartition("/")
+        for tmp in folder.glob(f"{parent}/.{base}.*.tmp" if parent else f".{base}.*.tmp"):
             tmp.unlink(missing_ok=True)
 
 
