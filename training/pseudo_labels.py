@@ -26,7 +26,7 @@ from .config import ConfigError
 from .data import transforms as T
 from .data.folder import image_path, load_image, remove_partial_writes, write_mask, write_text
 from .evaluate import confusion_matrix, metrics_from_confusion
-from .run_settings import SNAPSHOTS
+from .run_settings import SNAPSHOT_FILES, SNAPSHOTS
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -68,7 +68,7 @@ def find_teacher(path: str) -> Teacher:
     if not last.is_file():
         return Teacher(label, [])
     final = load_checkpoint(last)["iteration"]
-    snapshots = ((_snapshot_iteration(p), p) for p in (folder / SNAPSHOTS).glob("iter_*.pt"))
+    snapshots = ((_snapshot_iteration(p), p) for p in (folder / SNAPSHOTS).glob(SNAPSHOT_FILES))
     earlier = [p for it, p in sorted((it, p) for it, p in snapshots if it is not None and it < final)]
     if not earlier and best.is_file() and load_checkpoint(best)["iteration"] < final:
         earlier = [best]
@@ -178,9 +178,7 @@ def label_pool(folder: Path, identity: dict, ids: Sequence[str], label: Callable
         log(f"{folder}: made by another {', '.join(changed)}; labelling again")
         shutil.rmtree(folder)
         manifest = None
-    remove_partial_writes(folder, (MANIFEST,))
-    for kind in ("labels", "confidence"):
-        remove_partial_writes(folder / kind, ("**/*.png",))  # an id may name a subfolder (city/x)
+    remove_partial_writes(folder, (MANIFEST, "labels/**/*.png", "confidence/**/*.png"))  # an id may name a subfolder
     done = dict(manifest["images"]) if manifest else {}
     done = {i: s for i, s in done.items() if (folder / "labels" / f"{i}.png").is_file()}
     todo = [i for i in ids if i not in done]

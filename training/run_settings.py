@@ -18,6 +18,7 @@ FREE_ON_RESUME = {"run.resume", "run.allow_changed", "run.force", "run.device", 
                   "run.snapshot_every", "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
                   "model.pretrained", "model.init_from"}
 SNAPSHOTS = "snapshots"  # --snapshot-every's folder of slim checkpoints, one per N iterations
+SNAPSHOT_FILES = "iter_*.pt"  # the names of the checkpoints in it
 DATA = "data"  # --allow-changed name for a changed dataset fingerprint (classes.json or splits)
 
 
@@ -35,7 +36,7 @@ def start_out_dir(out: Path, run: RunConfig, iteration: int) -> None:
     temp files of a write that a kill cut short are removed: the file they were to replace is intact."""
     out.mkdir(parents=True, exist_ok=True)
     remove_partial_writes(out, RESULTS)
-    remove_partial_writes(out / SNAPSHOTS, ("iter_*.pt",))
+    remove_partial_writes(out / SNAPSHOTS, (SNAPSHOT_FILES,))
     if run.resume:
         drop_metrics_after(out, iteration)
         return
