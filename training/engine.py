@@ -24,7 +24,7 @@ from .distributed import DistInfo, all_gather_objects, average_buffers, barrier,
 from .evaluate import evaluate
 from .losses import balanced_class_weights, cross_entropy, ohem_cross_entropy
 from .methods import Method, StepContext, build_aux, get_method
-from .run_settings import SNAPSHOTS, check_out_dir, check_resume, start_out_dir
+from .run_settings import SNAPSHOTS, check_out_dir, check_resume, snapshot_name, start_out_dir
 from .tensorboard import TensorBoard
 
 STREAM_LABELED = 1  # stream ids: labelled 1, unlabelled 2, CutMix partner 3 (the sampler's seeds depend on them)
@@ -427,7 +427,7 @@ class Trainer:
         if evaluate_now or save_now or snapshot_now:
             self._sync_buffers()
         if snapshot_now:
-            self._save(f"{SNAPSHOTS}/iter_{self.iteration:07d}.pt", inference_payload(self._payload()))
+            self._save(f"{SNAPSHOTS}/{snapshot_name(self.iteration)}", inference_payload(self._payload()))
         if evaluate_now:
             result = self.validate()
             miou = result["scales"]["1.0"]["miou"]

@@ -26,7 +26,7 @@ from .config import ConfigError
 from .data import transforms as T
 from .data.folder import image_path, load_image, remove_partial_writes, write_mask, write_text
 from .evaluate import confusion_matrix, metrics_from_confusion
-from .run_settings import SNAPSHOT_FILES, SNAPSHOTS
+from .run_settings import SNAPSHOT_FILES, SNAPSHOTS, snapshot_iteration
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = 1
@@ -38,13 +38,6 @@ CONFIDENT = 0.95  # the manifest's "confident" share counts pixels at or above t
 class Teacher:
     label_file: Path        # its predictions become the pseudo-labels
     rank_files: list[Path]  # earlier checkpoints, then the final one; empty when only one checkpoint is known
-
-
-def _snapshot_iteration(path: Path) -> int | None:
-    try:
-        return int(path.stem.removeprefix("iter_"))
-    except ValueError:
-        return None
 
 
 def find_teacher(path: str) -> Teacher:
@@ -68,7 +61,7 @@ def find_teacher(path: str) -> Teacher:
     if not last.is_file():
         return Teacher(label, [])
     final = load_checkpoint(last)["iteration"]
-    snapshots = ((_snapshot_iteration(p), p) for p in (folder / SNAPSHOTS).glob(SNAPSHOT_FILES))
+    snapshots = ((snapshot_iteration(p), p) for p in (folder / SNAPSHOTS).glob(SNAPSHOT_FILES))
     earlier = [p for it, p in sorted((it, p) for it, p in snapshots if it is not None and it < final)]
     if not earlier and best.is_file() and load_checkpoint(best)["iteration"] < final:
         earlier = [best]

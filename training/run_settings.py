@@ -18,7 +18,8 @@ FREE_ON_RESUME = {"run.resume", "run.allow_changed", "run.force", "run.device", 
                   "run.snapshot_every", "run.eval_every", "run.val_scales", "run.tensorboard", "data.num_workers", "data.root",
                   "model.pretrained", "model.init_from"}
 SNAPSHOTS = "snapshots"  # --snapshot-every's folder of slim checkpoints, one per N iterations
-SNAPSHOT_FILES = "iter_*.pt"  # the names of the checkpoints in it
+SNAPSHOT_PREFIX = "iter_"
+SNAPSHOT_FILES = f"{SNAPSHOT_PREFIX}*.pt"  # the names of the checkpoints in it
 DATA = "data"  # --allow-changed name for a changed dataset fingerprint (classes.json or splits)
 
 
@@ -28,6 +29,19 @@ def check_out_dir(out: Path, run: RunConfig) -> None:
     if found and not (run.resume or run.force):
         raise FileExistsError(f"{out}: holds another run ({', '.join(found)}). Continue it with --resume, "
                               "choose another --out, or pass --force to replace it.")
+
+
+def snapshot_name(iteration: int) -> str:
+    """The file name, inside SNAPSHOTS, of the snapshot taken at ``iteration``."""
+    return f"{SNAPSHOT_PREFIX}{iteration:07d}.pt"
+
+
+def snapshot_iteration(path: Path) -> int | None:
+    """The iteration a file named by ``snapshot_name`` was taken at; None for any other name."""
+    try:
+        return int(path.stem.removeprefix(SNAPSHOT_PREFIX))
+    except ValueError:
+        return None
 
 
 def start_out_dir(out: Path, run: RunConfig, iteration: int) -> None:
